@@ -1,0 +1,61 @@
+"""2-D projections of embeddings (t-SNE, UMAP) and the scatter plot that shows them."""
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.manifold import TSNE
+
+
+def sample_indices(n: int, k: int | None, seed: int) -> np.ndarray:
+    """Sorted seeded sample of k of range(n) (all of them if k is None or >= n).
+
+    Projections and silhouette are super-linear in n, so we run them on a
+    reproducible subset; sorting keeps the subset in dataset order.
+    """
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+def project_tsne(x: np.ndarray, seed: int) -> np.ndarray:
+    """t-SNE to (n, 2). Perplexity 30 unless n is small (it must stay below n)."""
+    x = np.asarray(x, dtype=np.float32)
+    perplexity = float(max(1.0, min(30.0, (len(x) - 1) / 3)))
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed)
+    return tsne.fit_transform(x)
+
+
+def project_umap(x: np.ndarray, seed: int) -> np.ndarray:
+    """UMAP to (n, 2). n_neighbors 15 unless n is small. Seeded, hence single-threaded."""
+    import umap  # lazy: importing umap (numba) takes seconds
+
+    x = np.asarray(x, dtype=np.float32)
+    n_neighbors = max(2, min(15, len(x) - 1))
+    reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, random_state=seed, n_jobs=1)
+    return reducer.fit_transform(x)
+
+
+def plot_embedding_2d(xy: np.ndarray, labels: np.ndarray, class_names: list[str], title: str) -> Figure:
+    """Scatter of a 2-D projection coloured by class.
+
+    Up to 20 classes get a qualitative palette and a legend; beyond that
+    (CIFAR-100) a legend would hide the plot, so we use a continuous colormap
+    and no legend.
+    """
+    xy, labels = np.asarray(xy), np.asarray(labels)
+    n_classes = len(class_names)
+    cmap = matplotlib.colormaps["tab10" if n_classes <= 10 else "tab20" if n_classes <= 20 else "turbo"]
+    colors = cmap(np.linspace(0, 1, n_classes)) if n_classes > 20 else cmap(np.arange(n_classes))
+
+    fig = Figure(figsize=(8, 7) if n_classes <= 20 else (7, 7), layout="constrained")
+    ax = fig.add_subplot()
+    for c in range(n_classes):
+        m = labels == c
+        if m.any():
+            ax.scatter(xy[m, 0], xy[m, 1], s=4, alpha=0.7, color=colors[c], label=class_names[c], linewidths=0)
+    if n_classes <= 20:
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, markerscale=3, frameon=False)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return fig

@@ -1,0 +1,134 @@
+"""One experiment end to end: data, model, training, evaluation, and all of it in MLflow.
+
+`train_run` is what `harness train`, every study trial and `harness reproduce` call. It ends
+the MLflow run FINISHED, FAILED (with the reason) or KILLED (Ctrl-C), keeping what was logged.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from analysis.embeddings import plot_embedding_2d, project_tsne, project_umap, sample_indices
+from harness import config as C
+from harness.data import MEAN, STD, Dataset, load_dataset, make_normalize, make_splits
+from harness.evaluation import (EvalResult, class_samples_figure, classification_metrics, confusion_figure,
+                                metrics_dict, misclassified_figure, per_class_figure, predict)
+from harness.models import CNN, build_model, count_macs, count_parameters
+from harness.tracking import RunLogger, client_for, git_commit
+from harness.training import Callback, FitResult, fit, seed_everything, select_device
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    fit: FitResult
+    test: EvalResult
+    metrics: dict[str, float]
+    model: CNN
+
+
+def run_tags(cfg: C.Config, ds: Dataset, device: torch.device) -> dict[str, str]:
+    return {"git_commit": git_commit(), "device": str(device), "seed": cfg.seed,
+            "config_hash": C.config_hash(cfg), "dataset": ds.name, "dataset_digest": ds.digest}
+
+
+def log_setup(run: RunLogger, cfg: C.Config, ds: Dataset, model: CNN, device: torch.device) -> None:
+    """What a run is, before it trains: config, data, model size, and a look at the data."""
+    run.set_tags(run_tags(cfg, ds, device))
+    run.log_params(C.flatten(C.to_dict(cfg)))
+    run.log_text(C.to_yaml(cfg), "config.yaml")
+    run.log_text(str(model), "model_summary.txt")
+    size = {"num_params": count_parameters(model), "macs_per_image": count_macs(model)}
+    run.log_params(size)
+    run.log_metrics(size)
+    run.log_dataset(ds.name, ds.digest, ds.train_images, ds.train_labels, cfg.data.root, "training")
+    run.log_dataset(ds.name, ds.digest, ds.test_images, ds.test_labels, cfg.data.root, "testing")
+    run.log_figure(class_samples_figure(ds.train_images, ds.train_labels, ds.classes, seed=cfg.seed),
+                   "data/train_samples.png")
+
+
+def log_test(run: RunLogger, cfg: C.Config, model: CNN, splits, normalize, prefix: str = "test_") -> tuple[EvalResult, dict]:
+    """Test metrics, confusion matrices, per-class table, mistakes and embedding plots."""
+    pred = predict(model, splits.test_x, normalize, embed=True)
+    result = classification_metrics(pred.logits, splits.test_y.cpu(), splits.classes)
+    metrics = metrics_dict(result, prefix=prefix)
+    run.log_metrics(metrics)
+    run.log_figure(confusion_figure(result.confusion, splits.classes, normalize=False), "eval/confusion_counts.png")
+    run.log_figure(confusion_figure(result.confusion, splits.classes, normalize=True), "eval/confusion_normalized.png")
+    run.log_table(result.per_class, "eval/per_class.csv")
+    run.log_figure(per_class_figure(result.per_class), "eval/per_class.png")
+    test_x = splits.test_x.cpu().numpy()
+    labels = splits.test_y.cpu().numpy()
+    run.log_figure(misclassified_figure(test_x, labels, result.predictions, result.confidence, splits.classes,
+                                        k=cfg.eval.misclassified), "eval/misclassified.png")
+    idx = sample_indices(len(labels), cfg.eval.embedding_samples, cfg.seed)
+    emb = pred.embeddings.numpy()[idx]
+    for name, enabled, project in (("tsne", cfg.eval.tsne, project_tsne), ("umap", cfg.eval.umap, project_umap)):
+        if enabled and len(idx) >= 10:
+            xy = project(emb, seed=cfg.seed)
+            title = f"{name.upper()} of penultimate-layer embeddings ({len(idx)} test images)"
+            run.log_figure(plot_embedding_2d(xy, labels[idx], splits.classes, title), f"embeddings/{name}.png")
+    return result, metrics
+
+
+def log_model(run: RunLogger, cfg: C.Config, model: CNN) -> None:
+    model = model.cpu().to(memory_format=torch.contiguous_format).eval()
+    example = np.zeros((1, 3, 32, 32), dtype=np.float32)
+    meta = {"input": "float32 (n, 3, 32, 32), pixels/255 normalized by mean and std",
+            "mean": list(MEAN), "std": list(STD), "num_classes": model.num_classes,
+            "stages": model.stage_names}
+    run.log_torch_model(model, example, meta)
+    run.log_state_dict(model.state_dict())
+
+
+def train_run(cfg: C.Config, run: RunLogger, ds: Dataset | None = None, callbacks: list[Callback] = (),
+              progress: bool = True, ok_exceptions: tuple[type[BaseException], ...] = ()) -> RunResult:
+    """Train and evaluate `cfg` inside the already-created MLflow `run`, then end the run.
+
+    Exceptions in `ok_exceptions` (a study's pruning signal) end the run FINISHED before they
+    propagate; Ctrl-C ends it KILLED; anything else FAILED with the reason.
+    """
+    try:
+        ds = ds or load_dataset(cfg.data)
+        seed_everything(cfg.seed, cfg.deterministic)
+        device = select_device(cfg.device)
+        splits = make_splits(ds, cfg.data, device)
+        model = build_model(cfg.model, len(ds.classes)).to(device)
+        log_setup(run, cfg, ds, model, device)
+
+        def log_epoch(m):
+            run.log_metrics(m.as_dict(), step=m.epoch)
+
+        start = time.perf_counter()
+        result = fit(model, splits, cfg, device, callbacks=[log_epoch, *callbacks], progress=progress)
+        run.log_metrics({"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
+                         "epochs_trained": len(result.history), "train_seconds": time.perf_counter() - start})
+        run.set_tags({"stopped_early": result.stopped_early})
+        normalize = make_normalize(device, device.type == "cuda" and cfg.channels_last)
+        test, metrics = log_test(run, cfg, model, splits, normalize)
+        if cfg.eval.log_model:
+            log_model(run, cfg, model)
+    except ok_exceptions as e:
+        run.set_tags({"stopped_by": type(e).__name__})
+        run.end("FINISHED")
+        raise
+    except KeyboardInterrupt:
+        run.end("KILLED", "interrupted by the user (Ctrl-C)")
+        raise
+    except BaseException as e:
+        run.end("FAILED", f"{type(e).__name__}: {e}")
+        raise
+    run.end("FINISHED")
+    return RunResult(run.run_id, result, test, metrics, model)
+
+
+def run_experiment(cfg: C.Config, tracking_uri: str | None = None, experiment: str | None = None,
+                   progress: bool = True) -> RunResult:
+    """`harness train`: one top-level run in the experiment named after the dataset (or given)."""
+    ds = load_dataset(cfg.data)  # missing data fails here, before a run exists
+    client = client_for(tracking_uri)
+    run = RunLogger.start(client, experiment or f"{cfg.data.dataset}-train", cfg.name)
+    return train_run(cfg, run, ds, progress=progress)
