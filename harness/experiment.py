@@ -50,11 +50,16 @@ def log_setup(run: RunLogger, cfg: C.Config, ds: Dataset, model: CNN, device: to
                    "data/train_samples.png")
 
 
-def log_test(run: RunLogger, cfg: C.Config, model: CNN, splits, normalize, prefix: str = "test_") -> tuple[EvalResult, dict]:
+def log_test(run: RunLogger, cfg: C.Config, model: CNN, splits, normalize, ds: Dataset,
+             prefix: str = "test_") -> tuple[EvalResult, dict]:
     """Test metrics, confusion matrices, per-class table, mistakes and embedding plots."""
     pred = predict(model, splits.test_x, normalize, embed=True)
     result = classification_metrics(pred.logits, splits.test_y.cpu(), splits.classes)
     metrics = metrics_dict(result, prefix=prefix)
+    if ds.fine_to_coarse is not None and cfg.data.label == "fine":  # CIFAR-100: superclass accuracy too
+        to_coarse = ds.fine_to_coarse
+        metrics[f"{prefix}coarse_accuracy"] = float(np.mean(
+            to_coarse[result.predictions] == to_coarse[splits.test_y.cpu().numpy()]))
     run.log_metrics(metrics)
     run.log_figure(confusion_figure(result.confusion, splits.classes, normalize=False), "eval/confusion_counts.png")
     run.log_figure(confusion_figure(result.confusion, splits.classes, normalize=True), "eval/confusion_normalized.png")
@@ -85,9 +90,12 @@ def log_model(run: RunLogger, cfg: C.Config, model: CNN) -> None:
 
 
 def train_run(cfg: C.Config, run: RunLogger, ds: Dataset | None = None, callbacks: list[Callback] = (),
-              progress: bool = True, ok_exceptions: tuple[type[BaseException], ...] = ()) -> RunResult:
+              progress: bool = True, ok_exceptions: tuple[type[BaseException], ...] = (),
+              model: CNN | None = None, param_groups=None) -> RunResult:
     """Train and evaluate `cfg` inside the already-created MLflow `run`, then end the run.
 
+    `model` and `param_groups` let transfer start from trained weights with some of them
+    frozen or at a smaller learning rate; by default a fresh model is built from `cfg.model`.
     Exceptions in `ok_exceptions` (a study's pruning signal) end the run FINISHED before they
     propagate; Ctrl-C ends it KILLED; anything else FAILED with the reason.
     """
@@ -96,19 +104,20 @@ def train_run(cfg: C.Config, run: RunLogger, ds: Dataset | None = None, callback
         seed_everything(cfg.seed, cfg.deterministic)
         device = select_device(cfg.device)
         splits = make_splits(ds, cfg.data, device)
-        model = build_model(cfg.model, len(ds.classes)).to(device)
+        model = (model or build_model(cfg.model, len(ds.classes))).to(device)
         log_setup(run, cfg, ds, model, device)
 
         def log_epoch(m):
             run.log_metrics(m.as_dict(), step=m.epoch)
 
         start = time.perf_counter()
-        result = fit(model, splits, cfg, device, callbacks=[log_epoch, *callbacks], progress=progress)
+        result = fit(model, splits, cfg, device, callbacks=[log_epoch, *callbacks], param_groups=param_groups,
+                     progress=progress)
         run.log_metrics({"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
                          "epochs_trained": len(result.history), "train_seconds": time.perf_counter() - start})
         run.set_tags({"stopped_early": result.stopped_early})
         normalize = make_normalize(device, device.type == "cuda" and cfg.channels_last)
-        test, metrics = log_test(run, cfg, model, splits, normalize)
+        test, metrics = log_test(run, cfg, model, splits, normalize, ds)
         if cfg.eval.log_model:
             log_model(run, cfg, model)
     except ok_exceptions as e:
