@@ -9,8 +9,6 @@ import sys
 from harness import config as C
 from harness.tracking import DEFAULT_TRACKING_URI, tracking_uri
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                              "studies", "configs", "default.yaml")
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -27,7 +25,7 @@ def add_tracking_arg(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args) -> C.Config:
-    path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    path = args.config or (C.DEFAULT_CONFIG if C.DEFAULT_CONFIG.exists() else None)
     return C.load(path, args.overrides, args.data_dir)
 
 
@@ -56,6 +54,100 @@ def cmd_ui(args) -> int:
         return 0
 
 
+def cmd_tune(args) -> int:
+    from studies.driver import TuneOptions, tune
+    from studies.report import write_summary  # noqa: F401  (fail on a broken install before trials)
+
+    opts = TuneOptions(study=args.study, space=args.space, trials=args.trials, timeout=args.timeout,
+                       storage=args.storage, sampler=args.sampler, pruner=args.pruner, seed=args.seed,
+                       objectives=args.objectives, profile=args.profile, config=args.config,
+                       overrides=args.overrides, data_dir=args.data_dir, tracking_uri=args.tracking_uri,
+                       workers=args.workers, heartbeat=args.heartbeat, progress=not args.quiet)
+    study = tune(opts)
+    _print_best(study, args)
+    print(f"study summary: the run 'study-{args.study}' in MLflow experiment '{args.study}' "
+          f"(`harness report --study {args.study}` refreshes it, `harness compare --study {args.study}` lists trials)")
+    print(f"browse: `harness ui`, then open experiment '{args.study}' -> Runs")
+    return 0
+
+
+def _print_best(study, args) -> None:
+    from studies.driver import best_trial
+
+    try:
+        best = best_trial(study)
+    except Exception as e:  # no complete trial yet
+        print(str(e))
+        return
+    values = ", ".join(f"{v:.4f}" for v in best.values)
+    print(f"best trial {best.number}: objective {values}; MLflow run {best.user_attrs.get('mlflow_run_id')}")
+    for k, v in best.params.items():
+        print(f"  {k} = {v}")
+
+
+def cmd_best(args) -> int:
+    from harness.tracking import client_for
+    from studies.driver import best_trial, load
+
+    study = load(args.study, args.storage)
+    _print_best(study, args)
+    run_id = best_trial(study).user_attrs.get("mlflow_run_id")
+    if run_id:
+        run = client_for(args.tracking_uri).get_run(run_id)
+        keys = ("best_val_accuracy", "test_accuracy", "test_top5_accuracy", "test_loss", "num_params",
+                "epochs_trained")
+        for k in keys:
+            if k in run.data.metrics:
+                print(f"  {k}: {run.data.metrics[k]:.6g}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from harness.tracking import client_for
+    from studies.driver import load
+    from studies.report import compare_table
+
+    study = load(args.study, args.storage)
+    try:
+        table = compare_table(client_for(args.tracking_uri), study, sort=args.sort, columns=args.column)
+    except ValueError as e:
+        raise C.ConfigError(str(e)) from None
+    if args.top:
+        table = table.head(args.top)
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table.to_markdown(index=False) + "\n")
+        print(f"wrote {args.markdown}")
+    if not (args.csv or args.markdown) or args.show:
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}") if not table.empty else "no trial runs yet")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from harness.tracking import client_for
+    from studies.driver import load
+    from studies.report import write_summary
+
+    study = load(args.study, args.storage)
+    summary = write_summary(study, client_for(args.tracking_uri), study.user_attrs["mlflow_parent_run_id"])
+    print(f"summary of study {args.study} refreshed on its MLflow run: {summary}")
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from harness.experiment import reproduce
+
+    result, diffs = reproduce(args.run_id, args.tracking_uri, args.data_dir, progress=not args.quiet)
+    print(f"reproduced {args.run_id} as run {result.run_id}")
+    print(f"{'metric':<24}{'original':>12}{'reproduced':>12}{'difference':>12}")
+    for k, (a, b) in diffs.items():
+        print(f"{k:<24}{a:>12.6f}{b:>12.6f}{b - a:>+12.6f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +159,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
+    from studies.driver import OBJECTIVES, PRUNERS, SAMPLERS
+
+    p = sub.add_parser("tune", help="run (or resume, or join) an Optuna study; trials nest under the study run")
+    p.add_argument("--study", required=True, help="study name (also its MLflow experiment)")
+    p.add_argument("--space", default="cnn", help="search space: a name in studies/spaces/ or a YAML file")
+    p.add_argument("--trials", type=int, default=20,
+                   help="the study's total of complete+pruned trials; run again to resume, raise to extend")
+    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    p.add_argument("--storage", help="Optuna storage URL (default: $HARNESS_STORAGE or sqlite:///mlruns/optuna.db; "
+                                     "postgresql://user@host/db for many machines)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="tpe")
+    p.add_argument("--pruner", choices=PRUNERS, default="hyperband")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--objectives", choices=OBJECTIVES, default="accuracy",
+                   help="validation accuracy alone, or against parameter count / CPU latency (Pareto front)")
+    p.add_argument("--profile", choices=("auto", "quick", "full"), default="auto",
+                   help="the space's fixed budget: quick on CPU, full on GPU (auto picks by device)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--heartbeat", type=int, default=30, help="seconds between trial heartbeats")
+    add_config_args(p)
+    add_tracking_arg(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_tune)
+
+    for name, func, text in (("best", cmd_best, "print a study's best trial and its run"),
+                             ("report", cmd_report, "refresh a study's summary on its MLflow run"),
+                             ("compare", cmd_compare, "table of a study's trial runs")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--study", required=True)
+        p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///mlruns/optuna.db)")
+        add_tracking_arg(p)
+        p.set_defaults(func=func)
+        if name == "compare":
+            p.add_argument("--sort", default="val_accuracy", help="column to sort by (best first)")
+            p.add_argument("--top", type=int, help="only the first N rows")
+            p.add_argument("--column", action="append", help="extra metric/param/tag column")
+            p.add_argument("--csv", metavar="FILE", help="write the table as CSV")
+            p.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
+            p.add_argument("--show", action="store_true", help="print the table even when writing a file")
+
+    p = sub.add_parser("reproduce", help="retrain a run from its logged config and compare")
+    p.add_argument("run_id")
+    p.add_argument("--data-dir", metavar="DIR", help="data root, if not where the run found it")
+    add_tracking_arg(p)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_reproduce)
+
     p = sub.add_parser("ui", help="open the MLflow UI on the tracking store")
     add_tracking_arg(p)
     p.add_argument("--host", default="127.0.0.1")
@@ -77,12 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from harness.checkpoints import RunNotFound
     from harness.data import DatasetError
     from harness.training import NonFiniteLoss
+    from studies.driver import StudyError
+    from studies.space import SpaceError
 
     try:
         return args.func(args)
-    except (C.ConfigError, DatasetError, NonFiniteLoss) as e:
+    except (C.ConfigError, DatasetError, NonFiniteLoss, RunNotFound, StudyError, SpaceError) as e:
         print(f"harness: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 DATA_DIR_ENV = "HARNESS_DATA_DIR"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "studies" / "configs" / "default.yaml"
 
 
 class ConfigError(ValueError):

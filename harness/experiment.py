@@ -141,3 +141,31 @@ def run_experiment(cfg: C.Config, tracking_uri: str | None = None, experiment: s
     client = client_for(tracking_uri)
     run = RunLogger.start(client, experiment or f"{cfg.data.dataset}-train", cfg.name)
     return train_run(cfg, run, ds, progress=progress)
+
+
+def reproduce(run_id: str, tracking_uri: str | None = None, data_dir: str | None = None,
+              progress: bool = True) -> tuple[RunResult, dict[str, tuple[float, float]]]:
+    """Retrain a run from its logged config and seed into a new run tagged `reproduces`.
+
+    Returns the new run and, per test metric, (original, reproduced). With `deterministic`
+    on the CPU the two match exactly.
+    """
+    from harness.checkpoints import get_run, load_run_config
+
+    client = client_for(tracking_uri)
+    original = get_run(client, run_id)
+    cfg = load_run_config(client, run_id)
+    if data_dir:
+        cfg = C.replace(cfg, {"data": {"root": data_dir}})
+    ds = load_dataset(cfg.data)
+    tags = {"reproduces": run_id}
+    if original.data.tags.get("dataset_digest") not in (None, ds.digest):
+        tags["dataset_digest_differs"] = "true"  # another copy of the data: expect different figures
+    exp_name = client.get_experiment(original.info.experiment_id).name
+    run = RunLogger.start(client, exp_name, f"reproduce-{original.info.run_name}", tags=tags)
+    result = train_run(cfg, run, ds, progress=progress)
+    diffs = {k: (original.data.metrics[k], v) for k, v in result.metrics.items()
+             if k in original.data.metrics and not k.startswith(("test_precision_", "test_recall_", "test_f1_"))}
+    diffs["best_val_accuracy"] = (original.data.metrics.get("best_val_accuracy", float("nan")),
+                                  result.fit.best_val_accuracy)
+    return result, diffs

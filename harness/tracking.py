@@ -138,8 +138,13 @@ class RunLogger:
         self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
     def log_torch_model(self, model, input_example: np.ndarray, metadata: dict | None = None) -> None:
+        import logging
+
         import mlflow.pytorch
 
+        # pickle is deliberate (the model loads back as our CNN class); a weights-only
+        # checkpoint is logged beside it for torch.load(weights_only=True)
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         with mlflow.start_run(run_id=self.run_id):
             mlflow.pytorch.log_model(model, name="model", input_example=input_example, metadata=metadata,
                                      serialization_format="pickle")  # loads back as our CNN class

@@ -1,0 +1,397 @@
+"""Optuna studies whose trials are MLflow runs nested under one study run, from any worker.
+
+Where the stock Optuna + MLflow pairing breaks (see README, "Why not optuna-integration's
+MLflowCallback"): it nests through the fluent active run, which lives in one thread of one
+process. Here the study's parent run id is stored in the study itself (Optuna user attrs), and
+every worker, in any process on any machine, creates its trial runs with `MlflowClient` and
+that parent id. The trial stores its run id and the run its trial number.
+
+Failure handling: heartbeats (RDB storage) mark a killed worker's trial FAIL and a callback
+re-queues it; the orphaned MLflow run is ended FAILED when a worker next starts. Ctrl-C ends
+the trial FAIL and its run KILLED; a trial that raises is FAIL with its reason on both sides.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sqlite3
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from harness import config as C
+from harness.data import Dataset, load_dataset
+from harness.experiment import train_run
+from harness.models import count_parameters
+from harness.tracking import RunLogger, client_for, experiment_id
+from studies.space import Space, load_space, profile_settings, sample
+
+DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+SAMPLERS = ("tpe", "random", "qmc", "cmaes", "nsga2")
+PRUNERS = ("hyperband", "median", "none")
+OBJECTIVES = ("accuracy", "accuracy,params", "accuracy,latency")
+MAX_CONSECUTIVE_FAILURES = 3
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+class StudyError(RuntimeError):
+    """A study that cannot start or go on; the message is one line naming the fix."""
+
+
+@dataclass
+class TuneOptions:
+    study: str
+    space: str = "cnn"
+    trials: int = 20  # the study's target: complete + pruned trials (run again to resume)
+    timeout: float | None = None  # seconds for this worker
+    storage: str | None = None
+    sampler: str = "tpe"
+    pruner: str = "hyperband"
+    seed: int = 0
+    objectives: str = "accuracy"
+    profile: str = "auto"  # quick (CPU) | full (GPU) | auto
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    data_dir: str | None = None
+    tracking_uri: str | None = None
+    workers: int = 1  # worker processes on this machine
+    heartbeat: int = 30  # seconds between trial heartbeats; a trial silent for 3x is failed
+    progress: bool = True
+
+
+def storage_url(url: str | None) -> str:
+    url = url or os.environ.get("HARNESS_STORAGE") or DEFAULT_STORAGE
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///")).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(path) as db:  # WAL: readers never block the writer (persists in the file)
+            db.execute("PRAGMA journal_mode=WAL")
+    return url
+
+
+def open_storage(opts: TuneOptions) -> optuna.storages.RDBStorage:
+    url = storage_url(opts.storage)
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine, heartbeat_interval=opts.heartbeat, grace_period=3 * opts.heartbeat,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+    except Exception as e:
+        raise StudyError(f"cannot open study storage {url} ({type(e).__name__}: {str(e).splitlines()[0]}): "
+                         "check the --storage URL and that the database server is running") from None
+
+
+def make_sampler(name: str, seed: int, multi: bool) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    return optuna.samplers.NSGAIISampler(seed=seed)
+
+
+def make_pruner(name: str, epochs: int, multi: bool) -> optuna.pruners.BasePruner:
+    if multi or name == "none":  # Optuna's pruners only apply to single-objective studies
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 2), reduction_factor=3)
+
+
+def base_config(opts: TuneOptions, space: Space) -> C.Config:
+    """Defaults < --config < the space's profile < --set: what every trial shares."""
+    from harness.training import select_device
+
+    path = opts.config or C.DEFAULT_CONFIG
+    cfg = C.load(path, None, opts.data_dir)
+    profile = opts.profile
+    if profile == "auto":
+        profile = "full" if select_device(cfg.device).type == "cuda" else "quick"
+    d = C.to_dict(cfg)
+    if space.profiles:
+        d = C.merge(d, profile_settings(space, profile))
+    if opts.overrides:
+        d = C.merge(d, C.parse_overrides(opts.overrides))
+    d["name"] = opts.study
+    return C.from_dict(d)
+
+
+def _comparable(cfg_dict: dict) -> dict:
+    """The parts of a base config that must agree between workers (not paths or devices)."""
+    d = C.flatten(cfg_dict)
+    for key in ("data.root", "device", "compile"):
+        d.pop(key, None)
+    return d
+
+
+def directions(objectives: str) -> list[str]:
+    if objectives not in OBJECTIVES:
+        raise StudyError(f"bad --objectives {objectives!r}: choose one of {', '.join(OBJECTIVES)}")
+    return ["maximize"] + (["minimize"] if "," in objectives else [])
+
+
+def open_study(opts: TuneOptions, storage, base: C.Config, client) -> tuple[optuna.Study, str]:
+    """Create or join the study; exactly one study run exists for it, whoever starts first.
+
+    Creating the Optuna study is the atomic step: the worker that creates it also creates the
+    MLflow experiment and study run and stores the run id in the study; others wait for it.
+    """
+    dirs = directions(opts.objectives)
+    multi = len(dirs) > 1
+    sampler = make_sampler(opts.sampler, opts.seed, multi)
+    pruner = make_pruner(opts.pruner, base.epochs, multi)
+    try:
+        study = optuna.create_study(study_name=opts.study, storage=storage, directions=dirs,
+                                    sampler=sampler, pruner=pruner)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=opts.study, storage=storage, sampler=sampler, pruner=pruner)
+        created = False
+    if [d.name.lower() for d in study.directions] != dirs:
+        raise StudyError(f"study {opts.study} was created with other objectives "
+                         f"({study.user_attrs.get('objectives')}): use the same --objectives or a new --study name")
+    if created:
+        run = RunLogger.start(client, opts.study, f"study-{opts.study}",
+                              tags={"study": opts.study, "run_kind": "study", "sampler": opts.sampler,
+                                    "pruner": opts.pruner, "objectives": opts.objectives,
+                                    "storage": _redact(storage.url if hasattr(storage, "url") else str(storage))})
+        run.log_params({"space": opts.space, "trials": opts.trials, "sampler": opts.sampler,
+                        "pruner": opts.pruner, "seed": opts.seed, "objectives": opts.objectives})
+        run.log_text(C.to_yaml(base), "base_config.yaml")
+        study.set_user_attr("base_config", _comparable(C.to_dict(base)))
+        study.set_user_attr("space", opts.space)
+        study.set_user_attr("objectives", opts.objectives)
+        study.set_user_attr("mlflow_experiment", opts.study)
+        study.set_user_attr("mlflow_parent_run_id", run.run_id)
+        return study, run.run_id
+    parent = _wait_for_parent(study)
+    stored = study.user_attrs.get("base_config")
+    if stored is not None and stored != _comparable(C.to_dict(base)):
+        diff = [k for k in stored if stored.get(k) != _comparable(C.to_dict(base)).get(k)]
+        raise StudyError(f"study {opts.study} was started with other fixed settings ({', '.join(diff[:5])}): "
+                         "run it with the same --profile/--set/--config, or use a new --study name")
+    return study, parent
+
+
+def _wait_for_parent(study: optuna.Study, timeout: float = 120.0) -> str:
+    deadline = time.time() + timeout
+    while True:
+        attrs = optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs
+        if "mlflow_parent_run_id" in attrs:
+            return attrs["mlflow_parent_run_id"]
+        if time.time() > deadline:
+            raise StudyError(f"study {study.study_name} has no MLflow study run after {timeout:.0f} s: the worker "
+                             "that created it died while starting; delete the study (optuna delete-study) and retry")
+        time.sleep(0.5)
+
+
+def _redact(url: str) -> str:
+    """Never log a database password."""
+    import re
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
+
+
+def reconcile_runs(study: optuna.Study, client) -> int:
+    """End FAILED the runs of trials whose worker died: the trial is no longer RUNNING, its run is."""
+    optuna.storages.fail_stale_trials(study)
+    exp = client.get_experiment_by_name(study.user_attrs.get("mlflow_experiment", study.study_name))
+    if exp is None:
+        return 0
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING' and tags.run_kind = 'trial'",
+                                 max_results=1000)
+    ended = 0
+    for run in running:
+        number = int(run.data.tags.get("trial_number", -1))
+        if states.get(number, TrialState.RUNNING) != TrialState.RUNNING:
+            logger = RunLogger(client, run.info.run_id)
+            logger.set_tags({"trial_state": states[number].name})
+            logger.end("FAILED", "the worker stopped during this trial (its heartbeat was lost); "
+                                 "Optuna marked the trial FAIL and re-queued it")
+            ended += 1
+    return ended
+
+
+def remaining(study: optuna.Study, target: int) -> int:
+    """Trials still to start: the target less those complete, pruned or running (fails don't count)."""
+    taken = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return target - sum(t.state in taken for t in study.get_trials(deepcopy=False))
+
+
+@dataclass
+class Worker:
+    """One worker's trial loop; `objective` is what Optuna calls."""
+    opts: TuneOptions
+    space: Space
+    base: C.Config
+    study: optuna.Study
+    parent_run_id: str
+    client: object
+    dataset: Dataset | None = None
+
+    def objective(self, trial: optuna.Trial):
+        cfg = sample(self.space, trial, self.base)
+        tags = {"study": self.opts.study, "run_kind": "trial", "trial_number": trial.number,
+                "trial_state": "RUNNING"}
+        retry_of = trial.user_attrs.get("mlflow_run_id")  # a re-queued trial inherits the dead one's attrs
+        if retry_of:
+            tags["retry_of_run"] = retry_of
+        run = RunLogger.start(self.client, self.study.user_attrs.get("mlflow_experiment", self.opts.study),
+                              f"trial-{trial.number}", tags=tags, parent_run_id=self.parent_run_id)
+        trial.set_user_attr("mlflow_run_id", run.run_id)
+        multi = len(self.study.directions) > 1
+
+        def report(m):
+            trial.report(m.val_accuracy, m.epoch)
+            if not multi and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {m.epoch} (val accuracy {m.val_accuracy:.4f})")
+
+        if self.dataset is None or self.dataset.name != cfg.data.dataset:
+            self.dataset = load_dataset(cfg.data)
+        try:
+            result = train_run(cfg, run, self.dataset, callbacks=[report], progress=self.opts.progress,
+                               ok_exceptions=(optuna.TrialPruned,))
+        except optuna.TrialPruned:
+            run.set_tags({"trial_state": "PRUNED"})
+            raise
+        except BaseException as e:
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+            trial.set_user_attr("fail_reason", reason[:1000])
+            run.set_tags({"trial_state": "FAIL"})
+            raise
+        run.set_tags({"trial_state": "COMPLETE"})
+        values = [result.fit.best_val_accuracy]
+        if self.opts.objectives == "accuracy,params":
+            values.append(float(count_parameters(result.model)))
+        elif self.opts.objectives == "accuracy,latency":
+            latency = measure_latency(result.model)
+            run.log_metrics({"latency_ms": latency})
+            values.append(latency)
+        return values if multi else values[0]
+
+    def run(self) -> None:
+        reconcile_runs(self.study, self.client)
+        self.client.update_run(self.parent_run_id, status="RUNNING")
+        start = time.time()
+        failures = 0
+        last: dict = {}
+        while remaining(self.study, self.opts.trials) > 0:
+            if self.opts.timeout and time.time() - start >= self.opts.timeout:
+                break
+            self.study.optimize(self.objective, n_trials=1, catch=(Exception,), gc_after_trial=True,
+                                callbacks=[lambda s, t: last.update(trial=t)])
+            trial = last["trial"]
+            failures = failures + 1 if trial.state == TrialState.FAIL else 0
+            if failures >= MAX_CONSECUTIVE_FAILURES:
+                reason = trial.user_attrs.get("fail_reason", "see the trial runs")
+                raise StudyError(f"{failures} trials in a row failed, the last with {reason}: "
+                                 "fix the cause and run the same command to resume")
+
+
+def measure_latency(model, batch: int = 1, repeats: int = 20) -> float:
+    """Milliseconds per image for a single-image forward pass on the CPU (the deployment case)."""
+    import torch
+
+    model = model.cpu().eval()
+    x = torch.zeros(batch, 3, 32, 32)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(x)
+    return (time.perf_counter() - start) / repeats / batch * 1000
+
+
+def _worker_process(opts: TuneOptions, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    run_worker(opts)
+
+
+def run_worker(opts: TuneOptions) -> Worker:
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    space = load_space(opts.space)
+    fixed = set(C.flatten(C.parse_overrides(opts.overrides))) if opts.overrides else set()
+    space = space.without(fixed)
+    base = base_config(opts, space)
+    client = client_for(opts.tracking_uri)
+    storage = open_storage(opts)
+    study, parent = open_study(opts, storage, base, client)
+    worker = Worker(opts, space, base, study, parent, client)
+    try:
+        worker.run()
+    finally:
+        _maybe_finish_parent(study, client, parent)
+    return worker
+
+
+def _maybe_finish_parent(study: optuna.Study, client, parent: str) -> None:
+    if not any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
+        client.set_terminated(parent, "FINISHED")
+
+
+def tune(opts: TuneOptions) -> optuna.Study:
+    """Run the study with `opts.workers` processes here, then refresh its summary."""
+    from studies.report import write_summary
+
+    load_space(opts.space)  # a bad space fails here, before any worker or trial starts
+    directions(opts.objectives)
+    if opts.workers <= 1:
+        worker = run_worker(opts)
+        study, client, parent = worker.study, worker.client, worker.parent_run_id
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        threads = max(1, (os.cpu_count() or 1) // opts.workers)
+        procs = [ctx.Process(target=_worker_process, args=(replace(opts, progress=False), threads))
+                 for _ in range(opts.workers)]
+        for p in procs:
+            p.start()
+            time.sleep(1.0)  # let the first create the study and its run
+        for p in procs:
+            p.join()
+        if any(p.exitcode != 0 for p in procs):
+            raise StudyError(f"{sum(p.exitcode != 0 for p in procs)} of {opts.workers} workers failed: "
+                             "see their output above; run the same command to resume")
+        client = client_for(opts.tracking_uri)
+        study = optuna.load_study(study_name=opts.study, storage=open_storage(opts))
+        parent = study.user_attrs["mlflow_parent_run_id"]
+    write_summary(study, client, parent)
+    return study
+
+
+def load(study_name: str, storage: str | None = None) -> optuna.Study:
+    url = storage_url(storage)
+    try:
+        return optuna.load_study(study_name=study_name, storage=url)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(url)]
+        raise StudyError(f"study {study_name!r} not found in {_redact(url)}; studies there: "
+                         f"{', '.join(names) or 'none'} (pass --storage if it lives elsewhere)") from None
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """The best trial; for two objectives, the most accurate one on the Pareto front."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if not done:
+        raise StudyError(f"study {study.study_name} has no complete trial yet: run `harness tune` first")
+    if len(study.directions) == 1:
+        return study.best_trial
+    return max(study.best_trials, key=lambda t: t.values[0])
+
+
+def best_run_id(study_name: str, storage: str | None = None, tracking_uri: str | None = None) -> str:
+    trial = best_trial(load(study_name, storage))
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        raise StudyError(f"best trial {trial.number} of study {study_name} has no MLflow run id")
+    return run_id

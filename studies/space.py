@@ -1,0 +1,201 @@
+"""Search spaces: readable YAML definitions, checked before any trial starts, sampled by Optuna.
+
+A space file (see studies/spaces/) holds:
+
+    params:                      # what Optuna samples, by config key
+      lr: {type: float, low: 1.0e-3, high: 0.3, log: true}
+      optimizer: {type: categorical, choices: [sgd, adamw]}
+      momentum: {type: float, low: 0.8, high: 0.99, if: {optimizer: sgd}}   # conditional
+    profiles:                    # fixed settings for every trial, by budget
+      quick: {epochs: 4, data.train_subset: 8000}
+      full: {epochs: 30}
+
+Keys are `harness train` config keys, plus three that build `model.widths`: `model.stages`,
+`model.base_width` and `model.width_multiplier` (width of stage i = base * multiplier^i).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import yaml
+
+from harness import config as C
+
+SPACES_DIR = Path(__file__).resolve().parent / "spaces"
+WIDTH_KEYS = {"model.stages": 3, "model.base_width": 32, "model.width_multiplier": 2.0}
+TYPES = {"float", "int", "categorical"}
+
+
+class SpaceError(ValueError):
+    """A bad search-space definition; one line naming the parameter and the problem."""
+
+
+@dataclass
+class Param:
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list | None = None
+    when: dict | None = None  # {other_key: value or [values]}: sampled only when all hold
+
+
+@dataclass
+class Space:
+    name: str
+    path: str
+    params: list[Param]
+    profiles: dict[str, dict]
+
+    def without(self, fixed: set[str]) -> "Space":
+        """The space with `--set` keys taken out of the search (they are fixed for every trial)."""
+        width_fixed = "model.widths" in fixed
+        keep = [p for p in self.params if p.name not in fixed and not (width_fixed and p.name in WIDTH_KEYS)]
+        return Space(self.name, self.path, keep, self.profiles)
+
+
+def resolve_path(space: str) -> Path:
+    """A path to a YAML file, or the name of one in studies/spaces/."""
+    p = Path(space)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    named = SPACES_DIR / f"{space}.yaml"
+    if named.is_file():
+        return named
+    known = ", ".join(sorted(q.stem for q in SPACES_DIR.glob("*.yaml")))
+    raise SpaceError(f"search space {space!r} not found: pass a YAML file or one of: {known}")
+
+
+def load_space(space: str) -> Space:
+    path = resolve_path(space)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise SpaceError(f"search space {path} is not valid YAML: fix its syntax") from None
+    if not isinstance(raw.get("params"), dict) or not raw["params"]:
+        raise SpaceError(f"search space {path}: needs a non-empty 'params' mapping")
+    unknown = set(raw) - {"params", "profiles", "description"}
+    if unknown:
+        raise SpaceError(f"search space {path}: unknown section(s) {', '.join(sorted(unknown))}; "
+                         "valid: params, profiles, description")
+    params = [_param(path, name, spec) for name, spec in raw["params"].items()]
+    names = [p.name for p in params]
+    for p in params:
+        for key in p.when or {}:
+            if key not in names[:names.index(p.name)]:
+                raise SpaceError(f"search space {path}: parameter {p.name}: condition on {key!r}, "
+                                 "which is not a parameter defined above it")
+    profiles = raw.get("profiles") or {}
+    for prof, settings in profiles.items():
+        try:
+            C.from_dict(_nest(settings or {}))
+        except C.ConfigError as e:
+            raise SpaceError(f"search space {path}: profile {prof}: {e}") from None
+    return Space(path.stem, str(path), params, {k: v or {} for k, v in profiles.items()})
+
+
+def _param(path: Path, name: str, spec) -> Param:
+    where = f"search space {path}: parameter {name}"
+    valid = set(C.valid_keys()) | set(WIDTH_KEYS)
+    if name not in valid:
+        raise SpaceError(f"{where}: not a config key; valid keys: {', '.join(sorted(valid))}")
+    if not isinstance(spec, dict):
+        raise SpaceError(f"{where}: expected a mapping like {{type: float, low: 0.001, high: 0.1}}")
+    spec = dict(spec)
+    kind = spec.pop("type", None)
+    if kind not in TYPES:
+        raise SpaceError(f"{where}: type must be one of {', '.join(sorted(TYPES))} (got {kind!r})")
+    when = spec.pop("if", None)
+    if when is not None and not isinstance(when, dict):
+        raise SpaceError(f"{where}: 'if' must map parameter names to values")
+    allowed = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
+               "categorical": {"choices"}}[kind]
+    extra = set(spec) - allowed
+    if extra:
+        raise SpaceError(f"{where}: unknown field(s) {', '.join(sorted(extra))} for type {kind}")
+    p = Param(name, kind, when=when, **spec)
+    if kind == "categorical":
+        if not isinstance(p.choices, list) or not p.choices:
+            raise SpaceError(f"{where}: choices must be a non-empty list")
+        for choice in p.choices:
+            _check_value(where, name, choice)
+    else:
+        if p.low is None or p.high is None:
+            raise SpaceError(f"{where}: needs low and high")
+        if not isinstance(p.low, (int, float)) or not isinstance(p.high, (int, float)):
+            raise SpaceError(f"{where}: low and high must be numbers")
+        if p.low >= p.high:
+            raise SpaceError(f"{where}: low ({p.low}) must be below high ({p.high})")
+        if p.log and p.low <= 0:
+            raise SpaceError(f"{where}: a log scale needs low > 0 (got {p.low})")
+        if p.log and p.step is not None:
+            raise SpaceError(f"{where}: step and log cannot be combined")
+        _check_value(where, name, p.low)
+        _check_value(where, name, p.high)
+    return p
+
+
+def _check_value(where: str, name: str, value) -> None:
+    """A value the config itself would refuse is a bad definition, found before any trial."""
+    if name in WIDTH_KEYS:
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise SpaceError(f"{where}: value {value!r} must be a positive number")
+        return
+    try:
+        C.replace(C.Config(), _nest({name: value}))
+    except C.ConfigError as e:
+        raise SpaceError(f"{where}: {e}") from None
+
+
+def _nest(flat: dict) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _active(p: Param, values: dict) -> bool:
+    for key, want in (p.when or {}).items():
+        options = want if isinstance(want, list) else [want]
+        if values.get(key) not in options:
+            return False
+    return True
+
+
+def sample(space: Space, trial: optuna.Trial, base: C.Config) -> C.Config:
+    """A trial's config: `base` (defaults, profile, --set) with the sampled parameters applied."""
+    flat = C.flatten(C.to_dict(base))
+    values: dict = dict(flat)
+    sampled: dict = {}
+    for p in space.params:
+        if not _active(p, values):
+            continue
+        if p.type == "categorical":
+            v = trial.suggest_categorical(p.name, p.choices)
+        elif p.type == "int":
+            v = trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        else:
+            v = trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)
+        values[p.name] = sampled[p.name] = v
+    if any(k in sampled for k in WIDTH_KEYS):
+        stages = int(sampled.get("model.stages", len(base.model.widths)))
+        width = sampled.get("model.base_width", base.model.widths[0])
+        mult = sampled.get("model.width_multiplier", WIDTH_KEYS["model.width_multiplier"])
+        sampled["model.widths"] = [int(round(width * mult ** i)) for i in range(stages)]
+    updates = {k: v for k, v in sampled.items() if k not in WIDTH_KEYS}
+    return C.replace(base, _nest(updates))
+
+
+def profile_settings(space: Space, profile: str) -> dict:
+    if profile not in space.profiles:
+        known = ", ".join(space.profiles) or "none defined"
+        raise SpaceError(f"search space {space.path}: no profile {profile!r}; profiles: {known}")
+    return _nest(space.profiles[profile])
