@@ -67,7 +67,8 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:1 | mps
     deterministic: bool = False
     compile: bool = False
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # NHWC activations: faster convolutions on CUDA and on CPUs
+    precision: str = "auto"  # auto (bf16 autocast on CUDA and on CPUs with native bf16) | bf16 | fp32
     epochs: int = 15
     batch_size: int = 128
     optimizer: str = "sgd"  # sgd | adam | adamw
@@ -92,6 +93,7 @@ CHOICES = {
     "model.activation": ("relu", "gelu", "silu"),
     "optimizer": ("sgd", "adam", "adamw"),
     "schedule": ("onecycle", "cosine", "step", "plateau", "none"),
+    "precision": ("auto", "bf16", "fp32"),
 }
 
 

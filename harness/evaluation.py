@@ -41,10 +41,11 @@ def predict(
     normalize: Callable[[torch.Tensor], torch.Tensor],
     batch_size: int = 1000,
     embed: bool = False,
+    bf16: bool | None = None,
 ) -> Predictions:
     """Run `model` in eval mode over uint8 `images` (already on the model's device).
 
-    Batches keep memory bounded; bf16 autocast is used on CUDA only. The model's
+    Batches keep memory bounded; bf16 autocast is used when `bf16` is set (default: on CUDA). The model's
     previous train/eval mode is restored, so this is safe to call mid-training.
     """
     device_type = images.device.type
@@ -54,7 +55,7 @@ def predict(
     try:
         for batch in images.split(batch_size):
             with torch.autocast(device_type=device_type, dtype=torch.bfloat16,
-                                enabled=device_type == "cuda"):
+                                enabled=device_type == "cuda" if bf16 is None else bf16):
                 x = normalize(batch)
                 if embed:
                     out, emb = model.forward_with_embedding(x)

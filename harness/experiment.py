@@ -18,7 +18,7 @@ from harness.evaluation import (EvalResult, class_samples_figure, classification
                                 metrics_dict, misclassified_figure, per_class_figure, predict)
 from harness.models import CNN, build_model, count_macs, count_parameters
 from harness.tracking import RunLogger, client_for, git_commit
-from harness.training import Callback, FitResult, fit, seed_everything, select_device
+from harness.training import Callback, FitResult, fit, seed_everything, select_device, use_bf16
 
 
 @dataclass
@@ -50,10 +50,10 @@ def log_setup(run: RunLogger, cfg: C.Config, ds: Dataset, model: CNN, device: to
                    "data/train_samples.png")
 
 
-def log_test(run: RunLogger, cfg: C.Config, model: CNN, splits, normalize, ds: Dataset,
+def log_test(run: RunLogger, cfg: C.Config, model: CNN, splits, normalize, ds: Dataset, bf16: bool = False,
              prefix: str = "test_") -> tuple[EvalResult, dict]:
     """Test metrics, confusion matrices, per-class table, mistakes and embedding plots."""
-    pred = predict(model, splits.test_x, normalize, embed=True)
+    pred = predict(model, splits.test_x, normalize, embed=True, bf16=bf16)
     result = classification_metrics(pred.logits, splits.test_y.cpu(), splits.classes)
     metrics = metrics_dict(result, prefix=prefix)
     if ds.fine_to_coarse is not None and cfg.data.label == "fine":  # CIFAR-100: superclass accuracy too
@@ -116,8 +116,8 @@ def train_run(cfg: C.Config, run: RunLogger, ds: Dataset | None = None, callback
         run.log_metrics({"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
                          "epochs_trained": len(result.history), "train_seconds": time.perf_counter() - start})
         run.set_tags({"stopped_early": result.stopped_early})
-        normalize = make_normalize(device, device.type == "cuda" and cfg.channels_last)
-        test, metrics = log_test(run, cfg, model, splits, normalize, ds)
+        normalize = make_normalize(device, cfg.channels_last)
+        test, metrics = log_test(run, cfg, model, splits, normalize, ds, use_bf16(device, cfg.precision))
         if cfg.eval.log_model:
             log_model(run, cfg, model)
     except ok_exceptions as e:
@@ -130,6 +130,7 @@ def train_run(cfg: C.Config, run: RunLogger, ds: Dataset | None = None, callback
     except BaseException as e:
         run.end("FAILED", f"{type(e).__name__}: {e}")
         raise
+    run.log_metrics({"tracking_seconds": run.seconds})
     run.end("FINISHED")
     return RunResult(run.run_id, result, test, metrics, model)
 

@@ -73,6 +73,22 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _timed(method):
+    """Adds the call's wall time to the logger's `seconds`: the tracking overhead of a run."""
+    import functools
+    import time
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    return wrapper
+
+
 def _chunks(items: list, n: int):
     for i in range(0, len(items), n):
         yield items[i:i + n]
@@ -83,6 +99,7 @@ class RunLogger:
     """Everything one run logs, addressed by run id so it works from any thread or process."""
     client: MlflowClient
     run_id: str
+    seconds: float = 0.0  # time spent in MLflow calls so far
 
     @classmethod
     def start(cls, client: MlflowClient, experiment: str, run_name: str, tags: dict | None = None,
@@ -94,11 +111,13 @@ class RunLogger:
         run = client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags)
         return cls(client, run.info.run_id)
 
+    @_timed
     def log_params(self, params: dict) -> None:
         items = [Param(k, _param_value(v)) for k, v in params.items()]
         for chunk in _chunks(items, MAX_BATCH["params"]):
             self.client.log_batch(self.run_id, params=chunk)
 
+    @_timed
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """One batched request for all metrics of a step (each metric alone costs the same)."""
         ts = _now_ms()
@@ -106,11 +125,13 @@ class RunLogger:
         for chunk in _chunks(items, MAX_BATCH["metrics"]):
             self.client.log_batch(self.run_id, metrics=chunk)
 
+    @_timed
     def set_tags(self, tags: dict) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         for chunk in _chunks(items, MAX_BATCH["tags"]):
             self.client.log_batch(self.run_id, tags=chunk)
 
+    @_timed
     def log_figure(self, fig, path: str) -> None:
         self.client.log_figure(self.run_id, fig, path)
         import matplotlib.pyplot as plt
@@ -120,9 +141,11 @@ class RunLogger:
         """A CSV artifact people can open anywhere (MLflow's own JSON table is UI-only)."""
         self.log_text(df.to_csv(), path)
 
+    @_timed
     def log_text(self, text: str, path: str) -> None:
         self.client.log_text(self.run_id, text, path)
 
+    @_timed
     def log_dataset(self, name: str, digest: str, images: np.ndarray, labels: np.ndarray,
                     source: str, context: str) -> None:
         """MLflow dataset tracking, with our content digest so differing copies are told apart."""
@@ -137,6 +160,7 @@ class RunLogger:
         entity = Dataset(**ds.to_dict())
         self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
+    @_timed
     def log_torch_model(self, model, input_example: np.ndarray, metadata: dict | None = None) -> None:
         import logging
 
@@ -149,6 +173,7 @@ class RunLogger:
             mlflow.pytorch.log_model(model, name="model", input_example=input_example, metadata=metadata,
                                      serialization_format="pickle")  # loads back as our CNN class
 
+    @_timed
     def log_state_dict(self, state: dict, path: str = "checkpoint/model.pt") -> None:
         """A plain tensor checkpoint that loads with `torch.load(weights_only=True)`."""
         import torch

@@ -69,6 +69,21 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 matrix units (AVX512-BF16 or AMX); elsewhere bf16 on the CPU is emulated and slow."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(device: torch.device, precision: str) -> bool:
+    if precision == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+    return precision == "bf16"
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -119,7 +134,8 @@ def fit(model: torch.nn.Module, splits: Splits, cfg: Config, device: torch.devic
     training. Raises NonFiniteLoss as soon as a batch loss is NaN/inf.
     """
     cuda = device.type == "cuda"
-    channels_last = cuda and cfg.channels_last
+    bf16 = use_bf16(device, cfg.precision)
+    channels_last = cfg.channels_last
     normalize = make_normalize(device, channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -145,7 +161,7 @@ def fit(model: torch.nn.Module, splits: Splits, cfg: Config, device: torch.devic
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             x = normalize(augment(splits.train_x[idx], gen))
             y = splits.train_y[idx]
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = step_model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
@@ -165,7 +181,7 @@ def fit(model: torch.nn.Module, splits: Splits, cfg: Config, device: torch.devic
         if cuda:
             torch.cuda.synchronize()
         train_seconds = time.perf_counter() - start
-        val = predict(model, splits.val_x, normalize, batch_size=1000)
+        val = predict(model, splits.val_x, normalize, batch_size=1000, bf16=bf16)
         val_y = splits.val_y.cpu()
         metrics = EpochMetrics(
             epoch=epoch,
