@@ -72,13 +72,17 @@ def cmd_tune(args) -> int:
 
 
 def _print_best(study, args) -> None:
-    from studies.driver import best_trial
+    from studies.driver import StudyError, best_trial
 
     try:
         best = best_trial(study)
-    except Exception as e:  # no complete trial yet
+    except StudyError as e:  # no complete trial yet
         print(str(e))
         return
+    _print_trial(best)
+
+
+def _print_trial(best) -> None:
     values = ", ".join(f"{v:.4f}" for v in best.values)
     print(f"best trial {best.number}: objective {values}; MLflow run {best.user_attrs.get('mlflow_run_id')}")
     for k, v in best.params.items():
@@ -90,10 +94,13 @@ def cmd_best(args) -> int:
     from studies.driver import best_trial, load
 
     study = load(args.study, args.storage)
-    _print_best(study, args)
-    run_id = best_trial(study).user_attrs.get("mlflow_run_id")
+    best = best_trial(study)  # none complete yet: one line and exit 2
+    _print_trial(best)
+    run_id = best.user_attrs.get("mlflow_run_id")
     if run_id:
-        run = client_for(args.tracking_uri).get_run(run_id)
+        from harness.checkpoints import get_run
+
+        run = get_run(client_for(args.tracking_uri), run_id)  # another store: one line naming --tracking-uri
         keys = ("best_val_accuracy", "test_accuracy", "test_top5_accuracy", "test_loss", "num_params",
                 "epochs_trained")
         for k in keys:
@@ -128,11 +135,14 @@ def cmd_compare(args) -> int:
 
 def cmd_report(args) -> int:
     from harness.tracking import client_for
-    from studies.driver import load
+    from studies.driver import StudyError, load
     from studies.report import write_summary
 
     study = load(args.study, args.storage)
-    summary = write_summary(study, client_for(args.tracking_uri), study.user_attrs["mlflow_parent_run_id"])
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if not parent:
+        raise StudyError(f"study {args.study} has no MLflow study run: it was not made by `harness tune`")
+    summary = write_summary(study, client_for(args.tracking_uri), parent)
     print(f"summary of study {args.study} refreshed on its MLflow run: {summary}")
     return 0
 

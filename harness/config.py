@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -147,6 +148,8 @@ def _coerce(key: str, value, hint):
         if origin is list:
             if isinstance(value, str):
                 value = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [value]  # --set model.widths=64: YAML already made it a number
             if not isinstance(value, (list, tuple)) or not value:
                 raise ValueError
             return [_coerce(key, v, args[0]) for v in value]
@@ -160,7 +163,12 @@ def _coerce(key: str, value, hint):
     raise ConfigError(f"bad value {value!r} for {key}: expected {name}")
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 def _check(cfg: Config) -> Config:
+    if not isinstance(cfg.device, str) or not DEVICE_PATTERN.fullmatch(cfg.device):
+        raise ConfigError(f"bad value {cfg.device!r} for device: choose one of auto, cpu, cuda, cuda:N, mps")
     for key, choices in CHOICES.items():
         value = get(cfg, key)
         if value not in choices:

@@ -44,8 +44,10 @@ def log_setup(run: RunLogger, cfg: C.Config, ds: Dataset, model: CNN, device: to
     size = {"num_params": count_parameters(model), "macs_per_image": count_macs(model)}
     run.log_params(size)
     run.log_metrics(size)
-    run.log_dataset(ds.name, ds.digest, ds.train_images, ds.train_labels, cfg.data.root, "training")
-    run.log_dataset(ds.name, ds.digest, ds.test_images, ds.test_labels, cfg.data.root, "testing")
+    # one name per split: MLflow keeps a single input per (name, digest) in a run, so a shared
+    # name would drop the testing input; the digest is the whole dataset's, on both
+    run.log_dataset(f"{ds.name}-train", ds.digest, ds.train_images, ds.train_labels, cfg.data.root, "training")
+    run.log_dataset(f"{ds.name}-test", ds.digest, ds.test_images, ds.test_labels, cfg.data.root, "testing")
     run.log_figure(class_samples_figure(ds.train_images, ds.train_labels, ds.classes, seed=cfg.seed),
                    "data/train_samples.png")
 
@@ -139,6 +141,7 @@ def run_experiment(cfg: C.Config, tracking_uri: str | None = None, experiment: s
                    progress: bool = True) -> RunResult:
     """`harness train`: one top-level run in the experiment named after the dataset (or given)."""
     ds = load_dataset(cfg.data)  # missing data fails here, before a run exists
+    select_device(cfg.device)  # and so does a device this machine lacks
     client = client_for(tracking_uri)
     run = RunLogger.start(client, experiment or f"{cfg.data.dataset}-train", cfg.name)
     return train_run(cfg, run, ds, progress=progress)

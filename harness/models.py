@@ -67,6 +67,7 @@ class CNN(nn.Module):
             self.embedding = nn.Flatten()
             self.embedding_dim = flat
         self.classifier = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(self.embedding_dim, num_classes))
+        self.frozen: tuple[str, ...] = ()  # names of frozen submodules (see `freeze`)
 
     @property
     def stage_names(self) -> list[str]:
@@ -98,6 +99,36 @@ class CNN(nn.Module):
         if "embedding" in names:
             out["embedding"] = self.embedding(x)
         return out
+
+    def freeze(self, stages: int, embedding: bool = False) -> list[str]:
+        """Freeze the first `stages` stages (and the embedding layer): a fixed feature extractor.
+
+        Their parameters stop requiring gradients (leave them out of the optimizer: see
+        `trainable_parameters`), and `train()` keeps them in eval mode, so BatchNorm running
+        statistics and dropout inside them stay as in the source model while the rest trains.
+        Returns the frozen submodules' names.
+        """
+        if not 0 <= stages <= len(self.stages):
+            raise ValueError(f"cannot freeze {stages} stages: the model has {len(self.stages)}")
+        for name in self.frozen:  # a new freeze replaces the last one
+            for p in self.get_submodule(name).parameters():
+                p.requires_grad_(True)
+        names = [f"stages.{n}" for n in self.stage_names[:stages]] + (["embedding"] if embedding else [])
+        for name in names:
+            for p in self.get_submodule(name).parameters():
+                p.requires_grad_(False)
+        self.frozen = tuple(names)
+        self.train(self.training)
+        return names
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> "CNN":
+        super().train(mode)
+        for name in getattr(self, "frozen", ()):  # getattr: models pickled before `frozen` existed
+            self.get_submodule(name).eval()
+        return self
 
     def replace_head(self, num_classes: int) -> None:
         """A fresh classifier for a new label set (transfer); the embedding layer is kept."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from harness.config import Config
+from harness.config import Config, ConfigError
 from harness.data import Splits, augment, make_normalize
 from harness.evaluation import predict
 
@@ -58,9 +58,17 @@ Callback = Callable[[EpochMetrics], None]
 def select_device(name: str = "auto") -> torch.device:
     """cuda, then mps, then cpu; or exactly the device asked for."""
     if name != "auto":
-        device = torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ConfigError(f"bad value {name!r} for device: choose one of auto, cpu, cuda, cuda:N, mps") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {name} asked for but CUDA is not available: use --set device=cpu")
+            raise ConfigError(f"device {name} asked for but CUDA is not available: use --set device=cpu")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ConfigError(f"device {name} asked for but only {torch.cuda.device_count()} CUDA device(s) "
+                              "exist: use --set device=cuda:0")
+        if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"device {name} asked for but MPS is not available: use --set device=cpu")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")

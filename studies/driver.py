@@ -12,11 +12,15 @@ the trial FAIL and its run KILLED; a trial that raises is FAIL with its reason o
 """
 from __future__ import annotations
 
+import fcntl
+import logging
 import multiprocessing
 import os
+import re
 import sqlite3
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,7 +31,7 @@ from harness import config as C
 from harness.data import Dataset, load_dataset
 from harness.experiment import train_run
 from harness.models import count_parameters
-from harness.tracking import RunLogger, client_for, experiment_id
+from harness.tracking import RunLogger, client_for, tracking_uri
 from studies.space import Space, load_space, profile_settings, sample
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
@@ -41,6 +45,22 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 class StudyError(RuntimeError):
     """A study that cannot start or go on; the message is one line naming the fix."""
+
+
+class SurplusTrial(Exception):
+    """A trial started after the study reached its target (two workers asked at once): given up."""
+
+
+class _QuietSurplus(logging.Filter):
+    """Optuna logs every failed trial with its traceback; a given-up surplus trial is no failure."""
+    numbers: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        m = re.match(r"Trial (\d+) failed", str(record.msg))
+        return not (m and int(m.group(1)) in self.numbers)
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_QuietSurplus())
 
 
 @dataclass
@@ -66,24 +86,69 @@ class TuneOptions:
 
 def storage_url(url: str | None) -> str:
     url = url or os.environ.get("HARNESS_STORAGE") or DEFAULT_STORAGE
+    if url.startswith(("postgresql://", "postgres://")):
+        # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the driver we install is psycopg2
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            url = "postgresql+psycopg2://" + url.split("://", 1)[1]
+        else:
+            url = "postgresql://" + url.split("://", 1)[1]
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///")).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
-        with sqlite3.connect(path) as db:  # WAL: readers never block the writer (persists in the file)
-            db.execute("PRAGMA journal_mode=WAL")
+        with _init_lock(url), sqlite3.connect(path, timeout=60) as db:
+            db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer (persists in the file)
     return url
 
 
+@contextmanager
+def _init_lock(url: str):
+    """Held while a process opens a store that may not exist yet.
+
+    Creating a fresh SQLite store from several processes at once fails ("table ... already
+    exists"), and MLflow's schema migrations run concurrently can leave the database half
+    migrated: workers on one machine take turns through a lock file beside the database.
+    """
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(url.removeprefix("sqlite:///")).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def open_client(uri: str | None = None):
+    """The MLflow client, its store created (and migrated) by one process at a time."""
+    with _init_lock(tracking_uri(uri)):
+        client = client_for(uri)
+        client.search_experiments(max_results=1)  # the store exists and is migrated from here on
+    return client
+
+
 def open_storage(opts: TuneOptions) -> optuna.storages.RDBStorage:
-    url = storage_url(opts.storage)
+    url = storage_url(opts.storage)  # (an SQLite file in WAL mode)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine, heartbeat_interval=opts.heartbeat, grace_period=3 * opts.heartbeat,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
-    except Exception as e:
-        raise StudyError(f"cannot open study storage {url} ({type(e).__name__}: {str(e).splitlines()[0]}): "
-                         "check the --storage URL and that the database server is running") from None
+    for attempt in range(5):
+        try:
+            with _init_lock(url):
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine, heartbeat_interval=opts.heartbeat, grace_period=3 * opts.heartbeat,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+        except Exception as e:
+            # a database server's fresh schema created by two machines at once: the loser retries
+            concurrent = any(w in str(e) for w in ("already exists", "duplicate key", "UniqueViolation"))
+            if concurrent and attempt < 4:
+                time.sleep(0.5 + attempt)
+                continue
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise StudyError(f"cannot open study storage {_redact(url)} ({type(e).__name__}: {first}): "
+                             "check the --storage URL and that the database server is running") from None
 
 
 def make_sampler(name: str, seed: int, multi: bool) -> optuna.samplers.BaseSampler:
@@ -138,11 +203,13 @@ def directions(objectives: str) -> list[str]:
     return ["maximize"] + (["minimize"] if "," in objectives else [])
 
 
-def open_study(opts: TuneOptions, storage, base: C.Config, client) -> tuple[optuna.Study, str]:
+def open_study(opts: TuneOptions, storage, base: C.Config, client=None) -> tuple[optuna.Study, str]:
     """Create or join the study; exactly one study run exists for it, whoever starts first.
 
     Creating the Optuna study is the atomic step: the worker that creates it also creates the
     MLflow experiment and study run and stores the run id in the study; others wait for it.
+    `client` None: the creator opens the MLflow store only then, so that concurrent workers
+    never create a fresh store at the same time.
     """
     dirs = directions(opts.objectives)
     multi = len(dirs) > 1
@@ -159,6 +226,7 @@ def open_study(opts: TuneOptions, storage, base: C.Config, client) -> tuple[optu
         raise StudyError(f"study {opts.study} was created with other objectives "
                          f"({study.user_attrs.get('objectives')}): use the same --objectives or a new --study name")
     if created:
+        client = client or open_client(opts.tracking_uri)
         run = RunLogger.start(client, opts.study, f"study-{opts.study}",
                               tags={"study": opts.study, "run_kind": "study", "sampler": opts.sampler,
                                     "pruner": opts.pruner, "objectives": opts.objectives,
@@ -200,7 +268,10 @@ def _redact(url: str) -> str:
 
 
 def reconcile_runs(study: optuna.Study, client) -> int:
-    """End FAILED the runs of trials whose worker died: the trial is no longer RUNNING, its run is."""
+    """End FAILED the runs of trials whose worker died: the trial is no longer RUNNING, its run is.
+
+    First fails the trials whose heartbeat stopped (the retry callback re-queues them).
+    """
     optuna.storages.fail_stale_trials(study)
     exp = client.get_experiment_by_name(study.user_attrs.get("mlflow_experiment", study.study_name))
     if exp is None:
@@ -226,6 +297,20 @@ def remaining(study: optuna.Study, target: int) -> int:
     return target - sum(t.state in taken for t in study.get_trials(deepcopy=False))
 
 
+def is_surplus(study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
+    """Whether `trial` is beyond the study's target.
+
+    Checking `remaining` and then asking for a trial is not atomic: two workers can both see one
+    trial left and both start one. Trial numbers are given out atomically by the storage, so the
+    rule is: a trial goes ahead only while fewer than `target` trials numbered below it are
+    complete, pruned, running or waiting (a waiting one is re-queued and will run). At most
+    `target` trials ever go ahead, and one that fails leaves its place to the next.
+    """
+    taken = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    before = sum(t.number < trial.number and t.state in taken for t in study.get_trials(deepcopy=False))
+    return before >= target
+
+
 @dataclass
 class Worker:
     """One worker's trial loop; `objective` is what Optuna calls."""
@@ -238,7 +323,19 @@ class Worker:
     dataset: Dataset | None = None
 
     def objective(self, trial: optuna.Trial):
-        cfg = sample(self.space, trial, self.base)
+        if is_surplus(self.study, trial, self.opts.trials):
+            _QuietSurplus.numbers.add(trial.number)
+            trial.set_user_attr("surplus", True)
+            trial.set_user_attr("fail_reason", f"surplus: the study reached its {self.opts.trials} trials "
+                                               "while this worker was starting one; given up without a run")
+            raise SurplusTrial(f"study {self.opts.study} already has its {self.opts.trials} trials")
+        try:  # before the run exists: a failure here leaves no run behind
+            cfg = sample(self.space, trial, self.base)
+            if self.dataset is None or self.dataset.name != cfg.data.dataset:
+                self.dataset = load_dataset(cfg.data)
+        except Exception as e:
+            trial.set_user_attr("fail_reason", _reason(e))
+            raise
         tags = {"study": self.opts.study, "run_kind": "trial", "trial_number": trial.number,
                 "trial_state": "RUNNING"}
         retry_of = trial.user_attrs.get("mlflow_run_id")  # a re-queued trial inherits the dead one's attrs
@@ -250,12 +347,12 @@ class Worker:
         multi = len(self.study.directions) > 1
 
         def report(m):
+            if multi:  # Optuna takes intermediate values (and prunes) in single-objective studies only
+                return
             trial.report(m.val_accuracy, m.epoch)
-            if not multi and trial.should_prune():
+            if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {m.epoch} (val accuracy {m.val_accuracy:.4f})")
 
-        if self.dataset is None or self.dataset.name != cfg.data.dataset:
-            self.dataset = load_dataset(cfg.data)
         try:
             result = train_run(cfg, run, self.dataset, callbacks=[report], progress=self.opts.progress,
                                ok_exceptions=(optuna.TrialPruned,))
@@ -263,8 +360,7 @@ class Worker:
             run.set_tags({"trial_state": "PRUNED"})
             raise
         except BaseException as e:
-            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-            trial.set_user_attr("fail_reason", reason[:1000])
+            trial.set_user_attr("fail_reason", _reason(e))
             run.set_tags({"trial_state": "FAIL"})
             raise
         run.set_tags({"trial_state": "COMPLETE"})
@@ -278,22 +374,34 @@ class Worker:
         return values if multi else values[0]
 
     def run(self) -> None:
-        reconcile_runs(self.study, self.client)
         self.client.update_run(self.parent_run_id, status="RUNNING")
         start = time.time()
         failures = 0
         last: dict = {}
-        while remaining(self.study, self.opts.trials) > 0:
+        while True:
+            # a worker that died (here or anywhere) has its trial failed and re-queued, its run ended
+            reconcile_runs(self.study, self.client)
+            if remaining(self.study, self.opts.trials) <= 0:
+                break
             if self.opts.timeout and time.time() - start >= self.opts.timeout:
                 break
             self.study.optimize(self.objective, n_trials=1, catch=(Exception,), gc_after_trial=True,
                                 callbacks=[lambda s, t: last.update(trial=t)])
             trial = last["trial"]
+            if trial.user_attrs.get("surplus"):
+                _QuietSurplus.numbers.discard(trial.number)
+                break
             failures = failures + 1 if trial.state == TrialState.FAIL else 0
             if failures >= MAX_CONSECUTIVE_FAILURES:
                 reason = trial.user_attrs.get("fail_reason", "see the trial runs")
                 raise StudyError(f"{failures} trials in a row failed, the last with {reason}: "
                                  "fix the cause and run the same command to resume")
+
+
+def _reason(e: BaseException) -> str:
+    """`Type: last line of the message`, for the trial's fail_reason."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}"[:1000]
 
 
 def measure_latency(model, batch: int = 1, repeats: int = 20) -> float:
@@ -318,15 +426,20 @@ def _worker_process(opts: TuneOptions, threads: int) -> None:
     run_worker(opts)
 
 
-def run_worker(opts: TuneOptions) -> Worker:
+def prepare(opts: TuneOptions) -> tuple[Space, C.Config, optuna.Study, str, object]:
+    """The space (less the --set keys), the trials' base config, the study, its run and the client."""
     os.environ.pop("MLFLOW_RUN_ID", None)
     space = load_space(opts.space)
     fixed = set(C.flatten(C.parse_overrides(opts.overrides))) if opts.overrides else set()
     space = space.without(fixed)
     base = base_config(opts, space)
-    client = client_for(opts.tracking_uri)
     storage = open_storage(opts)
-    study, parent = open_study(opts, storage, base, client)
+    study, parent = open_study(opts, storage, base)  # creates the MLflow store if this worker is first
+    return space, base, study, parent, open_client(opts.tracking_uri)
+
+
+def run_worker(opts: TuneOptions) -> Worker:
+    space, base, study, parent, client = prepare(opts)
     worker = Worker(opts, space, base, study, parent, client)
     try:
         worker.run()
@@ -350,21 +463,19 @@ def tune(opts: TuneOptions) -> optuna.Study:
         worker = run_worker(opts)
         study, client, parent = worker.study, worker.client, worker.parent_run_id
     else:
+        # the study, its run and both stores exist before any worker starts: they only join
+        _, _, study, parent, client = prepare(opts)
         ctx = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // opts.workers)
         procs = [ctx.Process(target=_worker_process, args=(replace(opts, progress=False), threads))
                  for _ in range(opts.workers)]
         for p in procs:
             p.start()
-            time.sleep(1.0)  # let the first create the study and its run
         for p in procs:
             p.join()
         if any(p.exitcode != 0 for p in procs):
             raise StudyError(f"{sum(p.exitcode != 0 for p in procs)} of {opts.workers} workers failed: "
                              "see their output above; run the same command to resume")
-        client = client_for(opts.tracking_uri)
-        study = optuna.load_study(study_name=opts.study, storage=open_storage(opts))
-        parent = study.user_attrs["mlflow_parent_run_id"]
     write_summary(study, client, parent)
     return study
 

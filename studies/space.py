@@ -74,8 +74,14 @@ def load_space(space: str) -> Space:
     path = resolve_path(space)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise SpaceError(f"search space {path} is not valid YAML: fix its syntax") from None
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise SpaceError(f"search space {path} is not valid YAML{where}: fix its syntax") from None
+    except OSError as e:
+        raise SpaceError(f"search space {path} cannot be read ({e.strerror or type(e).__name__})") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(f"search space {path}: expected a mapping with 'params' (and optional 'profiles')")
     if not isinstance(raw.get("params"), dict) or not raw["params"]:
         raise SpaceError(f"search space {path}: needs a non-empty 'params' mapping")
     unknown = set(raw) - {"params", "profiles", "description"}
@@ -83,14 +89,22 @@ def load_space(space: str) -> Space:
         raise SpaceError(f"search space {path}: unknown section(s) {', '.join(sorted(unknown))}; "
                          "valid: params, profiles, description")
     params = [_param(path, name, spec) for name, spec in raw["params"].items()]
-    names = [p.name for p in params]
-    for p in params:
-        for key in p.when or {}:
-            if key not in names[:names.index(p.name)]:
+    for i, p in enumerate(params):
+        above = {q.name: q for q in params[:i]}
+        for key, want in (p.when or {}).items():
+            if key not in above:
                 raise SpaceError(f"search space {path}: parameter {p.name}: condition on {key!r}, "
                                  "which is not a parameter defined above it")
+            for value in want if isinstance(want, list) else [want]:
+                if not _can_take(above[key], value):
+                    raise SpaceError(f"search space {path}: parameter {p.name}: condition {key}={value!r} "
+                                     f"can never hold ({key} never takes that value)")
     profiles = raw.get("profiles") or {}
+    if not isinstance(profiles, dict):
+        raise SpaceError(f"search space {path}: 'profiles' must map profile names to settings")
     for prof, settings in profiles.items():
+        if settings is not None and not isinstance(settings, dict):
+            raise SpaceError(f"search space {path}: profile {prof}: expected a mapping of config keys to values")
         try:
             C.from_dict(_nest(settings or {}))
         except C.ConfigError as e:
@@ -122,28 +136,51 @@ def _param(path: Path, name: str, spec) -> Param:
         if not isinstance(p.choices, list) or not p.choices:
             raise SpaceError(f"{where}: choices must be a non-empty list")
         for choice in p.choices:
+            if choice is not None and not isinstance(choice, (bool, int, float, str)):
+                raise SpaceError(f"{where}: choice {choice!r} is not a number, string, boolean or null "
+                                 "(Optuna stores only these; for widths search model.stages/base_width)")
             _check_value(where, name, choice)
     else:
+        number = int if kind == "int" else (int, float)
         if p.low is None or p.high is None:
             raise SpaceError(f"{where}: needs low and high")
-        if not isinstance(p.low, (int, float)) or not isinstance(p.high, (int, float)):
-            raise SpaceError(f"{where}: low and high must be numbers")
+        for field_name in ("low", "high") + (("step",) if p.step is not None else ()):
+            value = getattr(p, field_name)
+            if isinstance(value, bool) or not isinstance(value, number):
+                raise SpaceError(f"{where}: {field_name} must be {'an integer' if kind == 'int' else 'a number'} "
+                                 f"(got {value!r})")
+        if not isinstance(p.log, bool):
+            raise SpaceError(f"{where}: log must be true or false (got {p.log!r})")
         if p.low >= p.high:
             raise SpaceError(f"{where}: low ({p.low}) must be below high ({p.high})")
         if p.log and p.low <= 0:
             raise SpaceError(f"{where}: a log scale needs low > 0 (got {p.low})")
         if p.log and p.step is not None:
             raise SpaceError(f"{where}: step and log cannot be combined")
+        if p.step is not None and not 0 < p.step <= p.high - p.low:
+            raise SpaceError(f"{where}: step ({p.step}) must be positive and at most high - low ({p.high - p.low})")
         _check_value(where, name, p.low)
         _check_value(where, name, p.high)
     return p
 
 
+def _can_take(p: Param, value) -> bool:
+    """Whether parameter `p` can ever be sampled as `value` (a condition on it can hold)."""
+    if p.type == "categorical":
+        return value in p.choices  # the same test as sampling's (see _active)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and p.low <= value <= p.high
+
+
 def _check_value(where: str, name: str, value) -> None:
     """A value the config itself would refuse is a bad definition, found before any trial."""
     if name in WIDTH_KEYS:
-        if not isinstance(value, (int, float)) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise SpaceError(f"{where}: value {value!r} must be a positive number")
+        if name == "model.stages":
+            try:  # as many stages as the model accepts
+                C.replace(C.Config(), {"model": {"widths": [8] * int(value)}})
+            except C.ConfigError as e:
+                raise SpaceError(f"{where}: {value!r} stages: {e}") from None
         return
     try:
         C.replace(C.Config(), _nest({name: value}))

@@ -1,0 +1,406 @@
+"""`harness analyze RUN_ID`: what a trained run's features hold, stage by stage, logged back to MLflow.
+
+For every named stage of the network (global-average-pooled, see `flatten_features`) and the
+penultimate "embedding", on the test set of the run's dataset:
+
+- kNN accuracy (k = 1, 5, 20, cosine), leave-one-out within the analysed test images;
+- k-means (k = number of classes) against the labels: NMI, ARI, purity, silhouette;
+- linear-probe accuracy: logistic regression fit on a seeded half of the test features and
+  scored on the other half;
+- t-SNE / UMAP scatter plots on a seeded sample (at most `projection_samples` points);
+- nearest-neighbour image grids (first stage, last stage, embedding), feature maps of a few
+  images, the first conv layer's filters;
+- linear CKA between every pair of stages, and between a source model and this one (the
+  `source_run_id` tag of a transfer run, or `compare_run_id`), on the same test images.
+
+Why only the test set. The network has fit its training images (often memorised them), so
+features of training images flatter every score; test features say what the network does on
+images it never saw. Both evaluation protocols therefore stay inside the test set:
+
+- kNN is leave-one-out: each image is classified by all the others. Against a half/half split
+  this uses twice the bank (closer to a kNN monitor with a full train bank), every image is a
+  query (lower variance), and it costs the same one n x n similarity pass.
+- The probe needs a held-out half, because a logistic regression on d >= 128 features can fit
+  its own training points: it is fit on a seeded random half and scored on the other half.
+
+CKA is linear CKA on the same pooled features (full maps are up to 8,192-d per image at stage 1,
+which would make 10,000-image CKA cost minutes), with the debiased estimator, so that values do
+not drift with the number of images analysed; identical representations still give exactly 1.
+
+Everything is logged into the analysed run (or `log_to`) with `RunLogger`, which addresses the
+run by id: MLflow accepts metrics and artifacts for a FINISHED run as long as it is not deleted.
+Per-stage metrics are `analysis_<name>` with the stage index as step (so the MLflow UI charts
+them against depth), the same numbers go to `analysis/stage_metrics.csv`, figures under
+`analysis/`. Analysing a run again overwrites the artifacts and appends to the metric histories
+(MLflow shows the latest value).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from threadpoolctl import threadpool_limits
+from tqdm.auto import tqdm
+
+from analysis.cka import cka_matrix, plot_cka_heatmap
+from analysis.embeddings import plot_embedding_2d, project_tsne, project_umap, sample_indices
+from analysis.figures import (feature_maps_figure, filters_figure, nearest_neighbours, neighbour_grid,
+                              stage_metrics_figure)
+from analysis.metrics import cluster_scores, flatten_features, knn_accuracy_loo, linear_probe_accuracy
+from harness.config import ConfigError
+
+KS = (1, 5, 20)
+METRICS = ("knn1", "knn5", "knn20", "probe", "nmi", "ari", "purity", "silhouette")  # logged as analysis_<name>
+PROJECTIONS = ("tsne", "umap")
+EMBEDDING = "embedding"
+N_QUERIES = 6  # nearest-neighbour grid rows
+N_NEIGHBOURS = 5
+N_FEATURE_MAP_IMAGES = 3
+BATCH = 500
+MIN_IMAGES = 20
+
+
+class AnalysisError(ConfigError):
+    """A bad analysis option (too few images, an unknown projection); the message is one line.
+
+    A ConfigError, so the CLI reports it like any other bad option value.
+    """
+
+
+@dataclass
+class AnalysisResult:
+    run_id: str  # the analysed run
+    logged_to: str  # the run that received metrics and artifacts
+    n_images: int
+    stages: list[str]  # conv stages, then "embedding"; step i in MLflow is stages[i]
+    table: pd.DataFrame  # one row per stage: stage, dim, knn1 ... silhouette (+ cka_source)
+    cka: pd.DataFrame  # stage x stage linear CKA of this model
+    source_run_id: str | None = None
+    cka_source: pd.DataFrame | None = None  # rows source stages, columns this model's stages
+    artifacts: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per step, "total" included
+
+
+@contextmanager
+def _quiet_downloads():
+    """No MLflow "Downloading artifacts" bars while the config and checkpoints load."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+@contextmanager
+def _one_thread():
+    """scikit-learn / BLAS / OpenMP work on one thread.
+
+    These problems are small (thousands x hundreds), so two threads gain little, and on a
+    2-core machine shared with training, OpenMP and BLAS threads spin waiting for a descheduled
+    partner: measured here, the probe on 5,000 x 32 features took 22 s on two threads and
+    0.3 s on one, k-means 2.5 s against 0.3 s, t-SNE 28 s against 8 s. One thread also makes
+    the numbers independent of the machine's core count.
+    """
+    with threadpool_limits(1):
+        yield
+
+
+class _Timer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@torch.no_grad()
+def extract_features(model, images: torch.Tensor, normalize, batch_size: int = BATCH) -> dict[str, np.ndarray]:
+    """Pooled features (n, c) of every named stage, plus the (n, d) embedding, in fp32 batches.
+
+    Pooling happens per batch, so memory stays at n x (sum of widths) whatever n is.
+    """
+    was_training = model.training
+    model.eval()
+    names = [*model.stage_names, EMBEDDING]
+    out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    try:
+        for batch in images.split(batch_size):
+            feats = model.features(normalize(batch), names)
+            for n in names:
+                out[n].append(flatten_features(feats[n]).cpu())
+    finally:
+        model.train(was_training)
+    return {n: torch.cat(v).numpy() for n, v in out.items()}
+
+
+def probe_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded half/half split of range(n) for the linear probe: (fit, score) indices."""
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[: n // 2]), np.sort(order[n // 2:])
+
+
+def stage_scores(x: np.ndarray, y: np.ndarray, n_classes: int, seed: int, timer: _Timer) -> dict[str, float]:
+    """kNN (LOO), k-means scores and the linear probe of one stage's features."""
+    with timer("knn"):
+        knn = knn_accuracy_loo(x, y, ks=KS)
+    with timer("kmeans"), _one_thread(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # fewer distinct points than clusters (dead units)
+        clusters = cluster_scores(x, y, n_clusters=min(n_classes, len(x)), seed=seed)
+    with timer("probe"), _one_thread(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "more classes than half the samples" on tiny samples
+        fit, score = probe_split(len(x), seed)
+        probe = (linear_probe_accuracy(x[fit], y[fit], x[score], y[score], seed=seed)
+                 if len(np.unique(y[fit])) > 1 else float("nan"))
+    return {**{f"knn{k}": v for k, v in knn.items()}, "probe": probe, **clusters}
+
+
+def grid_queries(labels: np.ndarray, seed: int, n: int = N_QUERIES) -> np.ndarray:
+    """One seeded image from each of n seeded classes present in `labels` (indices into labels)."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    classes = np.sort(rng.choice(classes, size=min(n, len(classes)), replace=False))
+    return np.array([rng.choice(np.flatnonzero(labels == c)) for c in classes])
+
+
+def neighbours_excluding_self(x: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """(len(queries), k) nearest (cosine) rows of x for rows x[queries], the query itself left out."""
+    idx = nearest_neighbours(x[queries], x, k=min(k + 1, len(x)))
+    rows = []
+    for q, row in zip(queries, idx):
+        row = row[row != q]
+        rows.append(row[:k])
+    return np.stack(rows)
+
+
+def first_conv_weight(model) -> torch.Tensor | None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            return m.weight.detach().cpu()
+    return None
+
+
+def _source_run(client, run, compare_run_id: str | None) -> tuple[str | None, bool]:
+    """(source run id, explicit): --compare wins over the run's `source_run_id` tag."""
+    if compare_run_id:
+        return compare_run_id, True
+    return run.data.tags.get("source_run_id") or None, False
+
+
+def analyze_run(
+    run_id: str,
+    tracking_uri: str | None = None,
+    data_dir: str | None = None,
+    samples: int | None = None,
+    compare_run_id: str | None = None,
+    log_to: str | None = None,
+    progress: bool = True,
+    seed: int = 0,
+    projections: tuple[str, ...] | None = None,
+    projection_samples: int = 2000,
+    device: str = "auto",
+) -> AnalysisResult:
+    """Analyse the features of `run_id`'s model on its dataset's test set and log it all to MLflow.
+
+    samples: analyse a seeded sample of that many test images (default: all of them).
+    compare_run_id: a model to compare with by CKA (rows its stages, columns this run's);
+        default: the run's `source_run_id` tag, if any (transfer runs). Both models see the
+        analysed run's test images.
+    log_to: run id that receives the metrics and artifacts (default: the analysed run).
+    projections: which of "tsne", "umap" to plot (default: what the run's eval.tsne/eval.umap say).
+    Raises RunNotFound (missing run, no config or checkpoint), DatasetError (data missing),
+    AnalysisError; all with one-line messages.
+    """
+    from harness import config as C
+    from harness.checkpoints import RunNotFound, get_run, load_run_model
+    from harness.data import load_dataset, make_normalize
+    from harness.tracking import RunLogger, client_for
+    from harness.training import select_device
+
+    timer = _Timer()
+    start = time.perf_counter()
+    with timer("load"), _quiet_downloads():
+        client = client_for(tracking_uri)
+        run = get_run(client, run_id)
+        dev = select_device(device)
+        cfg, model = load_run_model(client, run_id, dev)
+        source_id, explicit = _source_run(client, run, compare_run_id)
+        source_model = None
+        if source_id:
+            try:
+                _, source_model = load_run_model(client, source_id, dev)
+            except RunNotFound as e:
+                if explicit:
+                    raise
+                print(f"harness: warning: skipping the CKA with the source model: {e}", file=sys.stderr)
+                source_id = None
+        if data_dir:
+            cfg = C.replace(cfg, {"data": {"root": data_dir}})
+        ds = load_dataset(cfg.data)
+        target = log_to or run_id
+        if (run if target == run_id else get_run(client, target)).info.lifecycle_stage == "deleted":
+            raise RunNotFound(f"run {target} is deleted, so nothing can be logged to it: restore it "
+                              "(`mlflow runs restore --run-id ...`) or pass --log-to another run")
+        logger = RunLogger(client, target)
+
+    idx = sample_indices(len(ds.test_labels), samples, seed)
+    images_np, labels = ds.test_images[idx], ds.test_labels[idx]
+    if len(idx) < MIN_IMAGES:
+        raise AnalysisError(f"only {len(idx)} test images to analyse: need at least {MIN_IMAGES} (raise --samples)")
+    classes = ds.classes
+    images = torch.from_numpy(np.ascontiguousarray(images_np)).to(dev)
+    normalize = make_normalize(dev, cfg.channels_last)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    source_model = source_model.to(memory_format=fmt) if source_model is not None else None
+    stage_names = [*model.stage_names, EMBEDDING]
+    if projections is None:
+        projections = tuple(p for p in PROJECTIONS if getattr(cfg.eval, p))
+    unknown = set(projections) - set(PROJECTIONS)
+    if unknown:
+        raise AnalysisError(f"unknown projection {sorted(unknown)[0]!r}: choose from {', '.join(PROJECTIONS)}")
+    artifacts: list[str] = []
+
+    def log_figure(path: str, build) -> None:
+        """Build a figure (timed as "figures") and log it (PNG rendering + MLflow, timed as "logging")."""
+        with timer("figures"):
+            fig = build()
+        with timer("logging"):
+            logger.log_figure(fig, f"analysis/{path}")
+        artifacts.append(f"analysis/{path}")
+
+    def log_table(df: pd.DataFrame, path: str) -> None:
+        with timer("logging"):
+            logger.log_table(df, f"analysis/{path}")
+        artifacts.append(f"analysis/{path}")
+
+    def log_metrics(metrics: dict[str, float], step: int) -> None:
+        with timer("logging"):
+            logger.log_metrics(metrics, step=step)
+
+    n = len(labels)
+    bar = tqdm(total=len(stage_names) + 2, desc=f"analyze {run_id[:8]}", unit="step", leave=False,
+               disable=not progress, dynamic_ncols=True)
+    try:
+        bar.set_postfix_str("features")
+        with timer("features"):
+            feats = extract_features(model, images, normalize)
+            source_feats = extract_features(source_model, images, normalize) if source_model is not None else None
+        bar.update()
+
+        # Per stage: scores, logged at once so a long analysis shows progress in the UI; projections.
+        proj_idx = sample_indices(n, projection_samples, seed)
+        rows = []
+        for step, name in enumerate(stage_names):
+            bar.set_postfix_str(name)
+            x = feats[name]
+            scores = stage_scores(x, labels, len(classes), seed, timer)
+            log_metrics({f"analysis_{k}": scores[k] for k in METRICS}, step)
+            rows.append({"stage": name, "dim": x.shape[1], **{k: scores[k] for k in METRICS}})
+            for proj in projections if len(proj_idx) >= 10 else ():
+                with timer(proj), _one_thread(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # umap/numba deprecation chatter
+                    xy = (project_tsne if proj == "tsne" else project_umap)(x[proj_idx], seed=seed)
+                title = f"{proj.upper()} of {name} features ({len(proj_idx)} test images)"
+                log_figure(f"{proj}/{step}_{name}.png",
+                           lambda: plot_embedding_2d(xy, labels[proj_idx], classes, title))
+            bar.update()
+
+        # CKA between this model's stages, and with the source model's on the same images.
+        bar.set_postfix_str("CKA, images")
+        table = pd.DataFrame(rows)
+        with timer("cka"):
+            cka = pd.DataFrame(cka_matrix([feats[s] for s in stage_names], debiased=True),
+                               index=stage_names, columns=stage_names)
+            cka_source = None
+            if source_feats is not None:
+                src_names = list(source_feats)
+                cka_source = pd.DataFrame(
+                    cka_matrix([source_feats[s] for s in src_names], [feats[s] for s in stage_names], debiased=True),
+                    index=pd.Index(src_names, name="source"), columns=stage_names)
+                table["cka_source"] = [cka_source.loc[s, s] if s in src_names else np.nan for s in stage_names]
+        log_figure("cka_stages.png", lambda: plot_cka_heatmap(
+            cka.to_numpy(), stage_names, stage_names, f"linear CKA between stages ({n} test images)"))
+        log_table(cka, "cka_stages.csv")
+        if cka_source is not None:
+            title = f"linear CKA: source run {source_id[:8]} (rows) vs this run (columns), {n} test images"
+            log_figure("cka_source.png", lambda: plot_cka_heatmap(
+                cka_source.to_numpy(), list(cka_source.index), stage_names, title))
+            log_table(cka_source, "cka_source.csv")
+            for step, v in enumerate(table["cka_source"]):  # same-named stages: how far each one moved
+                if np.isfinite(v):
+                    log_metrics({"analysis_cka_source": float(v)}, step)
+
+        log_table(table.set_index("stage"), "stage_metrics.csv")
+
+        def metrics_figure():
+            fig = stage_metrics_figure(table.drop(columns=["dim"]))
+            fig.axes[0].set_title(f"feature-space metrics by stage ({n} test images)")
+            return fig
+
+        log_figure("stage_metrics.png", metrics_figure)
+
+        # Images: nearest neighbours (first stage, last conv stage, embedding), feature maps, filters.
+        with timer("images"):
+            queries = grid_queries(labels, seed)
+            grid_stages = list(dict.fromkeys([stage_names[0], stage_names[-2], EMBEDDING]))
+            neighbours = {s: neighbours_excluding_self(feats[s], queries, N_NEIGHBOURS) for s in grid_stages}
+            few = queries[:N_FEATURE_MAP_IMAGES]
+            with torch.no_grad():
+                maps = model.eval().features(normalize(images[few]), model.stage_names)
+            weight = first_conv_weight(model)
+        for name, nb in neighbours.items():
+            def grid(name=name, nb=nb):
+                fig = neighbour_grid(images_np[queries], images_np[nb], labels[queries], labels[nb], classes)
+                fig.suptitle(f"{N_NEIGHBOURS} nearest test images (cosine) in {name} features")
+                return fig
+
+            log_figure(f"neighbours/{stage_names.index(name)}_{name}.png", grid)
+        for i, q in enumerate(few):
+            def fmap(i=i, q=q):
+                fig = feature_maps_figure({s: a[i] for s, a in maps.items()}, images_np[q])
+                fig.suptitle(f"stage outputs of test image {int(idx[q])} ({classes[labels[q]]})")
+                return fig
+
+            log_figure(f"feature_maps/image_{int(idx[q])}.png", fmap)
+        if weight is not None:
+            log_figure("filters_conv1.png", lambda: filters_figure(weight))
+        bar.update()
+    finally:
+        bar.close()
+
+    timings = {k: round(v, 3) for k, v in timer.seconds.items()}
+    timings["total"] = round(time.perf_counter() - start, 3)
+    summary = {"run_id": run_id, "n_images": n, "samples": samples, "seed": seed,
+               "dataset": ds.name, "dataset_digest": ds.digest, "stages": stage_names,
+               "source_run_id": source_id, "projections": list(projections), "timings_s": timings}
+    tags = {"analysis.n_images": n, "analysis.source_run_id": source_id or ""}
+    if target != run_id:
+        tags["analysis.run_id"] = run_id
+    with timer("logging"):
+        logger.log_text(json.dumps(summary, indent=2), "analysis/summary.json")
+        logger.set_tags(tags)
+        logger.log_metrics({"analysis_seconds": timings["total"]})
+    artifacts.append("analysis/summary.json")
+    timings["logging"] = round(timer.seconds["logging"], 3)
+    timings["total"] = round(time.perf_counter() - start, 3)
+    return AnalysisResult(run_id, target, n, stage_names, table, cka, source_id, cka_source,
+                          artifacts, timings)

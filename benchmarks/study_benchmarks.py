@@ -1,0 +1,114 @@
+"""Study benchmarks on the real CIFAR-10 copy: pruning, tracking overhead, worker scaling.
+
+    python benchmarks/study_benchmarks.py pruning  --data-dir data   # Hyperband vs no pruning
+    python benchmarks/study_benchmarks.py overhead --data-dir data   # tracking + storage share
+    python benchmarks/study_benchmarks.py scaling  --data-dir data   # trials/hour, 1 vs 2 workers
+
+Each writes into a fresh temporary store and prints its figures side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+from mlflow import MlflowClient
+
+from studies.driver import TuneOptions, tune
+
+
+def options(tmp: Path, study: str, data_dir: str, **kw) -> TuneOptions:
+    base = dict(study=study, space="training", storage=f"sqlite:///{tmp}/optuna.db",
+                tracking_uri=f"sqlite:///{tmp}/mlruns/mlflow.db", data_dir=data_dir, progress=False)
+    base.update(kw)
+    return TuneOptions(**base)
+
+
+def trial_runs(opts: TuneOptions, study: optuna.Study):
+    client = MlflowClient(opts.tracking_uri)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    exp = client.get_experiment_by_name(opts.study)
+    return client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=1000)
+
+
+def pruning(args) -> None:
+    budget = ["epochs=8", "data.train_subset=5000", "data.val_subset=2000", "data.test_subset=2000",
+              "eval.tsne=false", "eval.umap=false", "eval.log_model=false"]
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for pruner in ("hyperband", "none"):
+            opts = options(Path(d), f"prune-{pruner}", args.data_dir, trials=args.trials, pruner=pruner,
+                           seed=0, overrides=budget)
+            start = time.perf_counter()
+            study = tune(opts)
+            wall = time.perf_counter() - start
+            epochs = sum(len(t.intermediate_values) for t in study.trials)
+            pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
+            rows.append((pruner, study.best_value, epochs, pruned, wall))
+    print(f"{args.trials} trials, space 'training', 8 epochs max on 5,000 real images, TPE seed 0")
+    print(f"{'pruner':<10}{'best val acc':>14}{'epochs trained':>16}{'pruned':>8}{'wall s':>9}")
+    for pruner, best, epochs, pruned, wall in rows:
+        print(f"{pruner:<10}{best:>14.4f}{epochs:>16d}{pruned:>8d}{wall:>9.0f}")
+    print(f"epochs ratio hyperband/none: {rows[0][2] / rows[1][2]:.2f}, wall ratio: {rows[0][4] / rows[1][4]:.2f}")
+
+
+def overhead(args) -> None:
+    """Tracking (MLflow calls) and storage (Optuna) time as a share of each trial's wall time."""
+    budget = ["epochs=3", "data.val_subset=2000", "data.test_subset=2000", "eval.embedding_samples=1000"]
+    with tempfile.TemporaryDirectory() as d:
+        opts = options(Path(d), "overhead", args.data_dir, trials=args.trials, pruner="none", overrides=budget)
+        study = tune(opts)
+        runs = {r.data.tags["trial_number"]: r for r in trial_runs(opts, study)}
+        print(f"{'trial':>5}{'trial s':>9}{'tracking s':>12}{'storage s':>11}{'share':>8}")
+        for t in study.trials:
+            run = runs[str(t.number)]
+            trial_s = t.duration.total_seconds()
+            run_s = (run.info.end_time - run.info.start_time) / 1000
+            tracking = run.data.metrics.get("tracking_seconds", 0.0)
+            storage = max(trial_s - run_s, 0.0)  # ask/tell, sampling, attrs, run creation
+            print(f"{t.number:>5}{trial_s:>9.1f}{tracking:>12.2f}{storage:>11.2f}{(tracking + storage) / trial_s:>8.1%}")
+        # start-up: the same command on the existing store with its budget already met
+        cmd = [sys.executable, "-m", "harness.cli", "tune", "--study", "overhead", "--space", "training",
+               "--trials", str(args.trials), "--pruner", "none", "--storage", opts.storage,
+               "--tracking-uri", opts.tracking_uri, "--data-dir", args.data_dir, "--quiet"]
+        cmd += [a for s in budget for a in ("--set", s)]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        print(f"`harness tune` start-up on the existing store (imports, open, reconcile, summary): "
+              f"{time.perf_counter() - start:.1f} s")
+
+
+def scaling(args) -> None:
+    budget = ["epochs=2", "data.train_subset=4000", "data.val_subset=1000", "data.test_subset=1000",
+              "eval.tsne=false", "eval.umap=false"]
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for workers in (1, 2):
+            opts = options(Path(d), f"scale-{workers}", args.data_dir, trials=args.trials, pruner="none",
+                           sampler="random", workers=workers, overrides=budget)
+            start = time.perf_counter()
+            tune(opts)
+            rows.append((workers, time.perf_counter() - start))
+    print(f"{args.trials} trials of 2 epochs on 4,000 images, random sampler, 2 cores")
+    print(f"{'workers':>8}{'wall s':>9}{'trials/hour':>13}")
+    for workers, wall in rows:
+        print(f"{workers:>8}{wall:>9.0f}{args.trials / wall * 3600:>13.0f}")
+    print(f"speed-up with 2 workers: {rows[0][1] / rows[1][1]:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("which", choices=("pruning", "overhead", "scaling"))
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--trials", type=int, default=None)
+    args = parser.parse_args()
+    args.trials = args.trials or {"pruning": 12, "overhead": 3, "scaling": 6}[args.which]
+    {"pruning": pruning, "overhead": overhead, "scaling": scaling}[args.which](args)
+
+
+if __name__ == "__main__":
+    main()

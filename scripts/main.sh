@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: set up .venv, then run the default CIFAR-10 study; its best
+# trial feeds the CIFAR-100 transfer study. Extra arguments go to `harness tune`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install -q -e .
+DATA_DIR=${HARNESS_DATA_DIR:-data}
+# No internet (this team's machines): write the local CIFAR-10 copy instead of downloading it.
+if [ ! -f "$DATA_DIR/cifar-10-batches-py/batches.meta" ] && [ -f ../shared/datasets/materialize.py ]; then
+  .venv/bin/python ../shared/datasets/materialize.py --out "$DATA_DIR"
+fi
+exec .venv/bin/harness tune --study "${STUDY:-cifar10-cnn}" --space cnn --trials "${TRIALS:-16}" \
+  --data-dir "$DATA_DIR" --transfer "$@"

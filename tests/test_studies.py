@@ -1,0 +1,354 @@
+"""Studies end to end, in this process, on a real MLflow SQLite store and a real Optuna storage.
+
+One study is built once for the module (it costs about half a minute) and read by the tests:
+
+    run 1  `harness tune --trials 1`            trial 0: sampled
+           then five trials are enqueued         trials 1, 2: good, fixed; 3: lr 1e6 (fails);
+                                                 4: lr 1e-7 (learns nothing: pruned at epoch 1)
+    run 2  the same command with `--trials 4`   trials 1-4 (the failure does not count)
+    run 3  the same command with `--trials 5`   trial 5: sampled
+
+The median pruner prunes trial 4 deterministically: three complete trials exist, two of them
+identical good ones, so the median accuracy after epoch 1 is theirs (well above chance on the
+generated data) while a network trained at lr 1e-7 stays near chance.
+"""
+from __future__ import annotations
+
+import sqlite3
+
+import optuna
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from optuna.trial import TrialState
+
+from harness.cli import main
+
+STUDY = "tiny"
+# the budget of every trial: a few hundred generated images, two small stages, two epochs
+FIXED = ["epochs=2", "batch_size=32", "model.widths=[8,16]", "data.train_subset=200", "data.val_subset=100",
+         "data.test_subset=100", "eval.tsne=false", "eval.umap=false", "eval.misclassified=4",
+         "eval.log_model=false", "data.download=false", "device=cpu", "precision=fp32", "deterministic=true", "patience=0"]
+SPACE = """\
+params:
+  optimizer: {type: categorical, choices: [adamw, sgd]}
+  lr: {type: float, low: 0.005, high: 0.05, log: true}
+  momentum: {type: float, low: 0.8, high: 0.95, if: {optimizer: sgd}}
+  model.dropout: {type: float, low: 0.0, high: 0.2}
+  epochs: {type: int, low: 3, high: 6}      # fixed by --set epochs=2: out of the search
+"""
+GOOD = {"optimizer": "adamw", "lr": 0.01, "model.dropout": 0.0}
+
+
+class Env:
+    def __init__(self, tmp, data_root):
+        self.tmp = tmp
+        self.data = data_root  # conftest's generated CIFAR-10: classes a tiny CNN learns in an epoch
+        self.storage = f"sqlite:///{tmp / 'optuna.db'}"
+        self.tracking = f"sqlite:///{tmp / 'mlflow.db'}"
+        self.space = tmp / "tiny.yaml"
+        self.space.write_text(SPACE)
+        self.outputs: list[tuple[int, str, str]] = []
+
+    def tune(self, capsys, trials: int, study: str = STUDY, extra: tuple = (), fixed=FIXED) -> int:
+        """`harness tune` in this process; `capsys` None where pytest's capture can't be had (module fixtures)."""
+        args = ["tune", "--study", study, "--space", str(self.space), "--trials", str(trials),
+                "--storage", self.storage, "--tracking-uri", self.tracking, "--data-dir", str(self.data),
+                "--sampler", "random", "--pruner", "median", "--seed", "0", "--quiet", *extra]
+        for item in fixed:
+            args += ["--set", item]
+        code = main(args)
+        if capsys is not None:
+            out = capsys.readouterr()
+            self.outputs.append((code, out.out, out.err))
+        return code
+
+    def cli(self, capsys, *args) -> tuple[int, str, str]:
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    def study(self, name: str = STUDY) -> optuna.Study:
+        return optuna.load_study(study_name=name, storage=self.storage)
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.tracking)
+
+    def runs(self, name: str = STUDY, kind: str | None = None):
+        client = self.client()
+        exp = client.get_experiment_by_name(name)
+        where = f"tags.run_kind = '{kind}'" if kind else ""
+        return client.search_runs([exp.experiment_id], where, max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, cifar10_root):
+    return Env(tmp_path_factory.mktemp("studies"), cifar10_root)
+
+
+@pytest.fixture(scope="module")
+def built(env):
+    """The study of the module docstring, with what each step saw."""
+    steps = {}
+    assert env.tune(None, 1) == 0
+    study = env.study()
+    steps["after_1"] = _snapshot(env)
+    for params in (GOOD, GOOD, {**GOOD, "optimizer": "sgd", "lr": 1.0e6, "momentum": 0.9},
+                   {**GOOD, "lr": 1.0e-7}):
+        study.enqueue_trial(params)
+    assert env.tune(None, 4) == 0
+    steps["after_2"] = _snapshot(env)
+    assert env.tune(None, 5) == 0
+    steps["after_3"] = _snapshot(env)
+    return steps
+
+
+def _snapshot(env: Env) -> dict:
+    study = env.study()
+    client = env.client()
+    exp = client.get_experiment_by_name(STUDY)
+    return {"study_id": study._study_id, "experiment_id": exp.experiment_id,
+            "parent": study.user_attrs["mlflow_parent_run_id"],
+            "trials": {t.number: t.state for t in study.trials},
+            "study_runs": [r.info.run_id for r in env.runs(kind="study")]}
+
+
+def test_trials_are_nested_runs_with_their_state(env, built):
+    study = env.study()
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    study_runs = env.runs(kind="study")
+    assert [r.info.run_id for r in study_runs] == [parent]
+    assert study_runs[0].info.status == "FINISHED"
+    assert study_runs[0].data.tags["study"] == STUDY
+    runs = {r.info.run_id: r for r in env.runs(kind="trial")}
+    assert len(env.runs()) == len(runs) + 1  # nothing else in the study's experiment
+    trials = study.trials
+    assert [t.number for t in trials] == list(range(6))
+    assert len(runs) == len(trials)  # every trial reached training, so every one has its run
+    for t in trials:
+        run = runs[t.user_attrs["mlflow_run_id"]]  # the trial leads to its run ...
+        assert run.data.tags["trial_number"] == str(t.number)  # ... and the run to its trial
+        assert run.data.tags[MLFLOW_PARENT_RUN_ID] == parent
+        assert run.data.tags["trial_state"] == t.state.name
+        assert run.info.run_name == f"trial-{t.number}"
+        assert run.data.params["optimizer"] == t.params["optimizer"]
+        assert float(run.data.params["lr"]) == pytest.approx(t.params["lr"])
+        assert ("momentum" in t.params) == (t.params["optimizer"] == "sgd")
+    states = [t.state for t in trials]
+    assert states[1:5] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED]
+    assert states[0] == TrialState.COMPLETE  # the median pruner waits for three complete trials
+    assert states[5] in (TrialState.COMPLETE, TrialState.PRUNED)
+    for t in trials:
+        status = runs[t.user_attrs["mlflow_run_id"]].info.status
+        assert status == {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED",
+                          TrialState.FAIL: "FAILED"}[t.state]
+
+
+def test_pruned_trial_keeps_its_metrics_up_to_the_pruning_point(env, built):
+    trial = env.study().trials[4]
+    assert trial.state == TrialState.PRUNED
+    assert list(trial.intermediate_values) == [1]  # reported epoch 1, pruned there
+    client = env.client()
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [1]
+    assert history[0].value == pytest.approx(trial.intermediate_values[1])
+    assert "train_loss" in run.data.metrics and "num_params" in run.data.metrics
+    assert "test_accuracy" not in run.data.metrics  # it never got that far
+    assert run.data.tags["stopped_by"] == "TrialPruned"
+    # the good trials it was compared with learned; it did not
+    good = env.study().trials[1]
+    assert trial.intermediate_values[1] < good.intermediate_values[1]
+
+
+def test_failing_trial_records_its_reason_on_both_sides_and_the_study_goes_on(env, built):
+    trials = env.study().trials
+    failed = trials[3]
+    assert failed.state == TrialState.FAIL
+    assert failed.user_attrs["fail_reason"].startswith("NonFiniteLoss: non-finite training loss")
+    run = env.client().get_run(failed.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith("NonFiniteLoss: non-finite training loss")
+    assert "\n" not in run.data.tags["error"]
+    assert run.data.tags["trial_state"] == "FAIL"
+    # the same worker went on with trial 4 and the target counted complete + pruned trials only
+    assert built["after_2"]["trials"][4] == TrialState.PRUNED
+    assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in built["after_2"]["trials"].values()) == 4
+
+
+def test_resuming_adds_trials_to_the_same_study_experiment_and_run(env, built):
+    first, second, third = built["after_1"], built["after_2"], built["after_3"]
+    assert len(first["trials"]) == 1 and len(second["trials"]) == 5 and len(third["trials"]) == 6
+    for key in ("study_id", "experiment_id", "parent"):
+        assert first[key] == second[key] == third[key]
+    assert first["study_runs"] == second["study_runs"] == third["study_runs"] == [first["parent"]]
+    # earlier trials are untouched by a resume
+    assert all(third["trials"][n] == s for n, s in second["trials"].items())
+    with sqlite3.connect(env.tmp / "optuna.db") as db:
+        assert db.execute("select count(*) from studies").fetchone()[0] == 1
+    assert [e.name for e in env.client().search_experiments()] .count(STUDY) == 1
+
+
+def test_set_takes_a_parameter_out_of_the_search(env, built):
+    for t in env.study().trials:
+        assert "epochs" not in t.params and "epochs" not in t.distributions
+    for run in env.runs(kind="trial"):
+        assert run.data.params["epochs"] == "2"
+        assert run.data.params["model.widths"] == "[8, 16]"
+
+
+def test_resuming_with_other_fixed_settings_is_refused(env, built, capsys):
+    before = len(env.study().trials)
+    code = env.tune(capsys, 7, fixed=[f for f in FIXED if not f.startswith("epochs")] + ["epochs=3"])
+    _, out, err = env.outputs[-1]
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "other fixed settings (epochs)" in lines[0], err
+    assert len(env.study().trials) == before
+
+
+def test_summary_artifacts_on_the_study_run(env, built, capsys):
+    study = env.study()
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    client = env.client()
+    names = {a.path for a in client.list_artifacts(parent, "summary")}
+    for plot in ("trials.csv", "optimization_history.png", "param_importances.png", "parallel_coordinate.png",
+                 "slice.png"):
+        assert f"summary/{plot}" in names, names
+    assert "base_config.yaml" in {a.path for a in client.list_artifacts(parent)}
+    table = pd.read_csv(client.download_artifacts(parent, "summary/trials.csv", str(env.tmp)))
+    assert sorted(table["number"]) == list(range(6))
+    assert list(table.sort_values("number")["state"]) == [t.state.name for t in study.trials]
+    assert set(table["mlflow_run_id"]) == {t.user_attrs["mlflow_run_id"] for t in study.trials}
+    run = client.get_run(parent)
+    best = study.best_trial
+    assert run.data.tags["best_trial"] == str(best.number)
+    assert run.data.tags["best_run_id"] == best.user_attrs["mlflow_run_id"]
+    assert run.data.metrics["best_val_accuracy"] == pytest.approx(best.value)
+    assert run.data.metrics["trials_fail"] == 1
+    # `harness report` refreshes it
+    code, out, err = env.cli(capsys, "report", "--study", STUDY, "--storage", env.storage,
+                             "--tracking-uri", env.tracking)
+    assert code == 0 and f"summary of study {STUDY} refreshed" in out and f"'best_trial': {best.number}" in out
+
+
+def test_best_prints_the_best_trial_its_params_and_run(env, built, capsys):
+    best = env.study().best_trial
+    code, out, err = env.cli(capsys, "best", "--study", STUDY, "--storage", env.storage, "--tracking-uri", env.tracking)
+    assert code == 0, err
+    assert f"best trial {best.number}: objective {best.value:.4f}; MLflow run {best.user_attrs['mlflow_run_id']}" in out
+    for name, value in best.params.items():
+        assert f"  {name} = {value}" in out
+    test_accuracy = env.client().get_run(best.user_attrs["mlflow_run_id"]).data.metrics["test_accuracy"]
+    assert f"  test_accuracy: {test_accuracy:.6g}" in out
+    code, out, err = env.cli(capsys, "best", "--study", "nope", "--storage", env.storage,
+                             "--tracking-uri", env.tracking)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "study 'nope' not found" in lines[0] and STUDY in lines[0]
+
+
+def test_compare_writes_csv_and_markdown(env, built, capsys):
+    csv, md = env.tmp / "trials.csv", env.tmp / "trials.md"
+    code, out, err = env.cli(capsys, "compare", "--study", STUDY, "--storage", env.storage, "--tracking-uri",
+                             env.tracking, "--csv", str(csv), "--markdown", str(md), "--show")
+    assert code == 0, err
+    assert f"wrote {csv}" in out and f"wrote {md}" in out and "run_id" in out
+    table = pd.read_csv(csv)
+    study = env.study()
+    assert sorted(table["trial"]) == list(range(6))
+    assert {"trial", "state", "val_accuracy", "test_accuracy", "run_id", "lr", "optimizer"} <= set(table.columns)
+    by_trial = table.set_index("trial")
+    for t in study.trials:
+        assert by_trial.loc[t.number, "state"] == t.state.name
+        assert by_trial.loc[t.number, "run_id"] == t.user_attrs["mlflow_run_id"]
+        if t.state == TrialState.COMPLETE:
+            assert by_trial.loc[t.number, "val_accuracy"] == pytest.approx(t.value)
+    ranked = table["val_accuracy"].dropna().tolist()
+    assert ranked == sorted(ranked, reverse=True)  # best first
+    assert table["val_accuracy"].iloc[0] == pytest.approx(study.best_value)
+    text = md.read_text().splitlines()
+    assert text[0].startswith("|") and "trial" in text[0] and "val_accuracy" in text[0]
+    assert len(text) == 2 + 6  # header, rule, one line per trial
+    # another sort key, fewer rows, and a bad key
+    code, out, err = env.cli(capsys, "compare", "--study", STUDY, "--storage", env.storage, "--tracking-uri",
+                             env.tracking, "--sort", "trial", "--top", "3")
+    assert code == 0
+    rows = [line.split() for line in out.strip().splitlines()[1:]]
+    assert [r[0] for r in rows] == ["0", "1", "2"]
+    code, out, err = env.cli(capsys, "compare", "--study", STUDY, "--storage", env.storage, "--tracking-uri",
+                             env.tracking, "--sort", "nonsense")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "bad --sort 'nonsense'" in err
+
+
+def test_reproduce_matches_the_trial_exactly(env, built, capsys):
+    study = env.study()
+    trial = study.trials[1]  # a complete trial, deterministic on the CPU
+    original = env.client().get_run(trial.user_attrs["mlflow_run_id"])
+    code, out, err = env.cli(capsys, "reproduce", original.info.run_id, "--tracking-uri", env.tracking, "--quiet")
+    assert code == 0, err
+    new_id = out.split(" as run ")[1].split()[0]
+    new = env.client().get_run(new_id)
+    assert new.data.tags["reproduces"] == original.info.run_id
+    assert new.info.experiment_id == original.info.experiment_id
+    assert new.info.status == "FINISHED"
+    assert new.data.metrics["test_accuracy"] == original.data.metrics["test_accuracy"]  # exactly
+    assert new.data.metrics["test_loss"] == original.data.metrics["test_loss"]
+    assert new.data.metrics["best_val_accuracy"] == original.data.metrics["best_val_accuracy"]
+    line = next(line for line in out.splitlines() if line.startswith("test_accuracy"))
+    assert line.split()[-1] == "+0.000000"
+    # the reproduction is a run of its own, not a trial of the study
+    assert MLFLOW_PARENT_RUN_ID not in new.data.tags and "trial_number" not in new.data.tags
+
+
+def test_reproduce_of_an_unknown_run_is_one_clear_line(env, built, capsys):
+    code, out, err = env.cli(capsys, "reproduce", "0123456789abcdef0123456789abcdef", "--tracking-uri",
+                             env.tracking, "--quiet")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert "run 0123456789abcdef0123456789abcdef not found" in lines[0] and env.tracking in lines[0]
+
+
+def test_multi_objective_study_plots_the_pareto_front(env, capsys):
+    space = env.tmp / "heads.yaml"
+    space.write_text("params:\n  model.head_width: {type: categorical, choices: [0, 16, 64]}\n"
+                     "  lr: {type: float, low: 0.005, high: 0.02, log: true}\n")
+    code = main(["tune", "--study", "pareto", "--space", str(space), "--trials", "2", "--storage", env.storage,
+                 "--tracking-uri", env.tracking, "--data-dir", str(env.data), "--sampler", "nsga2",
+                 "--objectives", "accuracy,params", "--quiet", *[a for f in FIXED for a in ("--set", f)]])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    study = env.study("pareto")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 2  # no pruning with two objectives
+    client = env.client()
+    for t in trials:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert t.values[1] == run.data.metrics["num_params"]
+        assert t.values[0] == pytest.approx(run.data.metrics["best_val_accuracy"])
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    names = {a.path for a in client.list_artifacts(parent, "summary")}
+    assert {"summary/pareto_front.png", "summary/pareto_front.csv", "summary/trials.csv"} <= names
+    front = pd.read_csv(client.download_artifacts(parent, "summary/pareto_front.csv", str(env.tmp)))
+    assert set(front["number"]) == {t.number for t in study.best_trials}
+    assert {"val_accuracy", "num_params", "mlflow_run_id"} <= set(front.columns)
+    # the printed best is the most accurate trial of the front
+    best = max(study.best_trials, key=lambda t: t.values[0])
+    assert f"best trial {best.number}: objective {best.values[0]:.4f}, {best.values[1]:.4f}" in out.out
+
+
+def test_a_trial_beyond_the_target_is_given_up():
+    """Two workers that both see one trial left both ask for one; trial numbers decide which goes on."""
+    from studies.driver import is_surplus
+
+    study = optuna.create_study()
+    first, second = study.ask(), study.ask()  # RUNNING, as two workers' trials
+    study.tell(first, 0.5)
+    assert not is_surplus(study, second, target=2)
+    late = study.ask()
+    assert is_surplus(study, late, target=2)  # trials 0 and 1 fill the study
+    study.tell(second, state=TrialState.FAIL)  # a failure leaves its place to the next
+    assert not is_surplus(study, late, target=2)
+    study.tell(late, 0.7)
+    assert is_surplus(study, study.ask(), target=2)

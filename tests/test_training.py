@@ -1,0 +1,219 @@
+"""Training loop: it learns, early stopping restores the best weights, callbacks, non-finite loss,
+every optimizer and schedule, deterministic mode, device selection."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from harness.config import ConfigError
+from harness.data import load_dataset, make_normalize, make_splits
+from harness.evaluation import predict
+from harness.models import build_model
+from harness.training import (EpochMetrics, NonFiniteLoss, build_optimizer, build_scheduler, fit, seed_everything,
+                              select_device)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _restore_determinism():
+    """seed_everything(deterministic=True) is process-wide: put torch back as it was."""
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def setup(cfg):
+    """(model, splits) for `cfg`, seeded the way train_run seeds them."""
+    ds = load_dataset(cfg.data)
+    seed_everything(cfg.seed, cfg.deterministic)
+    splits = make_splits(ds, cfg.data)
+    return build_model(cfg.model, len(ds.classes)), splits
+
+
+def val_accuracy(model, splits, cfg) -> float:
+    pred = predict(model, splits.val_x, make_normalize(CPU, cfg.channels_last), bf16=False)
+    return (pred.logits.argmax(1) == splits.val_y).float().mean().item()
+
+
+def test_fit_learns_far_above_chance(cifar10_root, tiny_config):
+    cfg = tiny_config(cifar10_root, epochs=2)
+    model, splits = setup(cfg)
+    result = fit(model, splits, cfg, CPU, progress=False)
+    assert [m.epoch for m in result.history] == [1, 2]
+    assert result.best_val_accuracy >= 0.35  # chance is 0.10; this data reaches 0.6-0.8
+    assert result.history[-1].train_loss < math.log(10)
+    assert not result.stopped_early
+    assert val_accuracy(model, splits, cfg) == pytest.approx(result.best_val_accuracy)
+
+
+def test_early_stopping_stops_and_restores_the_best_weights(cifar10_root, tiny_config):
+    # 4 validation images: accuracy takes at most 5 values, so with patience 1 training must stop
+    # within 6 epochs (each epoch either improves, at most 4 times, or stops)
+    cfg = tiny_config(cifar10_root, epochs=30, patience=1, lr=0.03, data={"val_subset": 4, "train_subset": 160})
+    model, splits = setup(cfg)
+    states = {}
+
+    def snapshot(m: EpochMetrics):
+        states[m.epoch] = copy.deepcopy(model.state_dict())
+
+    result = fit(model, splits, cfg, CPU, callbacks=[snapshot], progress=False)
+    accs = [m.val_accuracy for m in result.history]
+    assert result.stopped_early and 2 <= len(result.history) <= 6
+    assert result.best_epoch == 1 + accs.index(max(accs))
+    assert result.best_val_accuracy == max(accs)
+    assert result.best_epoch < len(result.history)  # the last epoch did not improve
+    assert all(a <= result.best_val_accuracy for a in accs[result.best_epoch:])
+    final = model.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in states[result.best_epoch].items())
+    assert not all(torch.equal(final[k], v) for k, v in states[len(result.history)].items())
+    assert val_accuracy(model, splits, cfg) == result.best_val_accuracy
+
+
+def test_patience_zero_runs_every_epoch(cifar10_root, tiny_config):
+    cfg = tiny_config(cifar10_root, epochs=3, patience=0, data={"val_subset": 4, "train_subset": 64})
+    model, splits = setup(cfg)
+    result = fit(model, splits, cfg, CPU, progress=False)
+    assert len(result.history) == 3 and not result.stopped_early
+
+
+def test_callbacks_get_each_epochs_metrics(cifar10_root, tiny_config):
+    cfg = tiny_config(cifar10_root, epochs=3, data={"train_subset": 128, "val_subset": 40})
+    model, splits = setup(cfg)
+    first, second = [], []
+    result = fit(model, splits, cfg, CPU, callbacks=[first.append, second.append], progress=False)
+    assert [m.epoch for m in first] == [1, 2, 3] and first == second == result.history
+    for m in first:
+        d = m.as_dict()
+        assert set(d) == {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "images_per_s",
+                          "epoch_seconds"}
+        assert all(math.isfinite(v) for v in d.values())
+        assert 0 <= m.train_accuracy <= 1 and 0 <= m.val_accuracy <= 1
+        assert m.lr == cfg.lr and m.images_per_s > 0 and m.epoch_seconds > 0
+
+
+def test_a_raising_callback_stops_training(cifar10_root, tiny_config):
+    class Stop(Exception):
+        pass
+
+    cfg = tiny_config(cifar10_root, epochs=5, data={"train_subset": 64, "val_subset": 20})
+    model, splits = setup(cfg)
+    seen = []
+
+    def stop_at_two(m: EpochMetrics):
+        seen.append(m.epoch)
+        if m.epoch == 2:
+            raise Stop("pruned")
+
+    with pytest.raises(Stop):
+        fit(model, splits, cfg, CPU, callbacks=[stop_at_two], progress=False)
+    assert seen == [1, 2]
+
+
+def test_non_finite_loss_raises_naming_the_learning_rate(cifar10_root, tiny_config):
+    # plain SGD at 1e30 overflows the weights within a few batches, whatever the seed
+    cfg = tiny_config(cifar10_root, optimizer="sgd", lr=1e30, epochs=3)
+    model, splits = setup(cfg)
+    with pytest.raises(NonFiniteLoss) as e:
+        fit(model, splits, cfg, CPU, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "non-finite training loss" in msg and "epoch 1" in msg and "lr=1e+30" in msg
+    assert "lower the learning rate" in msg
+
+
+@pytest.mark.parametrize("settings", [
+    {"optimizer": "sgd", "schedule": "onecycle"},
+    {"optimizer": "sgd", "schedule": "cosine", "nesterov": False},
+    {"optimizer": "sgd", "schedule": "step", "momentum": 0.0},  # nesterov needs momentum: turned off
+    {"optimizer": "adam", "schedule": "plateau"},
+    {"optimizer": "adamw", "schedule": "none", "label_smoothing": 0.1},
+    {"optimizer": "adamw", "schedule": "onecycle", "precision": "bf16", "channels_last": False},
+], ids=lambda s: "-".join(str(v) for v in s.values()))
+def test_each_optimizer_and_schedule_trains_an_epoch(cifar10_root, tiny_config, settings):
+    cfg = tiny_config(cifar10_root, lr=0.01, data={"train_subset": 96, "val_subset": 32}, **settings)
+    model, splits = setup(cfg)
+    before = copy.deepcopy(model.state_dict())
+    result = fit(model, splits, cfg, CPU, progress=False)
+    m = result.history[0]
+    assert math.isfinite(m.train_loss) and math.isfinite(m.val_loss)
+    after = model.state_dict()
+    assert not all(torch.equal(after[k], v) for k, v in before.items())  # it trained
+
+
+def test_schedules_change_the_learning_rate_as_configured():
+    model = torch.nn.Linear(2, 2)
+
+    def lrs(schedule, epochs=4, steps=5, **kw):
+        from harness.config import Config
+        cfg = Config(schedule=schedule, epochs=epochs, lr=0.1, **kw)
+        opt = build_optimizer([{"params": model.parameters()}], cfg)
+        sched, per_batch = build_scheduler(opt, cfg, steps)
+        out = []
+        for _ in range(epochs):
+            out.append(opt.param_groups[0]["lr"])
+            for _ in range(steps):
+                opt.step()
+                if per_batch:
+                    sched.step()
+            if sched is not None and not per_batch:
+                sched.step(0.5) if schedule == "plateau" else sched.step()
+        return out, per_batch
+
+    step, per_batch = lrs("step", step_size=2, gamma=0.1)
+    assert not per_batch and step == pytest.approx([0.1, 0.1, 0.01, 0.01])
+    cosine, per_batch = lrs("cosine")
+    assert per_batch and cosine[0] == 0.1 and cosine == sorted(cosine, reverse=True)
+    onecycle, per_batch = lrs("onecycle")
+    assert per_batch and onecycle[0] < onecycle[1] and max(onecycle) <= 0.1 + 1e-9
+    plateau, _ = lrs("plateau", patience=2, gamma=0.5)  # validation accuracy never improves
+    assert plateau[0] == 0.1 and plateau[-1] < 0.1
+    assert lrs("none")[0] == [0.1] * 4
+
+
+def test_param_groups_scale_the_learning_rate():
+    from harness.config import Config
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    opt = build_optimizer([{"params": a.parameters(), "lr_scale": 0.1}, {"params": b.parameters()}],
+                          Config(lr=0.2, optimizer="adamw"))
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02, 0.2])
+
+
+def test_deterministic_mode_gives_identical_weights(cifar10_root, tiny_config):
+    cfg = tiny_config(cifar10_root, epochs=2, deterministic=True, model={"dropout": 0.2},
+                      data={"train_subset": 128, "val_subset": 32})
+    states, histories = [], []
+    for _ in range(2):
+        model, splits = setup(cfg)
+        result = fit(model, splits, cfg, CPU, progress=False)
+        states.append(model.state_dict())
+        histories.append([(m.train_loss, m.val_loss, m.val_accuracy) for m in result.history])
+    assert torch.are_deterministic_algorithms_enabled()
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert histories[0] == histories[1]
+    # another seed gives other weights
+    other = tiny_config(cifar10_root, epochs=2, deterministic=True, seed=1,
+                        model={"dropout": 0.2}, data={"train_subset": 128, "val_subset": 32})
+    model, splits = setup(other)
+    fit(model, splits, other, CPU, progress=False)
+    assert not all(torch.equal(states[0][k], model.state_dict()[k]) for k in states[0])
+
+
+def test_select_device():
+    assert select_device("cpu") == CPU
+    auto = select_device("auto")
+    assert auto.type == ("cuda" if torch.cuda.is_available() else auto.type)
+    with pytest.raises(ConfigError) as e:
+        select_device("gpu")
+    assert "choose one of auto, cpu, cuda" in str(e.value)
+    if torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA device"):
+            select_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(ConfigError) as e:
+            select_device("cuda")
+        assert "CUDA is not available" in str(e.value) and "--set device=cpu" in str(e.value)
