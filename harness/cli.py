@@ -65,6 +65,15 @@ def cmd_tune(args) -> int:
                        workers=args.workers, heartbeat=args.heartbeat, progress=not args.quiet)
     study = tune(opts)
     _print_best(study, args)
+    if args.transfer:
+        from harness.data import DatasetError
+        from studies.transfer import run_transfer
+
+        try:
+            run_transfer(f"best:{args.study}", data_dir=args.data_dir, tracking_uri=args.tracking_uri,
+                         storage=args.storage, progress=not args.quiet)
+        except DatasetError as e:  # the study is kept; only the transfer is skipped
+            print(f"harness: transfer skipped: {e}")
     print(f"study summary: the run 'study-{args.study}' in MLflow experiment '{args.study}' "
           f"(`harness report --study {args.study}` refreshes it, `harness compare --study {args.study}` lists trials)")
     print(f"browse: `harness ui`, then open experiment '{args.study}' -> Runs")
@@ -158,6 +167,27 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_transfer(args) -> int:
+    from studies.transfer import run_transfer
+
+    modes = tuple(args.modes.split(",")) if args.modes else ("probe", "finetune", "freeze", "scratch")
+    result = run_transfer(args.source, target=args.target, data_dir=args.data_dir, tracking_uri=args.tracking_uri,
+                          overrides=args.overrides, modes=modes, storage=args.storage, progress=not args.quiet)
+    print(result.table.to_string(index=False))
+    print(f"transfer parent run {result.parent_run_id}")
+    return 1 if result.failed else 0
+
+
+def cmd_analyze(args) -> int:
+    from analysis.analyze import analyze_run
+
+    result = analyze_run(args.run_id, args.tracking_uri, args.data_dir, samples=args.samples,
+                         compare_run_id=args.compare, progress=not args.quiet)
+    print(result.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"analysed {result.n_images} test images; logged to run {result.logged_to} (metrics analysis_*, artifacts analysis/)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -188,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the space's fixed budget: quick on CPU, full on GPU (auto picks by device)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--heartbeat", type=int, default=30, help="seconds between trial heartbeats")
+    p.add_argument("--transfer", action="store_true", help="run the CIFAR-100 transfer study on the best trial")
     add_config_args(p)
     add_tracking_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -215,6 +246,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_tracking_arg(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("transfer", help="transfer study from a run or best:STUDY to a target dataset")
+    p.add_argument("--from", dest="source", required=True, help="RUN_ID or best:STUDY")
+    p.add_argument("--target", default="cifar100", choices=("cifar100", "cifar10"))
+    p.add_argument("--modes", help="comma list of probe,finetune,freeze,freeze_K,scratch")
+    p.add_argument("--storage", help="Optuna storage for best:STUDY")
+    p.add_argument("--data-dir", metavar="DIR")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_tracking_arg(p)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_transfer)
+
+    p = sub.add_parser("analyze", help="feature-space analysis of a run's model, stage by stage")
+    p.add_argument("run_id")
+    p.add_argument("--data-dir", metavar="DIR")
+    p.add_argument("--samples", type=int, help="seeded sample of N test images (default: all)")
+    p.add_argument("--compare", metavar="RUN_ID", help="model to compare by CKA")
+    add_tracking_arg(p)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("ui", help="open the MLflow UI on the tracking store")
     add_tracking_arg(p)
