@@ -121,7 +121,8 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: Config, steps_per_epoch: in
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
         max_lr = [g["lr"] for g in opt.param_groups]
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total,
+        # OneCycleLR divides by zero on a handful of steps: give tiny runs a slightly longer cycle
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=max(total, 8),
                                                    pct_start=0.25), True
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total), True
