@@ -9,6 +9,11 @@ import sys
 from harness import config as C
 from harness.tracking import DEFAULT_TRACKING_URI, tracking_uri
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem and where to look, no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -66,13 +71,16 @@ def cmd_tune(args) -> int:
     study = tune(opts)
     _print_best(study, args)
     if args.transfer:
+        from harness.checkpoints import RunNotFound
         from harness.data import DatasetError
-        from studies.transfer import run_transfer
+        from studies.driver import StudyError
+        from studies.transfer import TransferError, run_transfer
 
         try:
-            run_transfer(f"best:{args.study}", data_dir=args.data_dir, tracking_uri=args.tracking_uri,
-                         storage=args.storage, progress=not args.quiet)
-        except DatasetError as e:  # the study is kept; only the transfer is skipped
+            result = run_transfer(f"best:{args.study}", data_dir=args.data_dir, tracking_uri=args.tracking_uri,
+                                  storage=args.storage, progress=not args.quiet)
+            print(f"transfer study: parent run {result.parent_run_id} in experiment '{result.experiment}'")
+        except (DatasetError, RunNotFound, StudyError, TransferError) as e:  # the study stands; no transfer
             print(f"harness: transfer skipped: {e}")
     print(f"study summary: the run 'study-{args.study}' in MLflow experiment '{args.study}' "
           f"(`harness report --study {args.study}` refreshes it, `harness compare --study {args.study}` lists trials)")
@@ -178,6 +186,18 @@ def cmd_transfer(args) -> int:
     return 1 if result.failed else 0
 
 
+def cmd_split_study(args) -> int:
+    from studies.split_study import curves_markdown, run_split_study
+
+    result = run_split_study(data_dir=args.data_dir, tracking_uri=args.tracking_uri, overrides=args.overrides,
+                             config=args.config, classes_a=args.classes_a, class_seed=args.class_seed,
+                             depths=args.depths, progress=not args.quiet)
+    print(f"A = {', '.join(result.classes_a)}\nB = {', '.join(result.classes_b)}")
+    print(curves_markdown(result.curves))
+    print(f"split study parent run {result.parent_run_id} in experiment '{result.experiment}'")
+    return 1 if result.failed else 0
+
+
 def cmd_analyze(args) -> int:
     from analysis.analyze import analyze_run
 
@@ -189,8 +209,8 @@ def cmd_analyze(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harness", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="harness", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("train", help="train and track one run")
     add_config_args(p)
@@ -258,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_transfer)
 
+    p = sub.add_parser("split-study", help="Yosinski et al. transfer by depth between two halves of CIFAR-10")
+    p.add_argument("--classes-a", metavar="A,B,...", help="half A's classes, names or indices (default: seeded)")
+    p.add_argument("--class-seed", type=int, default=0, help="seed of the default split into halves")
+    p.add_argument("--depths", metavar="1,2,...", help="transfer depths (default: every stage)")
+    add_config_args(p)
+    add_tracking_arg(p)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_split_study)
+
     p = sub.add_parser("analyze", help="feature-space analysis of a run's model, stage by stage")
     p.add_argument("run_id")
     p.add_argument("--data-dir", metavar="DIR")
@@ -282,14 +311,17 @@ def main(argv: list[str] | None = None) -> int:
     from harness.training import NonFiniteLoss
     from studies.driver import StudyError
     from studies.space import SpaceError
+    from studies.transfer import TransferError
 
     try:
         return args.func(args)
-    except (C.ConfigError, DatasetError, NonFiniteLoss, RunNotFound, StudyError, SpaceError) as e:
+    except (C.ConfigError, DatasetError, NonFiniteLoss, RunNotFound, StudyError, SpaceError,
+            TransferError) as e:
         print(f"harness: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("harness: interrupted; the run was ended as KILLED", file=sys.stderr)
+        print("harness: interrupted; a run in progress was ended as KILLED with what it logged "
+              "(a study resumes with the same command)", file=sys.stderr)
         return 130
 
 

@@ -47,6 +47,8 @@ def client_for(uri: str | None = None) -> MlflowClient:
     uri = tracking_uri(uri)
     mlflow.set_tracking_uri(uri)  # log_model and load_model read the fluent URI
     os.environ.pop("MLFLOW_RUN_ID", None)  # an inherited run id would hijack start_run (mlflow#15713)
+    # no progress bar per downloaded file (config, checkpoint): noise on stderr, unless asked for
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return MlflowClient(uri)
 
 
@@ -168,9 +170,14 @@ class RunLogger:
 
         # pickle is deliberate (the model loads back as our CNN class); a weights-only
         # checkpoint is logged beside it for torch.load(weights_only=True)
+        import torch
+
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+        # requirements given, not inferred: inference reloads the model in a subprocess (~5 s a run)
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"]
         with mlflow.start_run(run_id=self.run_id):
             mlflow.pytorch.log_model(model, name="model", input_example=input_example, metadata=metadata,
+                                     pip_requirements=requirements,
                                      serialization_format="pickle")  # loads back as our CNN class
 
     @_timed

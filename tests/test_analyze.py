@@ -186,3 +186,15 @@ def test_neighbours_exclude_the_query():
     nb = neighbours_excluding_self(x, np.array([3, 10]), k=5)
     assert nb.shape == (2, 5)
     assert 3 not in nb[0] and nb[0, 0] == 7 and 10 not in nb[1]
+
+
+def test_analyze_from_the_command_line(store, capsys):
+    from harness.cli import main
+
+    code = main(["analyze", store["run_id"], "--tracking-uri", store["uri"], "--samples", "100", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "embedding" in out and f"logged to run {store['run_id']}" in out
+    code = main(["analyze", store["no_model"], "--tracking-uri", store["uri"], "--quiet"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "no model checkpoint" in lines[0]

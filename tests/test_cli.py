@@ -142,3 +142,18 @@ def test_installed_console_script_reports_bad_input(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "harness: error: bad value 'min' for model.pool: choose one of max, avg"
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["trian"], "invalid choice: 'trian'"),
+    (["tune", "--trials", "many"], "argument --trials: invalid int value: 'many'"),
+    (["tune", "--study", "s", "--sampler", "grid"], "argument --sampler: invalid choice: 'grid'"),
+])
+def test_bad_command_line_is_one_line(argv, expected, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "--help" in lines[0], err
+    assert out == ""

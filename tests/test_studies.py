@@ -352,3 +352,15 @@ def test_a_trial_beyond_the_target_is_given_up():
     assert not is_surplus(study, late, target=2)
     study.tell(late, 0.7)
     assert is_surplus(study, study.ask(), target=2)
+
+
+def test_tune_with_transfer_skips_it_with_one_line_when_the_target_is_missing(env, capsys):
+    """The study stands; CIFAR-100 is absent from the generated data root, so the transfer is skipped."""
+    code = env.tune(capsys, 1, study="then-transfer", extra=("--transfer",),
+                    fixed=[f for f in FIXED if f != "eval.log_model=false"])
+    code, out, err = env.outputs[-1]
+    assert code == 0, err
+    study = env.study("then-transfer")
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 1
+    skipped = [line for line in out.splitlines() if line.startswith("harness: transfer skipped: ")]
+    assert len(skipped) == 1 and "cifar100 not found" in skipped[0] and "--data-dir" in skipped[0]

@@ -29,7 +29,7 @@ from studies.split_study import run_split_study, select_classes, split_classes
 from studies.transfer import TransferError, expand_modes, run_transfer
 
 # every transfer child trains one epoch (the CPU transfer budget would take 3 on 10,000 images);
-# logging the MLflow model costs ~5 s a run (pip requirements inference): only where a test loads it
+# the MLflow model is logged only where a test loads it
 CHILD = ["epochs=1"]
 NO_MODEL = CHILD + ["eval.log_model=false"]
 
@@ -310,3 +310,38 @@ def test_select_classes_dataset(env):
     assert (sub.train_labels == 0).sum() == (ds.train_labels == 7).sum()
     assert len(sub.test_labels) == np.isin(ds.test_labels, [7, 2]).sum()
     assert sub.digest != ds.digest
+
+
+# ----------------------------------------------------------------------------
+# From the command line
+
+
+def _cli(capsys, *args) -> tuple[int, str, list[str]]:
+    from harness.cli import main
+
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err.strip().splitlines()
+
+
+def test_transfer_from_the_command_line(env, capsys):
+    sets = [a for s in NO_MODEL for a in ("--set", s)]
+    common = ["--target", "cifar100", "--data-dir", str(env["data"]), "--tracking-uri", env["uri"], "--quiet"]
+    code, out, err = _cli(capsys, "transfer", "--from", env["source"].run_id, "--modes", "probe", *common, *sets)
+    assert code == 0, err
+    assert "probe" in out and "transfer parent run" in out
+    code, out, err = _cli(capsys, "transfer", "--from", env["source"].run_id, "--modes", "freeze_9", *common)
+    assert code == 2 and len(err) == 1 and "unknown transfer mode 'freeze_9'" in err[0]
+
+
+def test_split_study_from_the_command_line(env, capsys):
+    tiny = ["epochs=1", "batch_size=32", "model.widths=[8,16]", "model.head_width=16", "data.download=false",
+            "device=cpu", "precision=fp32", "eval.log_model=false", "data.test_subset=100"]
+    code, out, err = _cli(capsys, "split-study", "--data-dir", str(env["c10"]), "--tracking-uri", env["uri"],
+                          "--classes-a", "airplane,automobile,bird,cat,deer", "--depths", "1", "--quiet",
+                          *[a for s in tiny for a in ("--set", s)])
+    assert code == 0, err
+    assert "A = airplane, automobile, bird, cat, deer" in out and "split study parent run" in out
+    code, out, err = _cli(capsys, "split-study", "--data-dir", str(env["c10"]), "--tracking-uri", env["uri"],
+                          "--depths", "7", "--quiet")
+    assert code == 2 and len(err) == 1 and "bad depths [7]" in err[0]
