@@ -52,7 +52,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from analysis.cka import cka_matrix, plot_cka_heatmap
-from analysis.embeddings import plot_embedding_2d, project_tsne, project_umap, sample_indices
+from analysis.embeddings import DegenerateEmbeddings, plot_embedding_2d, project_tsne, project_umap, sample_indices
 from analysis.figures import (feature_maps_figure, filters_figure, nearest_neighbours, neighbour_grid,
                               stage_metrics_figure)
 from analysis.metrics import cluster_scores, flatten_features, knn_accuracy_loo, linear_probe_accuracy
@@ -308,7 +308,7 @@ def analyze_run(
 
         # Per stage: scores, logged at once so a long analysis shows progress in the UI; projections.
         proj_idx = sample_indices(n, projection_samples, seed)
-        rows = []
+        rows, skipped = [], {}
         for step, name in enumerate(stage_names):
             bar.set_postfix_str(name)
             x = feats[name]
@@ -316,9 +316,13 @@ def analyze_run(
             log_metrics({f"analysis_{k}": scores[k] for k in METRICS}, step)
             rows.append({"stage": name, "dim": x.shape[1], **{k: scores[k] for k in METRICS}})
             for proj in projections if len(proj_idx) >= 10 else ():
-                with timer(proj), _one_thread(), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # umap/numba deprecation chatter
-                    xy = (project_tsne if proj == "tsne" else project_umap)(x[proj_idx], seed=seed)
+                try:
+                    with timer(proj), _one_thread(), warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # umap/numba deprecation chatter
+                        xy = (project_tsne if proj == "tsne" else project_umap)(x[proj_idx], seed=seed)
+                except DegenerateEmbeddings as e:
+                    skipped[f"analysis.{proj}_skipped.{name}"] = str(e)
+                    continue
                 title = f"{proj.upper()} of {name} features ({len(proj_idx)} test images)"
                 log_figure(f"{proj}/{step}_{name}.png",
                            lambda: plot_embedding_2d(xy, labels[proj_idx], classes, title))
@@ -392,7 +396,7 @@ def analyze_run(
     summary = {"run_id": run_id, "n_images": n, "samples": samples, "seed": seed,
                "dataset": ds.name, "dataset_digest": ds.digest, "stages": stage_names,
                "source_run_id": source_id, "projections": list(projections), "timings_s": timings}
-    tags = {"analysis.n_images": n, "analysis.source_run_id": source_id or ""}
+    tags = {"analysis.n_images": n, "analysis.source_run_id": source_id or "", **skipped}
     if target != run_id:
         tags["analysis.run_id"] = run_id
     with timer("logging"):

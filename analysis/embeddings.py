@@ -17,9 +17,24 @@ def sample_indices(n: int, k: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
 
 
+class DegenerateEmbeddings(ValueError):
+    """Points that cannot be projected: the caller skips the plot and says why."""
+
+
+def check_projectable(x: np.ndarray) -> np.ndarray:
+    """`x` as float32, or DegenerateEmbeddings. A dead network gives identical points, and on
+    those scikit-learn's t-SNE crashes the whole process (segfault), so this check comes first."""
+    x = np.asarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise DegenerateEmbeddings("embeddings hold non-finite values")
+    if x.std(axis=0).max() < 1e-12:
+        raise DegenerateEmbeddings("all embeddings are identical (the network outputs a constant)")
+    return x
+
+
 def project_tsne(x: np.ndarray, seed: int) -> np.ndarray:
     """t-SNE to (n, 2). Perplexity 30 unless n is small (it must stay below n)."""
-    x = np.asarray(x, dtype=np.float32)
+    x = check_projectable(x)
     perplexity = float(max(1.0, min(30.0, (len(x) - 1) / 3)))
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed)
     return tsne.fit_transform(x)
@@ -29,7 +44,7 @@ def project_umap(x: np.ndarray, seed: int) -> np.ndarray:
     """UMAP to (n, 2). n_neighbors 15 unless n is small. Seeded, hence single-threaded."""
     import umap  # lazy: importing umap (numba) takes seconds
 
-    x = np.asarray(x, dtype=np.float32)
+    x = check_projectable(x)
     n_neighbors = max(2, min(15, len(x) - 1))
     reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, random_state=seed, n_jobs=1)
     return reducer.fit_transform(x)

@@ -209,7 +209,7 @@ def cmd_analyze(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="harness", description=__doc__.split("\n")[0])
+    parser = Parser(prog="harness", description="Train, tune, transfer and analyse CNNs on CIFAR, every run tracked in MLflow.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     p = sub.add_parser("train", help="train and track one run")

@@ -223,9 +223,21 @@ def get(cfg, key: str):
     return cfg
 
 
+def nest(flat: dict) -> dict:
+    """`{"data.train_subset": 100}` -> `{"data": {"train_subset": 100}}`, the shape `replace` takes."""
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
 def parse_overrides(items: list[str]) -> dict:
     """`["epochs=1", "data.train_subset=10000"]` -> nested dict of YAML-parsed values."""
-    out: dict = {}
+    flat: dict = {}
     keys = valid_keys()
     for item in items:
         key, sep, raw = item.partition("=")
@@ -234,13 +246,8 @@ def parse_overrides(items: list[str]) -> dict:
             raise ConfigError(f"bad --set {item!r}: write key=value, e.g. --set epochs=1")
         if key not in keys:
             raise ConfigError(f"unknown key {key}; valid keys: {', '.join(keys)}")
-        value = yaml.safe_load(raw) if raw.strip() else None
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
+        flat[key] = yaml.safe_load(raw) if raw.strip() else None
+    return nest(flat)
 
 
 def merge(base: dict, update: dict) -> dict:

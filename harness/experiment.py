@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from analysis.embeddings import plot_embedding_2d, project_tsne, project_umap, sample_indices
+from analysis.embeddings import DegenerateEmbeddings, plot_embedding_2d, project_tsne, project_umap, sample_indices
 from harness import config as C
 from harness.data import MEAN, STD, Dataset, load_dataset, make_normalize, make_splits
 from harness.evaluation import (EvalResult, class_samples_figure, classification_metrics, confusion_figure,
@@ -75,7 +75,11 @@ def log_test(run: RunLogger, cfg: C.Config, model: CNN, splits, normalize, ds: D
     emb = pred.embeddings.numpy()[idx]
     for name, enabled, project in (("tsne", cfg.eval.tsne, project_tsne), ("umap", cfg.eval.umap, project_umap)):
         if enabled and len(idx) >= 10:
-            xy = project(emb, seed=cfg.seed)
+            try:
+                xy = project(emb, seed=cfg.seed)
+            except DegenerateEmbeddings as e:
+                run.set_tags({f"{name}_skipped": str(e)})
+                continue
             title = f"{name.upper()} of penultimate-layer embeddings ({len(idx)} test images)"
             run.log_figure(plot_embedding_2d(xy, labels[idx], splits.classes, title), f"embeddings/{name}.png")
     return result, metrics

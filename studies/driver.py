@@ -23,7 +23,9 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
@@ -151,16 +153,48 @@ def open_storage(opts: TuneOptions) -> optuna.storages.RDBStorage:
                              "check the --storage URL and that the database server is running") from None
 
 
+class TrialSeeded(optuna.samplers.BaseSampler):
+    """Samples each trial with a fresh sampler seeded from (study seed, trial number).
+
+    Seeded once per process, the workers of a study (all given the same --seed) draw the same
+    values in lockstep, and a resumed study draws its first values again. The storage hands out
+    trial numbers atomically, so here every trial has a stream of its own, and one worker's study
+    still samples the same way every time. For samplers whose only state is their RNG (TPE,
+    random, NSGA-II: they read the history from the study); QMC is indexed by trial already.
+    """
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
+        self._make, self._seed = make, seed
+        self._inner = make(seed)
+
+    def before_trial(self, study, trial) -> None:
+        self._inner = self._make(int(np.random.SeedSequence([self._seed, trial.number]).generate_state(1)[0]))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+
 def make_sampler(name: str, seed: int, multi: bool) -> optuna.samplers.BaseSampler:
     if name == "tpe":
-        return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed)
+        return TrialSeeded(lambda s: optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True,
+                                                                seed=s), seed)
     if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+        return TrialSeeded(lambda s: optuna.samplers.RandomSampler(seed=s), seed)
     if name == "qmc":
         return optuna.samplers.QMCSampler(seed=seed)
-    if name == "cmaes":
+    if name == "cmaes":  # its state (and RNG) lives in the study's trials
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    return optuna.samplers.NSGAIISampler(seed=seed)
+    return TrialSeeded(lambda s: optuna.samplers.NSGAIISampler(seed=s), seed)
 
 
 def make_pruner(name: str, epochs: int, multi: bool) -> optuna.pruners.BasePruner:

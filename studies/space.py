@@ -106,7 +106,7 @@ def load_space(space: str) -> Space:
         if settings is not None and not isinstance(settings, dict):
             raise SpaceError(f"search space {path}: profile {prof}: expected a mapping of config keys to values")
         try:
-            C.from_dict(_nest(settings or {}))
+            C.from_dict(C.nest(settings or {}))
         except C.ConfigError as e:
             raise SpaceError(f"search space {path}: profile {prof}: {e}") from None
     return Space(path.stem, str(path), params, {k: v or {} for k, v in profiles.items()})
@@ -183,20 +183,9 @@ def _check_value(where: str, name: str, value) -> None:
                 raise SpaceError(f"{where}: {value!r} stages: {e}") from None
         return
     try:
-        C.replace(C.Config(), _nest({name: value}))
+        C.replace(C.Config(), C.nest({name: value}))
     except C.ConfigError as e:
         raise SpaceError(f"{where}: {e}") from None
-
-
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
 
 
 def _active(p: Param, values: dict) -> bool:
@@ -228,11 +217,11 @@ def sample(space: Space, trial: optuna.Trial, base: C.Config) -> C.Config:
         mult = sampled.get("model.width_multiplier", WIDTH_KEYS["model.width_multiplier"])
         sampled["model.widths"] = [int(round(width * mult ** i)) for i in range(stages)]
     updates = {k: v for k, v in sampled.items() if k not in WIDTH_KEYS}
-    return C.replace(base, _nest(updates))
+    return C.replace(base, C.nest(updates))
 
 
 def profile_settings(space: Space, profile: str) -> dict:
     if profile not in space.profiles:
         known = ", ".join(space.profiles) or "none defined"
         raise SpaceError(f"search space {space.path}: no profile {profile!r}; profiles: {known}")
-    return _nest(space.profiles[profile])
+    return C.nest(space.profiles[profile])

@@ -40,8 +40,8 @@ from harness.data import Dataset, digest, load_dataset
 from harness.models import CNN, build_model
 from harness.tracking import RunLogger, client_for
 from harness.training import select_device
-from studies.transfer import (CHILD_EVAL, ChildResult, TransferError, children_table, finish_parent, log_table,
-                              one_line, run_child)
+from studies.transfer import (CHILD_EVAL, ChildResult, TransferError, children_table, log_table, parent_run,
+                              run_child)
 
 VARIANTS = ("AnB", "BnB", "AnB+", "BnB+")
 # On a CPU a small budget: 14 runs of the default 3-stage net in about 15 minutes on 2 cores
@@ -177,7 +177,7 @@ def run_split_study(data_dir: str | None = None, tracking_uri: str | None = None
             print(f"[{len(children)}/{total}] {name}: {status}  (run {c.run_id})", flush=True)
         return c
 
-    try:
+    with parent_run(parent, children):
         parent.log_params(C.flatten(C.to_dict(cfg)))
         parent.log_text(C.to_yaml(cfg), "config.yaml")
         bases = {}
@@ -197,15 +197,6 @@ def run_split_study(data_dir: str | None = None, tracking_uri: str | None = None
         table["depth"] = table["depth"].astype(int)
         curves = _curves(table, variants)
         _log_summary(parent, table, curves, children, names_a, names_b)
-    except KeyboardInterrupt:
-        parent.end("KILLED", "interrupted by the user (Ctrl-C)")
-        raise
-    except BaseException as e:
-        parent.end("FAILED", one_line(e))
-        raise
-    finish_parent(parent, children)
-    for c in children:  # small networks: keep them, off the accelerator
-        c.model = c.model.cpu() if c.model is not None else None
     return SplitResult(parent.run_id, experiment, names_a, names_b, children, table, curves)
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -264,6 +265,23 @@ def log_table(run: RunLogger, table: pd.DataFrame, stem: str) -> None:
     run.log_text(table.to_markdown(index=False, floatfmt=".4f") + "\n", f"{stem}.md")
 
 
+@contextmanager
+def parent_run(run: RunLogger, children: list[ChildResult]):
+    """The body of a study's parent run: on Ctrl-C the run ends KILLED, on an error FAILED with
+    the reason; otherwise `finish_parent` ends it from its children (filled in by the body)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        run.end("KILLED", "interrupted by the user (Ctrl-C)")
+        raise
+    except BaseException as e:
+        run.end("FAILED", one_line(e))
+        raise
+    finish_parent(run, children)
+    for c in children:  # small networks: keep them, off the accelerator
+        c.model = c.model.cpu() if c.model is not None else None
+
+
 def finish_parent(run: RunLogger, children: list[ChildResult]) -> None:
     failed = [c for c in children if c.status != "FINISHED"]
     run.log_metrics({"children_finished": len(children) - len(failed), "children_failed": len(failed)})
@@ -350,7 +368,7 @@ def run_transfer(source: str, target: str = "cifar100", data_dir: str | None = N
                                    "transfer_modes": ",".join(n for n, _, _ in children_spec),
                                    "backbone_lr_scale": backbone_lr_scale})
     children: list[ChildResult] = []
-    try:
+    with parent_run(parent, children):
         parent.log_params({**C.flatten(C.to_dict(cfg)), "backbone_lr_scale": backbone_lr_scale,
                            "source_run_id": source_run_id})
         parent.log_text(C.to_yaml(cfg), "config.yaml")
@@ -369,15 +387,6 @@ def run_transfer(source: str, target: str = "cifar100", data_dir: str | None = N
         _log_summary(parent, table, children,
                      depth_figure(table, title, num_classes, len(ds.coarse_classes or []) or None)
                      if (table["status"] == "FINISHED").any() else None)
-    except KeyboardInterrupt:
-        parent.end("KILLED", "interrupted by the user (Ctrl-C)")
-        raise
-    except BaseException as e:
-        parent.end("FAILED", one_line(e))
-        raise
-    finish_parent(parent, children)
-    for c in children:  # small networks: keep them, off the accelerator
-        c.model = c.model.cpu() if c.model is not None else None
     return TransferResult(parent.run_id, experiment, source_run_id, study, target, children, table)
 
 

@@ -250,3 +250,14 @@ def test_stage_metrics_figure():
     fig = stage_metrics_figure(table)
     assert len(fig.axes[0].lines) == 3
     check_figure(fig, 1)
+
+
+def test_identical_or_non_finite_points_are_refused_before_projection():
+    from analysis.embeddings import DegenerateEmbeddings, check_projectable, project_tsne
+
+    with pytest.raises(DegenerateEmbeddings, match="identical"):
+        project_tsne(np.zeros((50, 8)), seed=0)  # unguarded, scikit-learn segfaults here
+    with pytest.raises(DegenerateEmbeddings, match="non-finite"):
+        check_projectable(np.full((50, 8), np.nan))
+    x = np.random.default_rng(0).normal(size=(50, 8))
+    assert check_projectable(x).dtype == np.float32

@@ -49,8 +49,10 @@ def store(tmp_path_factory, cifar10_root):
     torch.manual_seed(0)
     tuned = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
     fine_tuned = _run_with(client, exp, cfg_text, tuned, {"source_run_id": result.run_id})
+    dead = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in state.items()}
+    dead_run = _run_with(client, exp, cfg_text, dead)  # every image maps to the same features
     return {"uri": uri, "run_id": result.run_id, "no_model": no_model, "fine_tuned": fine_tuned,
-            "client": client}
+            "dead": dead_run, "client": client}
 
 
 def _artifacts(client, run_id, path="analysis"):
@@ -198,3 +200,12 @@ def test_analyze_from_the_command_line(store, capsys):
     code = main(["analyze", store["no_model"], "--tracking-uri", store["uri"], "--quiet"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "no model checkpoint" in lines[0]
+
+
+def test_a_dead_network_is_analysed_with_its_projections_skipped(store):
+    """Identical points crash scikit-learn's t-SNE (segfault): the plots are skipped and say why."""
+    result = analyze_run(store["dead"], store["uri"], samples=60, progress=False, projections=("tsne", "umap"))
+    tags = store["client"].get_run(store["dead"]).data.tags
+    assert "identical" in tags["analysis.tsne_skipped.embedding"]
+    assert "identical" in tags["analysis.umap_skipped.stage1"]
+    assert not any(a.startswith(("analysis/tsne/", "analysis/umap/")) for a in result.artifacts)

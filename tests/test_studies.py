@@ -364,3 +364,22 @@ def test_tune_with_transfer_skips_it_with_one_line_when_the_target_is_missing(en
     assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 1
     skipped = [line for line in out.splitlines() if line.startswith("harness: transfer skipped: ")]
     assert len(skipped) == 1 and "cifar100 not found" in skipped[0] and "--data-dir" in skipped[0]
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "nsga2"])
+def test_workers_with_one_seed_draw_their_own_values(sampler):
+    """Two workers of one study, both given --seed 0, ask at once: different values; a new study
+    with the same seed draws the first trial's values again (reproducible on one worker)."""
+    from studies.driver import make_sampler
+
+    multi = sampler == "nsga2"
+    dirs = ["maximize", "minimize"] if multi else ["maximize"]
+    storage = optuna.storages.InMemoryStorage()
+    first = optuna.create_study(storage=storage, study_name="s", directions=dirs,
+                                sampler=make_sampler(sampler, 0, multi))
+    second = optuna.load_study(storage=storage, study_name="s", sampler=make_sampler(sampler, 0, multi))
+    a, b = first.ask(), second.ask()
+    x = a.suggest_float("x", 0, 1)
+    assert x != b.suggest_float("x", 0, 1)
+    again = optuna.create_study(directions=dirs, sampler=make_sampler(sampler, 0, multi))
+    assert again.ask().suggest_float("x", 0, 1) == x
