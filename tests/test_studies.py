@@ -356,8 +356,8 @@ def test_a_trial_beyond_the_target_is_given_up():
 
 def test_tune_with_transfer_skips_it_with_one_line_when_the_target_is_missing(env, capsys):
     """The study stands; CIFAR-100 is absent from the generated data root, so the transfer is skipped."""
-    code = env.tune(capsys, 1, study="then-transfer", extra=("--transfer",),
-                    fixed=[f for f in FIXED if f != "eval.log_model=false"])
+    env.tune(capsys, 1, study="then-transfer", extra=("--transfer",),
+             fixed=[f for f in FIXED if f != "eval.log_model=false"])  # trials keep their checkpoint
     code, out, err = env.outputs[-1]
     assert code == 0, err
     study = env.study("then-transfer")
