@@ -198,6 +198,12 @@ class RunLogger:
         self.client.set_terminated(self.run_id, status)
 
 
+def error_line(e: BaseException) -> str:
+    """`Type: last line of the message`: why a run or trial failed, in one line."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}".rstrip(": ")
+
+
 def _param_value(v) -> str:
     s = str(v)
     return s if len(s) <= 6000 else s[:5997] + "..."

@@ -33,7 +33,7 @@ from harness import config as C
 from harness.data import Dataset, load_dataset
 from harness.experiment import train_run
 from harness.models import count_parameters
-from harness.tracking import RunLogger, client_for, tracking_uri
+from harness.tracking import RunLogger, client_for, error_line, tracking_uri
 from studies.space import Space, load_space, profile_settings, sample
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
@@ -368,7 +368,7 @@ class Worker:
             if self.dataset is None or self.dataset.name != cfg.data.dataset:
                 self.dataset = load_dataset(cfg.data)
         except Exception as e:
-            trial.set_user_attr("fail_reason", _reason(e))
+            trial.set_user_attr("fail_reason", error_line(e)[:1000])
             raise
         tags = {"study": self.opts.study, "run_kind": "trial", "trial_number": trial.number,
                 "trial_state": "RUNNING"}
@@ -394,7 +394,7 @@ class Worker:
             run.set_tags({"trial_state": "PRUNED"})
             raise
         except BaseException as e:
-            trial.set_user_attr("fail_reason", _reason(e))
+            trial.set_user_attr("fail_reason", error_line(e)[:1000])
             run.set_tags({"trial_state": "FAIL"})
             raise
         run.set_tags({"trial_state": "COMPLETE"})
@@ -430,12 +430,6 @@ class Worker:
                 reason = trial.user_attrs.get("fail_reason", "see the trial runs")
                 raise StudyError(f"{failures} trials in a row failed, the last with {reason}: "
                                  "fix the cause and run the same command to resume")
-
-
-def _reason(e: BaseException) -> str:
-    """`Type: last line of the message`, for the trial's fail_reason."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}"[:1000]
 
 
 def measure_latency(model, batch: int = 1, repeats: int = 20) -> float:

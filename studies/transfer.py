@@ -45,7 +45,7 @@ from harness import config as C
 from harness.checkpoints import get_run, load_run_model
 from harness.data import Dataset, load_dataset
 from harness.models import CNN
-from harness.tracking import RunLogger, client_for
+from harness.tracking import RunLogger, client_for, error_line
 from harness.training import select_device
 
 MODES = ("probe", "finetune", "freeze", "scratch")  # `freeze` expands to freeze_0 .. freeze_S
@@ -212,11 +212,6 @@ def build_child(source: CNN, mode: str, frozen: int, num_classes: int,
 # Running children under a parent (shared with the split study)
 
 
-def one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[-1] if text else ''}".rstrip(": ")
-
-
 def run_child(client, experiment: str, parent_run_id: str, name: str, mode: str, frozen: int,
               cfg: C.Config, ds: Dataset, build: Callable[[], tuple], tags: dict,
               progress: bool = True) -> ChildResult:
@@ -234,13 +229,13 @@ def run_child(client, experiment: str, parent_run_id: str, name: str, mode: str,
         else:
             run.set_tags({"trainable_params": "all"})
     except Exception as e:
-        run.end("FAILED", one_line(e))
-        return ChildResult(name, mode, frozen, run.run_id, "FAILED", error=one_line(e), tags=tags)
+        run.end("FAILED", error_line(e))
+        return ChildResult(name, mode, frozen, run.run_id, "FAILED", error=error_line(e), tags=tags)
     try:
         result = train_run(C.replace(cfg, {"name": name}), run, ds, progress=progress, model=model,
                            param_groups=groups)
     except Exception as e:  # train_run has ended the run FAILED with the reason
-        return ChildResult(name, mode, frozen, run.run_id, "FAILED", error=one_line(e), tags=tags)
+        return ChildResult(name, mode, frozen, run.run_id, "FAILED", error=error_line(e), tags=tags)
     metrics = {**result.metrics, "best_val_accuracy": result.fit.best_val_accuracy,
                "epochs_trained": len(result.fit.history)}
     return ChildResult(name, mode, frozen, run.run_id, "FINISHED", metrics, tags=tags, model=result.model)
@@ -275,7 +270,7 @@ def parent_run(run: RunLogger, children: list[ChildResult]):
         run.end("KILLED", "interrupted by the user (Ctrl-C)")
         raise
     except BaseException as e:
-        run.end("FAILED", one_line(e))
+        run.end("FAILED", error_line(e))
         raise
     finish_parent(run, children)
     for c in children:  # small networks: keep them, off the accelerator

@@ -122,18 +122,21 @@ def write_cifar10(root: Path, n_train: int = 600, n_test: int = 200, seed: int =
     return FakeCifar(Path(root), train_images, train_labels, test_images, test_labels, classes)
 
 
-def write_cifar100(root: Path, n_train: int = 500, n_test: int = 200, seed: int = 0) -> FakeCifar:
-    """`root/cifar-100-python/`: train, test (fine and coarse labels), meta (both name lists)."""
+def write_cifar100(root: Path, n_train: int = 500, n_test: int = 200, seed: int = 0,
+                   num_fine: int = 100, num_coarse: int = 20) -> FakeCifar:
+    """`root/cifar-100-python/`: train, test (fine and coarse labels), meta (both name lists).
+    Fewer classes than the real 100/20 keep the same layout (tests that train many runs)."""
     folder = Path(root) / "cifar-100-python"
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    fine_names = [f"fine_{i:02d}" for i in range(100)]
-    coarse_names = [f"coarse_{i:02d}" for i in range(20)]
-    fine_to_coarse = rng.permutation(np.arange(100) % 20).astype(np.int64)  # five fine classes each
+    fine_names = [f"fine_{i:02d}" for i in range(num_fine)]
+    coarse_names = [f"coarse_{i:02d}" for i in range(num_coarse)]
+    # as many fine classes in each superclass (five, as released)
+    fine_to_coarse = rng.permutation(np.arange(num_fine) % num_coarse).astype(np.int64)
 
     def split(n: int, name: str):
-        fine = balanced_labels(n, 100, rng)
-        images = fake_images(fine, 100, rng)
+        fine = balanced_labels(n, num_fine, rng)
+        images = fake_images(fine, num_fine, rng)
         _dump(folder / name, {"filenames": [f"img_{i:05d}.png" for i in range(n)], "batch_label": f"{name}ing batch",
                               "fine_labels": fine.tolist(), "coarse_labels": fine_to_coarse[fine].tolist(),
                               "data": _rows(images)})

@@ -11,13 +11,11 @@ module trains ten CIFAR-100 runs. The 100-class loader itself is tested in test_
 """
 from __future__ import annotations
 
-import pickle
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import balanced_labels, fake_images, make_tiny_config, new_tracking_uri
+from conftest import make_tiny_config, new_tracking_uri, write_cifar100
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -34,28 +32,10 @@ CHILD = ["epochs=1"]
 NO_MODEL = CHILD + ["eval.log_model=false"]
 
 
-def write_small_cifar100(root, n_train: int = 600, n_test: int = 200, fine: int = 15, coarse: int = 5, seed: int = 3):
-    """`root/cifar-100-python/` (train, test, meta) with `fine` classes; fine f is in superclass f // 3."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-
-    def batch(n):
-        labels = balanced_labels(n, fine, rng)
-        return {"data": fake_images(labels, fine, rng).reshape(n, -1), "fine_labels": labels.tolist(),
-                "coarse_labels": (labels // (fine // coarse)).tolist()}
-
-    (folder / "train").write_bytes(pickle.dumps(batch(n_train)))
-    (folder / "test").write_bytes(pickle.dumps(batch(n_test)))
-    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"fine{i}" for i in range(fine)],
-                                                "coarse_label_names": [f"coarse{i}" for i in range(coarse)]}))
-    return root
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, cifar10_root, empty_mlflow_db):
     tmp = tmp_path_factory.mktemp("transfer")
-    c100 = write_small_cifar100(tmp / "data")
+    c100 = write_cifar100(tmp / "data", n_train=600, n_test=200, seed=3, num_fine=15, num_coarse=5).root
     uri = new_tracking_uri(tmp, empty_mlflow_db)
     cfg = make_tiny_config(cifar10_root, label_smoothing=0.1, model={"dropout": 0.1}, eval={"log_model": True})
     source = run_experiment(cfg, uri, experiment="source", progress=False)
