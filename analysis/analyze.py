@@ -52,7 +52,8 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from analysis.cka import cka_matrix, plot_cka_heatmap
-from analysis.embeddings import DegenerateEmbeddings, plot_embedding_2d, project_tsne, project_umap, sample_indices
+from harness.errors import HarnessError
+from harness.embeddings import DegenerateEmbeddings, plot_embedding_2d, project_tsne, project_umap, sample_indices
 from analysis.figures import (feature_maps_figure, filters_figure, nearest_neighbours, neighbour_grid,
                               stage_metrics_figure)
 from analysis.metrics import cluster_scores, flatten_features, knn_accuracy_loo, linear_probe_accuracy
@@ -69,7 +70,7 @@ BATCH = 500
 MIN_IMAGES = 20
 
 
-class AnalysisError(ConfigError):
+class AnalysisError(HarnessError):
     """A bad analysis option (too few images, an unknown projection); the message is one line.
 
     A ConfigError, so the CLI reports it like any other bad option value.

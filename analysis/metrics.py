@@ -17,7 +17,7 @@ from sklearn.metrics.cluster import contingency_matrix
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from analysis.embeddings import sample_indices
+from harness.embeddings import sample_indices
 
 
 def flatten_features(t: torch.Tensor, pool: int | None = None) -> torch.Tensor:

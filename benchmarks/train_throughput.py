@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from harness import config as C
+from studies.library import DEFAULT_CONFIG
 from harness.data import MEAN, STD, load_dataset, make_splits
 from harness.models import build_model
 from harness.training import build_optimizer, fit, select_device
@@ -79,7 +80,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    cfg = C.load(C.DEFAULT_CONFIG, [f"device={args.device}", f"data.train_subset={args.images}",
+    cfg = C.load(DEFAULT_CONFIG, [f"device={args.device}", f"data.train_subset={args.images}",
                                     "data.val_subset=1000"], args.data_dir)
     device = select_device(cfg.device)
     ds = load_dataset(cfg.data)

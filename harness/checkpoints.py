@@ -9,11 +9,12 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from harness.errors import HarnessError
 from harness import config as C
 from harness.models import CNN, build_model
 
 
-class RunNotFound(LookupError):
+class RunNotFound(HarnessError, LookupError):
     """A run id that the store does not know, or a run without what was asked of it."""
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from harness import config as C
+from harness.errors import HarnessError
 from harness.tracking import DEFAULT_TRACKING_URI, tracking_uri
 
 class Parser(argparse.ArgumentParser):
@@ -17,11 +18,14 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="YAML config (default: studies/configs/default.yaml)")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML config, or the name of one in studies/configs/ (default, fast; default: default)")
     p.add_argument("--data-dir", metavar="DIR",
                    help=f"data root holding cifar-10-batches-py/ (default: ${C.DATA_DIR_ENV} or ./data)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, dotted for nested ones: --set epochs=1 --set data.train_subset=10000")
+    p.add_argument("--profile", choices=C.PROFILES, default="auto",
+                   help="the config's (and a study space's) budget: quick for CPUs, full for GPUs; auto picks by device")
 
 
 def add_tracking_arg(p: argparse.ArgumentParser) -> None:
@@ -30,15 +34,18 @@ def add_tracking_arg(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args) -> C.Config:
-    path = args.config or (C.DEFAULT_CONFIG if C.DEFAULT_CONFIG.exists() else None)
-    return C.load(path, args.overrides, args.data_dir)
+    from studies.library import config_path
+
+    return C.load(config_path(args.config), args.overrides, args.data_dir, getattr(args, "profile", "auto"))
 
 
 def cmd_train(args) -> int:
-    from harness.experiment import run_experiment
+    from harness.experiment import resume_run, run_experiment
 
-    cfg = resolve_config(args)
-    result = run_experiment(cfg, args.tracking_uri, args.experiment, progress=not args.quiet)
+    if args.resume:
+        result = resume_run(args.resume, args.tracking_uri, args.data_dir, progress=not args.quiet)
+    else:
+        result = run_experiment(resolve_config(args), args.tracking_uri, args.experiment, progress=not args.quiet)
     m = result.metrics
     print(f"run {result.run_id}: test accuracy {m['test_accuracy']:.4f} (top-5 {m['test_top5_accuracy']:.4f}), "
           f"best val accuracy {result.fit.best_val_accuracy:.4f} at epoch {result.fit.best_epoch}")
@@ -46,17 +53,163 @@ def cmd_train(args) -> int:
     return 0
 
 
+UI_MODE = "workflowType=machine_learning"  # MLflow 3 opens experiments on its GenAI overview: the training view
+UI_READY_SECONDS = 180  # a first start on a busy 2-core machine takes about 30 s
+
+
 def cmd_ui(args) -> int:
+    """The MLflow UI over the tracking store, opened on a study's or experiment's runs in Model-training mode."""
+    import signal
+    import socket
+
+    from studies.driver import _redact, open_client
+
     uri = tracking_uri(args.tracking_uri)
-    print(f"MLflow UI on http://{args.host}:{args.port} over {uri}")
-    print(f"training runs: open an experiment, then its Runs tab "
-          f"(http://{args.host}:{args.port}/#/experiments/<id>/runs); Ctrl-C stops the server")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", args.host, "--port", str(args.port)]
+    client = open_client(uri)  # a fresh store is created (and migrated) here, under the workers' lock
     try:
-        return subprocess.call(cmd)
+        exp_id, what = _ui_target(client, args.study, args.experiment, _redact(uri))
+    except LookupError as e:
+        print(f"harness: error: {e}", file=sys.stderr)
+        return 2
+    if uri.startswith(("http://", "https://")):  # a tracking server already serves the UI
+        return _show(client, uri.rstrip("/"), exp_id, what, args.no_browser)
+    try:
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+            probe.bind((args.host, args.port))
+    except OSError as e:
+        print(f"harness: error: cannot serve on {args.host}:{args.port} ({e.strerror or e}): "
+              "choose another --port (or --host)", file=sys.stderr)
+        return 2
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(args.host, args.host)
+    base = f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{args.port}"
+    print(f"MLflow UI starting on {base} over {_redact(uri)} ...", flush=True)
+    # one worker is plenty for one person; the job runner serves GenAI judges only (7 more processes)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION":
+           os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", args.host, "--port", str(args.port), "--workers", "1"]
+    # a process group of its own: Ctrl-C reaches this process, which then stops the whole server
+    server = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)  # `kill` stops it as cleanly as Ctrl-C
+    try:
+        if not _wait_until_answering(server, base):
+            why = (f"did not answer in {UI_READY_SECONDS} s" if server.poll() is None
+                   else f"stopped (exit code {server.returncode}) before it answered")
+            print(f"harness: error: the MLflow UI server {why}: see its messages above", file=sys.stderr)
+            return 1
+        _show(client, base, exp_id, what, args.no_browser)
+        print("Ctrl-C stops the server", flush=True)
+        code = server.wait()
+        print(f"harness: error: the MLflow UI server stopped by itself (exit code {code})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
+        _stop_server(server)
+        print("MLflow UI stopped", flush=True)
         return 0
+    finally:
+        _stop_server(server)  # (a no-op once it is stopped)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _ui_target(client, study: str | None, experiment: str | None, store: str) -> tuple[str | None, str]:
+    """The experiment id to open (None: the experiments list) and what it is; LookupError names the choices."""
+
+    def missing(kind: str, kinds: str, name: str, names, fix: str) -> LookupError:
+        names = sorted(n for n in set(names) if n)
+        more = f" and {len(names) - 20} more" if len(names) > 20 else ""
+        there = f"its {kinds}: {', '.join(names[:20])}{more}" if names else f"it has no {kinds} yet"
+        return LookupError(f"no {kind} {name!r} in {store}; {there} ({fix})")
+
+    if study:
+        ids = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(ids, "tags.run_kind = 'study'", max_results=1000) if ids else []
+        found = {r.data.tags.get("study"): r.info.experiment_id for r in runs}
+        if study not in found:
+            raise missing("study", "studies", study, found,
+                          "pick one with --study" if found else "`harness tune --study NAME` makes one")
+        return found[study], f"study {study}: its study run and trials"
+    if experiment:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None or exp.lifecycle_stage != "active":
+            raise missing("experiment", "experiments", experiment, [e.name for e in client.search_experiments()],
+                          "pick one with --experiment")
+        return exp.experiment_id, f"experiment {experiment}: its runs"
+    return None, "experiments"
+
+
+def _ui_url(base: str, exp_id: str | None) -> str:
+    return f"{base}/#/experiments/{exp_id}/runs?{UI_MODE}" if exp_id else f"{base}/#/experiments?{UI_MODE}"
+
+
+def _show(client, base: str, exp_id: str | None, what: str, no_browser: bool) -> int:
+    """Print the URL; open it where a browser can show it (a console one would take the terminal)."""
+    import webbrowser
+
+    url = _ui_url(base, exp_id)
+    print(f"{what}, in Model-training mode: {url}", flush=True)
+    if exp_id is None:  # the list's links drop the mode: give each experiment's own
+        print("(MLflow opens an experiment picked there on its GenAI overview until you switch it to "
+              "'Model training' once; the runs directly:)")
+        for exp in client.search_experiments(max_results=10, order_by=["last_update_time DESC"]):
+            print(f"  {exp.name}: {_ui_url(base, exp.experiment_id)}", flush=True)
+    graphical = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform in ("darwin", "win32")
+    if not no_browser and (graphical or os.environ.get("BROWSER")):
+        try:
+            webbrowser.open(url)
+        except webbrowser.Error:
+            pass
+    return 0
+
+
+def _wait_until_answering(server: subprocess.Popen, base: str) -> bool:
+    """Poll the server's /health until it answers; False if it exits first or takes too long."""
+    import time
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+    deadline = time.monotonic() + UI_READY_SECONDS
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            with opener.open(f"{base}/health", timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.25)
+    return False
+
+
+def _stop_server(server: subprocess.Popen) -> None:
+    """Ctrl-C to the server's whole process group, as a terminal would; then SIGTERM, then SIGKILL.
+
+    Another Ctrl-C meanwhile is ignored: the stop takes 30 s at most and leaves no server behind.
+    """
+    import signal
+    import time
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for sig, seconds in ((signal.SIGINT, 20), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(server.pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                server.poll()  # reap it, or the group never empties
+                try:
+                    os.killpg(server.pid, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def cmd_tune(args) -> int:
@@ -71,20 +224,17 @@ def cmd_tune(args) -> int:
     study = tune(opts)
     _print_best(study, args)
     if args.transfer:
-        from harness.checkpoints import RunNotFound
-        from harness.data import DatasetError
-        from studies.driver import StudyError
-        from studies.transfer import TransferError, run_transfer
+        from studies.transfer import run_transfer
 
         try:
             result = run_transfer(f"best:{args.study}", data_dir=args.data_dir, tracking_uri=args.tracking_uri,
                                   storage=args.storage, progress=not args.quiet)
             print(f"transfer study: parent run {result.parent_run_id} in experiment '{result.experiment}'")
-        except (DatasetError, RunNotFound, StudyError, TransferError) as e:  # the study stands; no transfer
+        except HarnessError as e:  # the study stands; no transfer
             print(f"harness: transfer skipped: {e}")
     print(f"study summary: the run 'study-{args.study}' in MLflow experiment '{args.study}' "
           f"(`harness report --study {args.study}` refreshes it, `harness compare --study {args.study}` lists trials)")
-    print(f"browse: `harness ui`, then open experiment '{args.study}' -> Runs")
+    print(f"browse: `harness ui --study {args.study}` (the study run; expand it for its trials)")
     return 0
 
 
@@ -116,13 +266,18 @@ def cmd_best(args) -> int:
     run_id = best.user_attrs.get("mlflow_run_id")
     if run_id:
         from harness.checkpoints import get_run
+        from studies.report import champion_uri, champion_version
 
-        run = get_run(client_for(args.tracking_uri), run_id)  # another store: one line naming --tracking-uri
+        client = client_for(args.tracking_uri)
+        run = get_run(client, run_id)  # another store: one line naming --tracking-uri
         keys = ("best_val_accuracy", "test_accuracy", "test_top5_accuracy", "test_loss", "num_params",
                 "epochs_trained")
         for k in keys:
             if k in run.data.metrics:
                 print(f"  {k}: {run.data.metrics[k]:.6g}")
+        champion = champion_version(client, args.study)  # None: no trial that logged its model yet
+        if champion is not None:
+            print(f"champion model: {champion_uri(args.study)} (version {champion.version}, run {champion.run_id})")
     return 0
 
 
@@ -208,6 +363,13 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_dashboard(args) -> int:
+    from studies.dashboard import serve
+
+    serve(args.study, args.storage, args.host, args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="harness", description="Train, tune, transfer and analyse CNNs on CIFAR, every run tracked in MLflow.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -216,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     add_tracking_arg(p)
     p.add_argument("--experiment", help="MLflow experiment name (default: <dataset>-train)")
+    p.add_argument("--resume", metavar="RUN_ID",
+                   help="continue a stopped run from its last checkpoint (its own config; --set is ignored)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
@@ -234,8 +398,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--objectives", choices=OBJECTIVES, default="accuracy",
                    help="validation accuracy alone, or against parameter count / CPU latency (Pareto front)")
-    p.add_argument("--profile", choices=("auto", "quick", "full"), default="auto",
-                   help="the space's fixed budget: quick on CPU, full on GPU (auto picks by device)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--heartbeat", type=int, default=30, help="seconds between trial heartbeats")
     p.add_argument("--transfer", action="store_true", help="run the CIFAR-100 transfer study on the best trial")
@@ -296,33 +458,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_analyze)
 
-    p = sub.add_parser("ui", help="open the MLflow UI on the tracking store")
+    p = sub.add_parser("dashboard", help="optuna-dashboard on a study, read-only (safe while workers run it)")
+    p.add_argument("--study", required=True)
+    p.add_argument("--storage", help="Optuna storage URL (default: $HARNESS_STORAGE or sqlite:///mlruns/optuna.db)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to serve on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="0: any free port")
+    p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on the tracking store and open a study's runs")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--study", metavar="NAME", help="open this study's experiment: its study run and trials")
+    target.add_argument("--experiment", metavar="NAME", help="open this experiment's runs")
     add_tracking_arg(p)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="interface to serve on (default: this machine only)")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--no-browser", action="store_true", help="print the URL only")
     p.set_defaults(func=cmd_ui)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from harness.checkpoints import RunNotFound
-    from harness.data import DatasetError
-    from harness.training import NonFiniteLoss
-    from studies.driver import StudyError
-    from studies.space import SpaceError
-    from studies.transfer import TransferError
+    from harness.interrupts import exit_code, stop_cleanly
 
+    args = build_parser().parse_args(argv)
+    restore = stop_cleanly()  # SIGTERM stops as cleanly as Ctrl-C; a second signal at once
     try:
         return args.func(args)
-    except (C.ConfigError, DatasetError, NonFiniteLoss, RunNotFound, StudyError, SpaceError,
-            TransferError) as e:
+    except HarnessError as e:  # bad input or something missing: its one line, no traceback
         print(f"harness: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("harness: interrupted; a run in progress was ended as KILLED with what it logged "
-              "(a study resumes with the same command)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"harness: {e or 'interrupted'}; a run in progress was ended KILLED with what it logged "
+              "(`harness train --resume RUN_ID` continues a run from its last epoch; a study resumes, "
+              "its stopped trials too, with the same command)", file=sys.stderr)
+        return exit_code(e)
+    finally:
+        restore()
 
 
 if __name__ == "__main__":

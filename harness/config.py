@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from harness.errors import HarnessError
 
 DATA_DIR_ENV = "HARNESS_DATA_DIR"
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "studies" / "configs" / "default.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(HarnessError, ValueError):
     """A bad config file, key or value; the message is one line that names the fix."""
 
 
@@ -50,6 +50,10 @@ class ModelConfig:
     activation: str = "relu"  # relu | gelu | silu
     residual: bool = False
     head_width: int = 256  # hidden units of the classifier head; 0 = a single linear layer
+    stem: str = "none"  # none | whiten: a fixed 2x2 patch-whitening conv first, set from training images
+    pool_first: bool = False  # pool right after a stage's first conv, so its other convs run at half size
+    global_pool: str = "none"  # none | max | avg: the last stage pooled to 1x1 before the head
+    logit_scale: float = 1.0  # logits multiplied by this (a temperature; the fast recipe uses 1/9)
 
 
 @dataclass
@@ -59,6 +63,8 @@ class EvalConfig:
     umap: bool = True
     misclassified: int = 25  # most confidently misclassified images shown
     log_model: bool = True
+    tta: bool = False  # validation and test logits averaged over each image and its mirror image
+    system_metrics: bool = True  # CPU/GPU utilization and memory as system/... metrics (MLflow's monitor)
 
 
 @dataclass
@@ -78,10 +84,14 @@ class Config:
     nesterov: bool = True
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
-    schedule: str = "onecycle"  # onecycle | cosine | step | plateau | none
+    schedule: str = "onecycle"  # onecycle | linear | cosine | step | plateau | none
+    warmup: float = 0.25  # onecycle / linear: fraction of the steps spent raising the learning rate
     step_size: int = 10  # step schedule: epochs between decays
     gamma: float = 0.1  # step / plateau decay factor
+    lr_patience: int = 2  # plateau schedule: epochs without a better validation accuracy before a decay
     patience: int = 5  # early stopping: epochs without a better validation accuracy; 0 = off
+    lookahead: bool = False  # every 5 steps pull the weights toward a slow average of them (airbench)
+    checkpoint_every: int = 1  # epochs between resumable checkpoints (harness/resume.py); 0 = none
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -92,8 +102,10 @@ CHOICES = {
     "data.label": ("fine", "coarse"),
     "model.pool": ("max", "avg"),
     "model.activation": ("relu", "gelu", "silu"),
+    "model.stem": ("none", "whiten"),
+    "model.global_pool": ("none", "max", "avg"),
     "optimizer": ("sgd", "adam", "adamw"),
-    "schedule": ("onecycle", "cosine", "step", "plateau", "none"),
+    "schedule": ("onecycle", "linear", "cosine", "step", "plateau", "none"),
     "precision": ("auto", "bf16", "fp32"),
 }
 
@@ -173,7 +185,7 @@ def _check(cfg: Config) -> Config:
         value = get(cfg, key)
         if value not in choices:
             raise ConfigError(f"bad value {value!r} for {key}: choose one of {', '.join(choices)}")
-    positive = ["epochs", "batch_size", "lr", "model.convs_per_stage", "model.kernel_size"]
+    positive = ["epochs", "batch_size", "lr", "model.convs_per_stage", "model.kernel_size", "model.logit_scale"]
     for key in positive:
         if get(cfg, key) <= 0:
             raise ConfigError(f"bad value {get(cfg, key)!r} for {key}: must be positive")
@@ -183,9 +195,12 @@ def _check(cfg: Config) -> Config:
         raise ConfigError("bad value for model.widths: at most 5 stages (each halves 32x32 images)")
     if cfg.model.kernel_size % 2 == 0:
         raise ConfigError(f"bad value {cfg.model.kernel_size} for model.kernel_size: must be odd")
-    for key in ("model.dropout", "label_smoothing"):
+    for key in ("model.dropout", "label_smoothing", "warmup"):
         if not 0.0 <= get(cfg, key) < 1.0:
             raise ConfigError(f"bad value {get(cfg, key)!r} for {key}: must be in [0, 1)")
+    for key in ("lr_patience", "checkpoint_every"):
+        if get(cfg, key) < 0:
+            raise ConfigError(f"bad value {get(cfg, key)!r} for {key}: must be 0 or more")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"bad value {cfg.data.val_fraction!r} for data.val_fraction: must be in (0, 1)")
     for key in ("data.train_subset", "data.val_subset", "data.test_subset", "eval.embedding_samples"):
@@ -257,9 +272,27 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+PROFILES = ("auto", "quick", "full")
+
+
+def pick_profile(profile: str, device: str = "auto") -> str:
+    """`auto` is `full` where training runs on CUDA and `quick` elsewhere: the budgets that config
+    files and search spaces keep for GPUs and for CPUs."""
+    if profile != "auto":
+        return profile
+    if device == "auto":
+        import torch
+        return "full" if torch.cuda.is_available() else "quick"
+    return "full" if device.startswith("cuda") else "quick"
+
+
 def load(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None,
-         data_dir: str | None = None) -> Config:
-    """Resolve a run's config: defaults < YAML file < HARNESS_DATA_DIR < --data-dir < --set."""
+         data_dir: str | None = None, profile: str = "auto") -> Config:
+    """Resolve a run's config: defaults < YAML file < its profile < HARNESS_DATA_DIR < --data-dir < --set.
+
+    A file may keep settings for CPUs and GPUs apart in `profiles: {quick: {...}, full: {...}}`
+    (dotted keys); `profile` picks one, `auto` by the device the run will use.
+    """
     d: dict = {}
     if path is not None:
         p = Path(path)
@@ -271,6 +304,16 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | dict | No
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             where = f" at line {line + 1}" if line is not None else ""
             raise ConfigError(f"config file {path} is not valid YAML{where}: fix its syntax") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of settings")
+    profiles = d.pop("profiles", None) or {}
+    if profiles:
+        flat_overrides = flatten(parse_overrides(overrides)) if isinstance(overrides, list) else \
+            flatten(overrides or {})
+        name = pick_profile(profile, str(flat_overrides.get("device") or d.get("device") or "auto"))
+        if name not in profiles:
+            raise ConfigError(f"config file {path} has no profile {name!r}: choose one of {', '.join(profiles)}")
+        d = merge(d, nest(profiles[name] or {}))
     data_root = data_dir or os.environ.get(DATA_DIR_ENV)
     if data_root:
         d = merge(d, {"data": {"root": data_root}})

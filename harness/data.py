@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness.errors import HarnessError
 from harness.config import DATA_DIR_ENV, DataConfig
 
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -38,7 +39,7 @@ LAYOUTS = {
 }
 
 
-class DatasetError(RuntimeError):
+class DatasetError(HarnessError, RuntimeError):
     """Missing or unreadable data; the message is one line naming the file or the fix."""
 
 
@@ -171,40 +172,48 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return order[n_val:], order[:n_val]
 
 
+def _put(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+
+def test_split(ds: Dataset, cfg: DataConfig, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images and labels a run is evaluated on: the first `test_subset` (all by default)."""
+    return _put(ds.test_images[:cfg.test_subset], device), _put(ds.test_labels[:cfg.test_subset], device)
+
+
 def make_splits(ds: Dataset, cfg: DataConfig, device: torch.device | str = "cpu") -> Splits:
     train_idx, val_idx = split_indices(len(ds.train_labels), cfg.val_fraction, cfg.split_seed)
     train_idx, val_idx = train_idx[:cfg.train_subset], val_idx[:cfg.val_subset]
-    test_idx = np.arange(len(ds.test_labels))[:cfg.test_subset]
-
-    def put(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
-
-    return Splits(put(ds.train_images[train_idx]), put(ds.train_labels[train_idx]),
-                  put(ds.train_images[val_idx]), put(ds.train_labels[val_idx]),
-                  put(ds.test_images[test_idx]), put(ds.test_labels[test_idx]), ds.classes)
+    return Splits(_put(ds.train_images[train_idx], device), _put(ds.train_labels[train_idx], device),
+                  _put(ds.train_images[val_idx], device), _put(ds.train_labels[val_idx], device),
+                  *test_split(ds, cfg, device), ds.classes)
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random crop with zero padding and horizontal flip, for a whole uint8 batch at once.
 
-    Each image gets its own offset (dy, dx) and flip; one gather builds the batch, with the
-    column order reversed for flipped images so crop and flip cost a single indexing pass.
+    The randomness comes from `generator`, which lives on the batch's device, so a training
+    step never waits for the host. Each image gets its own offset (dy, dx) and flip; one
+    gather builds the batch, with the column order reversed for flipped images so crop and
+    flip cost a single indexing pass. The gather writes channels-last memory (an NCHW view
+    of an NHWC tensor): the batch's one layout change, which channels-last models want anyway.
     """
     b, _, h, w = x.shape
-    offsets = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(x.device)
-    flip = torch.rand(b, generator=generator).to(x.device) < 0.5
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    offsets = torch.randint(0, 2 * pad + 1, (2, b), device=x.device, generator=generator)
+    flip = torch.rand(b, device=x.device, generator=generator) < 0.5
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad)) if pad else x
     ar_h = torch.arange(h, device=x.device)
     ar_w = torch.arange(w, device=x.device)
     rows = offsets[0, :, None] + ar_h  # (b, h)
     cols = offsets[1, :, None] + torch.where(flip[:, None], ar_w.flip(0), ar_w)  # (b, w)
     batch = torch.arange(b, device=x.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (b, h, w, c)
-    return out.permute(0, 3, 1, 2).contiguous()
+    return out.permute(0, 3, 1, 2)
 
 
 def make_normalize(device: torch.device | str, channels_last: bool = False):
-    """uint8 batch -> float batch normalized by the CIFAR-10 channel statistics."""
+    """uint8 batch -> float batch normalized by the CIFAR-10 channel statistics, in the memory
+    format the model wants (a no-op for a batch `augment` made, when channels-last)."""
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255
     fmt = torch.channels_last if channels_last else torch.contiguous_format

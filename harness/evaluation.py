@@ -30,8 +30,11 @@ MANY_CLASSES = 20
 
 @dataclass(frozen=True, eq=False)
 class Predictions:
-    logits: torch.Tensor  # (n, C) cpu float32
-    embeddings: torch.Tensor | None  # (n, d) cpu float32, only when embed=True
+    logits: torch.Tensor  # (n, C) float32, on the images' device
+    embeddings: torch.Tensor | None  # (n, d) float32, on the images' device; only when embed=True
+
+    def cpu(self) -> "Predictions":
+        return Predictions(self.logits.cpu(), self.embeddings.cpu() if self.embeddings is not None else None)
 
 
 @torch.no_grad()
@@ -42,11 +45,15 @@ def predict(
     batch_size: int = 1000,
     embed: bool = False,
     bf16: bool | None = None,
+    tta: bool = False,
 ) -> Predictions:
     """Run `model` in eval mode over uint8 `images` (already on the model's device).
 
-    Batches keep memory bounded; bf16 autocast is used when `bf16` is set (default: on CUDA). The model's
-    previous train/eval mode is restored, so this is safe to call mid-training.
+    Batches keep memory bounded; bf16 autocast is used when `bf16` is set (default: on CUDA).
+    Results stay on the device, so evaluating during training reads nothing back per batch;
+    call `.cpu()` on them once. With `tta`, logits are averaged over each image and its mirror
+    image (embeddings are the plain image's). The model's previous train/eval mode is restored,
+    so this is safe to call mid-training.
     """
     device_type = images.device.type
     was_training = model.training
@@ -59,10 +66,13 @@ def predict(
                 x = normalize(batch)
                 if embed:
                     out, emb = model.forward_with_embedding(x)
-                    embeddings.append(emb.float().cpu())
+                    embeddings.append(emb.float())
                 else:
                     out = model(x)
-            logits.append(out.float().cpu())
+                out = out.float()
+                if tta:
+                    out = (out + model(x.flip(3)).float()) / 2
+            logits.append(out)
     finally:
         model.train(was_training)
     return Predictions(

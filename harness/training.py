@@ -2,10 +2,14 @@
 
 `fit` knows nothing about MLflow or Optuna: it calls each callback with the epoch's metrics,
 and a callback may log them, or raise (optuna.TrialPruned) to stop the run.
+
+A training step never waits for the host: the data and the augmentation's random numbers
+live on the device, and the running loss and accuracy are summed there and read once per
+epoch (with progress bars, twice more), so a GPU is never left idle while Python catches up.
+A non-finite loss is therefore noticed at the end of its epoch.
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import random
@@ -18,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from harness.errors import HarnessError
 from harness.config import Config, ConfigError
 from harness.data import Splits, augment, make_normalize
 from harness.evaluation import predict
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(HarnessError, RuntimeError):
     """The training loss became NaN or infinite; usually a learning rate that is too high."""
 
 
@@ -106,66 +111,113 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def build_optimizer(param_groups: list[dict], cfg: Config) -> torch.optim.Optimizer:
-    """`param_groups` may carry an `lr_scale` (transfer: a smaller rate for the backbone)."""
-    groups = [{"params": g["params"], "lr": cfg.lr * g.get("lr_scale", 1.0)} for g in param_groups]
+    """`param_groups` may carry an `lr_scale` (transfer: a smaller rate for the backbone).
+
+    On CUDA the fused implementations update every parameter in one kernel (and Adam keeps its
+    step count on the device), instead of a launch per parameter group of tensors."""
+    groups = [{"params": list(g["params"]), "lr": cfg.lr * g.get("lr_scale", 1.0)} for g in param_groups]
+    fused = all(p.is_cuda for g in groups for p in g["params"]) or None
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused,
                                nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):
-    """Returns (scheduler, per_batch): one-cycle and cosine step every batch, the rest every epoch."""
+    """Returns (scheduler, per_batch): one-cycle, linear and cosine step every batch, the rest every epoch."""
     total = cfg.epochs * steps_per_epoch
-    if cfg.schedule == "onecycle":
-        max_lr = [g["lr"] for g in opt.param_groups]
-        # OneCycleLR divides by zero on a handful of steps: give tiny runs a slightly longer cycle
+    max_lr = [g["lr"] for g in opt.param_groups]
+    if cfg.schedule in ("onecycle", "linear"):
+        # linear: airbench's triangle, from lr/5 up to lr and down to lr/15. OneCycleLR divides by
+        # zero on a handful of steps: give tiny runs a slightly longer cycle
+        shape = {"anneal_strategy": "linear", "div_factor": 5.0, "final_div_factor": 3.0} \
+            if cfg.schedule == "linear" else {}
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=max(total, 8),
-                                                   pct_start=0.25), True
+                                                   pct_start=cfg.warmup, **shape), True
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total), True
     if cfg.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma), False
     if cfg.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.gamma,
-                                                          patience=max(1, cfg.patience // 2)), False
+                                                          patience=cfg.lr_patience), False
     return None, False
+
+
+class Lookahead:
+    """Every `every` steps, a slow copy of the weights moves toward the fast ones and the fast
+    ones restart from it (Zhang et al., 2019, as airbench schedules it: the pull grows over the
+    run, so early steps train freely and the last ones average)."""
+
+    def __init__(self, model: torch.nn.Module, total_steps: int, every: int = 5):
+        self.params = [p for p in model.state_dict().values() if p.dtype.is_floating_point]
+        self.slow = [p.detach().clone() for p in self.params]
+        self.total, self.every = max(total_steps, 1), every
+
+    def step(self, step: int) -> None:
+        if step % self.every == 0 or step == self.total:
+            decay = 1.0 if step == self.total else 0.95 ** 5 * (step / self.total) ** 3
+            torch._foreach_lerp_(self.slow, self.params, 1 - decay)
+            torch._foreach_copy_(self.params, self.slow)
 
 
 def fit(model: torch.nn.Module, splits: Splits, cfg: Config, device: torch.device,
         callbacks: list[Callback] = (), param_groups: list[dict] | None = None,
-        progress: bool = True) -> FitResult:
+        progress: bool = True, checkpoint: Callable[[dict], None] | None = None,
+        resume: dict | None = None) -> FitResult:
     """Train `model` on `splits` (tensors already on `device`) and restore its best weights.
 
     Early stopping watches validation accuracy; `patience` epochs without a new best end
-    training. Raises NonFiniteLoss as soon as a batch loss is NaN/inf.
+    training. Raises NonFiniteLoss at the end of an epoch whose loss became NaN/inf.
+    Every `cfg.checkpoint_every` epochs `checkpoint` gets the whole training state (see
+    harness/resume.py); `resume`, such a state, continues training from its epoch, with the
+    callbacks first called on the epochs it already holds.
     """
-    cuda = device.type == "cuda"
     bf16 = use_bf16(device, cfg.precision)
-    channels_last = cfg.channels_last
-    normalize = make_normalize(device, channels_last)
-    if channels_last:
+    normalize = make_normalize(device, cfg.channels_last)
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if cfg.compile else model
     opt = build_optimizer(param_groups or [{"params": model.parameters()}], cfg)
     n = len(splits.train_y)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     scheduler, per_batch = build_scheduler(opt, cfg, steps_per_epoch)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    lookahead = Lookahead(model, cfg.epochs * steps_per_epoch) if cfg.lookahead else None
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     result = FitResult()
     best_state = None
     since_best = 0
+    steps = 0
+    first_epoch = 1
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        if lookahead is not None:
+            torch._foreach_copy_(lookahead.slow, [t.to(device) for t in resume["lookahead"]])
+        gen.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        if device.type == "cuda" and resume.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])
+        result.history = [EpochMetrics(**m) for m in resume["history"]]
+        result.best_epoch, result.best_val_accuracy = resume["best_epoch"], resume["best_val_accuracy"]
+        best_state = {k: v.to(device) for k, v in resume["best_state"].items()}
+        since_best, steps, first_epoch = resume["since_best"], resume["steps"], resume["epoch"] + 1
+        for metrics in result.history:
+            for callback in callbacks:
+                callback(metrics)
 
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(first_epoch, cfg.epochs + 1):
         model.train()
         start = time.perf_counter()
-        order = torch.randperm(n, generator=gen).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
+        order = torch.randperm(n, device=device, generator=gen)
+        sums = torch.zeros(2, device=device)  # loss * images, correct predictions
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
                    leave=False, disable=not progress, dynamic_ncols=True)
+        show_at = {steps_per_epoch // 3, 2 * steps_per_epoch // 3} - {0}  # the bar's two reads
         for step in bar:
             idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             x = normalize(augment(splits.train_x[idx], gen))
@@ -173,31 +225,35 @@ def fit(model: torch.nn.Module, splits: Splits, cfg: Config, device: torch.devic
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                 logits = step_model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"non-finite training loss ({loss.item()}) at epoch {epoch}, "
-                                    f"batch {step + 1}: lower the learning rate (lr={cfg.lr:g})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if scheduler is not None and per_batch:
                 scheduler.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
-            if progress and (step % 20 == 0 or step == steps_per_epoch - 1):
-                seen = min((step + 1) * cfg.batch_size, n)
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+            steps += 1
+            if lookahead is not None:
+                lookahead.step(steps)
+            sums += torch.stack([loss.detach() * len(y), (logits.detach().argmax(1) == y).sum().float()])
+            if progress and step in show_at:
+                seen = (step + 1) * cfg.batch_size
+                loss_sum, correct = sums.tolist()
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}")
-        if cuda:
-            torch.cuda.synchronize()
+        loss_sum, correct = sums.tolist()  # the epoch's one wait for the device
         train_seconds = time.perf_counter() - start
-        val = predict(model, splits.val_x, normalize, batch_size=1000, bf16=bf16)
-        val_y = splits.val_y.cpu()
+        if not math.isfinite(loss_sum):
+            raise NonFiniteLoss(f"non-finite training loss ({loss_sum / n}) in epoch {epoch}: "
+                                f"lower the learning rate (lr={cfg.lr:g})")
+        val = predict(model, splits.val_x, normalize, batch_size=1000, bf16=bf16, tta=cfg.eval.tta)
+        val_loss, val_correct = torch.stack([
+            F.cross_entropy(val.logits, splits.val_y, label_smoothing=cfg.label_smoothing),
+            (val.logits.argmax(1) == splits.val_y).sum().float()]).tolist()
         metrics = EpochMetrics(
             epoch=epoch,
-            train_loss=loss_sum.item() / n,
-            train_accuracy=correct.item() / n,
-            val_loss=F.cross_entropy(val.logits, val_y).item(),
-            val_accuracy=(val.logits.argmax(1) == val_y).float().mean().item(),
+            train_loss=loss_sum / n,
+            train_accuracy=correct / n,
+            val_loss=val_loss,  # with the same label smoothing as train_loss: the curves compare
+            val_accuracy=val_correct / len(splits.val_y),
             lr=opt.param_groups[-1]["lr"],
             images_per_s=n / train_seconds,
             epoch_seconds=time.perf_counter() - start,
@@ -211,7 +267,7 @@ def fit(model: torch.nn.Module, splits: Splits, cfg: Config, device: torch.devic
                        f"  lr {metrics.lr:.2e}  {metrics.images_per_s:.0f} img/s")
         if metrics.val_accuracy > result.best_val_accuracy or best_state is None:
             result.best_epoch, result.best_val_accuracy = epoch, metrics.val_accuracy
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             since_best = 0
         else:
             since_best += 1
@@ -220,6 +276,27 @@ def fit(model: torch.nn.Module, splits: Splits, cfg: Config, device: torch.devic
         if cfg.patience and since_best >= cfg.patience:
             result.stopped_early = True
             break
+        if checkpoint is not None and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 \
+                and epoch < cfg.epochs:
+            checkpoint({
+                "epoch": epoch, "steps": steps, "since_best": since_best, "model": _cpu(model.state_dict()),
+                "optimizer": _cpu(opt.state_dict()), "scheduler": scheduler.state_dict() if scheduler else None,
+                "lookahead": [t.cpu() for t in lookahead.slow] if lookahead else None,
+                "generator": gen.get_state().cpu(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                "history": [vars(m) for m in result.history], "best_epoch": result.best_epoch,
+                "best_val_accuracy": result.best_val_accuracy, "best_state": _cpu(best_state)})
 
     model.load_state_dict(best_state)
     return result
+
+
+def _cpu(state):
+    """A (nested) state dict's tensors copied to the host: a checkpoint that loads anywhere."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: _cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_cpu(v) for v in state)
+    return state

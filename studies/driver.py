@@ -29,12 +29,16 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from harness.errors import HarnessError
 from harness import config as C
 from harness.data import Dataset, load_dataset
+from harness.interrupts import exit_code, stop_cleanly
 from harness.experiment import train_run
 from harness.models import count_parameters
-from harness.tracking import RunLogger, client_for, error_line, tracking_uri
-from studies.space import Space, load_space, profile_settings, sample
+from harness.tracking import (RunLogger, client_for, error_line, experiment_id, last_try, server_unreachable,
+                              tracking_uri)
+from studies import library
+from studies.space import Space, load_space, profile_settings, sample, starting_point
 
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 SAMPLERS = ("tpe", "random", "qmc", "cmaes", "nsga2")
@@ -43,9 +47,12 @@ OBJECTIVES = ("accuracy", "accuracy,params", "accuracy,latency")
 MAX_CONSECUTIVE_FAILURES = 3
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# a trial stopped or lost (SIGTERM, Ctrl-C, a dead worker) goes back in the queue, up to 3 times,
+# with its parameters and its last run id: the retry resumes from that run's checkpoint
+requeue = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
 
 
-class StudyError(RuntimeError):
+class StudyError(HarnessError, RuntimeError):
     """A study that cannot start or go on; the message is one line naming the fix."""
 
 
@@ -53,16 +60,19 @@ class SurplusTrial(Exception):
     """A trial started after the study reached its target (two workers asked at once): given up."""
 
 
-class _QuietSurplus(logging.Filter):
-    """Optuna logs every failed trial with its traceback; a given-up surplus trial is no failure."""
+class _QuietTrials(logging.Filter):
+    """Optuna logs every failed trial with its traceback; a given-up surplus trial is no failure,
+    and a stopped one (Ctrl-C, SIGTERM) is said once, in one line, by the command."""
     numbers: set[int] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
         m = re.match(r"Trial (\d+) failed", str(record.msg))
+        if m and record.exc_info and issubclass(record.exc_info[0], KeyboardInterrupt):
+            self.numbers.add(int(m.group(1)))
         return not (m and int(m.group(1)) in self.numbers)
 
 
-logging.getLogger("optuna.study._optimize").addFilter(_QuietSurplus())
+logging.getLogger("optuna.study._optimize").addFilter(_QuietTrials())
 
 
 @dataclass
@@ -84,6 +94,7 @@ class TuneOptions:
     workers: int = 1  # worker processes on this machine
     heartbeat: int = 30  # seconds between trial heartbeats; a trial silent for 3x is failed
     progress: bool = True
+    device: str | None = None  # this worker's device, over the config's (`--workers` spreads them over GPUs)
 
 
 def storage_url(url: str | None) -> str:
@@ -141,7 +152,7 @@ def open_storage(opts: TuneOptions) -> optuna.storages.RDBStorage:
             with _init_lock(url):
                 return optuna.storages.RDBStorage(
                     url, engine_kwargs=engine, heartbeat_interval=opts.heartbeat, grace_period=3 * opts.heartbeat,
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+                    heartbeat_stale_trial_callback=requeue)
         except Exception as e:
             # a database server's fresh schema created by two machines at once: the loser retries
             concurrent = any(w in str(e) for w in ("already exists", "duplicate key", "UniqueViolation"))
@@ -206,27 +217,26 @@ def make_pruner(name: str, epochs: int, multi: bool) -> optuna.pruners.BasePrune
 
 
 def base_config(opts: TuneOptions, space: Space) -> C.Config:
-    """Defaults < --config < the space's profile < --set: what every trial shares."""
-    from harness.training import select_device
-
-    path = opts.config or C.DEFAULT_CONFIG
-    cfg = C.load(path, None, opts.data_dir)
-    profile = opts.profile
-    if profile == "auto":
-        profile = "full" if select_device(cfg.device).type == "cuda" else "quick"
+    """Defaults < --config (or the space's config) < the space's profile < --set: what every trial shares."""
+    path = library.config_path(opts.config or space.config)
+    cfg = C.load(path, None, opts.data_dir, opts.profile)
+    profile = C.pick_profile(opts.profile, opts.device or cfg.device)
     d = C.to_dict(cfg)
     if space.profiles:
         d = C.merge(d, profile_settings(space, profile))
     if opts.overrides:
         d = C.merge(d, C.parse_overrides(opts.overrides))
+    if opts.device:
+        d["device"] = opts.device
     d["name"] = opts.study
     return C.from_dict(d)
 
 
 def _comparable(cfg_dict: dict) -> dict:
-    """The parts of a base config that must agree between workers (not paths or devices)."""
+    """The parts of a base config that must agree between workers (not paths, devices, or how a
+    worker runs and watches its trials)."""
     d = C.flatten(cfg_dict)
-    for key in ("data.root", "device", "compile"):
+    for key in ("data.root", "device", "compile", "checkpoint_every", "eval.system_metrics"):
         d.pop(key, None)
     return d
 
@@ -237,13 +247,15 @@ def directions(objectives: str) -> list[str]:
     return ["maximize"] + (["minimize"] if "," in objectives else [])
 
 
-def open_study(opts: TuneOptions, storage, base: C.Config, client=None) -> tuple[optuna.Study, str]:
+def open_study(opts: TuneOptions, storage, base: C.Config, client=None,
+               first_trial: dict | None = None) -> tuple[optuna.Study, str]:
     """Create or join the study; exactly one study run exists for it, whoever starts first.
 
     Creating the Optuna study is the atomic step: the worker that creates it also creates the
     MLflow experiment and study run and stores the run id in the study; others wait for it.
     `client` None: the creator opens the MLflow store only then, so that concurrent workers
-    never create a fresh store at the same time.
+    never create a fresh store at the same time. A new study's first trial is `first_trial`
+    (the base config's own values, where the space allows them).
     """
     dirs = directions(opts.objectives)
     multi = len(dirs) > 1
@@ -261,6 +273,7 @@ def open_study(opts: TuneOptions, storage, base: C.Config, client=None) -> tuple
                          f"({study.user_attrs.get('objectives')}): use the same --objectives or a new --study name")
     if created:
         client = client or open_client(opts.tracking_uri)
+        experiment_id(client, opts.study, description=study_description(opts.study))
         run = RunLogger.start(client, opts.study, f"study-{opts.study}",
                               tags={"study": opts.study, "run_kind": "study", "sampler": opts.sampler,
                                     "pruner": opts.pruner, "objectives": opts.objectives,
@@ -272,15 +285,35 @@ def open_study(opts: TuneOptions, storage, base: C.Config, client=None) -> tuple
         study.set_user_attr("space", opts.space)
         study.set_user_attr("objectives", opts.objectives)
         study.set_user_attr("mlflow_experiment", opts.study)
+        if first_trial:
+            study.enqueue_trial(first_trial, user_attrs={"first_trial": "the base config"})
         study.set_user_attr("mlflow_parent_run_id", run.run_id)
         return study, run.run_id
     parent = _wait_for_parent(study)
-    stored = study.user_attrs.get("base_config")
-    if stored is not None and stored != _comparable(C.to_dict(base)):
-        diff = [k for k in stored if stored.get(k) != _comparable(C.to_dict(base)).get(k)]
+    stored, ours = study.user_attrs.get("base_config") or {}, _comparable(C.to_dict(base))
+    diff = [k for k in stored if k in ours and stored[k] != ours[k]]  # (keys newer than the study: defaults)
+    if diff:
         raise StudyError(f"study {opts.study} was started with other fixed settings ({', '.join(diff[:5])}): "
                          "run it with the same --profile/--set/--config, or use a new --study name")
     return study, parent
+
+
+def study_description(name: str) -> str:
+    """The study experiment's description in the MLflow UI: what it holds and how to browse it."""
+    return "\n".join([  # one line a paragraph: the UI renders every newline as a break
+        f"**Optuna study `{name}`** (`harness tune --study {name}`): one study run, `study-{name}`, and one run "
+        "per trial, `trial-<n>`, nested under it.",
+        "",
+        f"- **Trials**: in the Runs table, expand `study-{name}` (+) to list them. Each is tagged `trial_number` "
+        "and `trial_state` (COMPLETE, PRUNED, FAIL) and holds the trial's parameters, per-epoch curves, test "
+        "metrics and figures; a pruned trial keeps its curves up to the pruning epoch.",
+        "- **Summary**: on the study run. Artifacts `summary/`: optimization history, parameter importances, "
+        "parallel coordinates and slice plots (PNG and interactive HTML; the Pareto front for two objectives) "
+        "and `trials.csv`; tags `best_trial` and `best_run_id` name the best trial and its run.",
+        f"- **Command line**: `harness compare --study {name}` (a table of the trials), `harness best --study "
+        f"{name}` (the best trial, its parameters and run), `harness report --study {name}` (refresh the "
+        f"summary), `harness ui --study {name}` (this page).",
+    ]) + "\n"
 
 
 def _wait_for_parent(study: optuna.Study, timeout: float = 120.0) -> str:
@@ -311,6 +344,7 @@ def reconcile_runs(study: optuna.Study, client) -> int:
     if exp is None:
         return 0
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    reasons = {t.number: t.user_attrs.get("fail_reason") for t in study.get_trials(deepcopy=False)}
     running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING' and tags.run_kind = 'trial'",
                                  max_results=1000)
     ended = 0
@@ -319,8 +353,9 @@ def reconcile_runs(study: optuna.Study, client) -> int:
         if states.get(number, TrialState.RUNNING) != TrialState.RUNNING:
             logger = RunLogger(client, run.info.run_id)
             logger.set_tags({"trial_state": states[number].name})
-            logger.end("FAILED", "the worker stopped during this trial (its heartbeat was lost); "
-                                 "Optuna marked the trial FAIL and re-queued it")
+            # a trial with a reason failed while its tracking server was away: its run could not be ended then
+            logger.end("FAILED", reasons.get(number) or "the worker stopped during this trial (its heartbeat was "
+                                                        "lost); Optuna marked the trial FAIL and re-queued it")
             ended += 1
     return ended
 
@@ -355,29 +390,30 @@ class Worker:
     parent_run_id: str
     client: object
     dataset: Dataset | None = None
+    finisher: object = None  # harness.finisher.Finisher: evaluates finished trials in the background
+    trial_id: int | None = None  # the trial in progress (to re-queue it when stopped)
 
     def objective(self, trial: optuna.Trial):
         if is_surplus(self.study, trial, self.opts.trials):
-            _QuietSurplus.numbers.add(trial.number)
+            _QuietTrials.numbers.add(trial.number)
             trial.set_user_attr("surplus", True)
             trial.set_user_attr("fail_reason", f"surplus: the study reached its {self.opts.trials} trials "
                                                "while this worker was starting one; given up without a run")
             raise SurplusTrial(f"study {self.opts.study} already has its {self.opts.trials} trials")
-        try:  # before the run exists: a failure here leaves no run behind
+        try:  # before the run exists: a failure here (the tracking server away too) leaves no run behind
             cfg = sample(self.space, trial, self.base)
             if self.dataset is None or self.dataset.name != cfg.data.dataset:
                 self.dataset = load_dataset(cfg.data)
-        except Exception as e:
+            tags = {"study": self.opts.study, "run_kind": "trial", "trial_number": trial.number,
+                    "trial_state": "RUNNING"}
+            retry_of = trial.user_attrs.get("mlflow_run_id")  # a re-queued trial inherits the dead one's attrs
+            if retry_of:
+                tags["retry_of_run"] = retry_of
+            run = RunLogger.start(self.client, self.study.user_attrs.get("mlflow_experiment", self.opts.study),
+                                  f"trial-{trial.number}", tags=tags, parent_run_id=self.parent_run_id)
+        except BaseException as e:
             trial.set_user_attr("fail_reason", error_line(e)[:1000])
             raise
-        tags = {"study": self.opts.study, "run_kind": "trial", "trial_number": trial.number,
-                "trial_state": "RUNNING"}
-        retry_of = trial.user_attrs.get("mlflow_run_id")  # a re-queued trial inherits the dead one's attrs
-        if retry_of:
-            tags["retry_of_run"] = retry_of
-        run = RunLogger.start(self.client, self.study.user_attrs.get("mlflow_experiment", self.opts.study),
-                              f"trial-{trial.number}", tags=tags, parent_run_id=self.parent_run_id)
-        trial.set_user_attr("mlflow_run_id", run.run_id)
         multi = len(self.study.directions) > 1
 
         def report(m):
@@ -387,15 +423,22 @@ class Worker:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {m.epoch} (val accuracy {m.val_accuracy:.4f})")
 
+        run.finished_by = (optuna.TrialPruned,)
         try:
-            result = train_run(cfg, run, self.dataset, callbacks=[report], progress=self.opts.progress,
-                               ok_exceptions=(optuna.TrialPruned,))
+            with run:  # however the trial ends, so does its run (train_run ends it first once it runs)
+                trial.set_user_attr("mlflow_run_id", run.run_id)
+                self.trial_id = trial._trial_id
+                from studies.dashboard import note_run_link  # here: the CLI does not load it at start-up
+                note_run_link(trial, run)  # the trial's optuna-dashboard note links its run; never fails it
+                result = train_run(cfg, run, self.dataset, callbacks=[report], progress=self.opts.progress,
+                                   ok_exceptions=(optuna.TrialPruned,), finisher=self.finisher, resume_from=retry_of)
         except optuna.TrialPruned:
             run.set_tags({"trial_state": "PRUNED"})
             raise
         except BaseException as e:
             trial.set_user_attr("fail_reason", error_line(e)[:1000])
-            run.set_tags({"trial_state": "FAIL"})
+            with last_try(run.server_gone):  # its server away past the retries: the run stays RUNNING
+                run.set_tags({"trial_state": "FAIL"})
             raise
         run.set_tags({"trial_state": "COMPLETE"})
         values = [result.fit.best_val_accuracy]
@@ -408,6 +451,8 @@ class Worker:
         return values if multi else values[0]
 
     def run(self) -> None:
+        from studies.report import update_study_run  # (report imports this module)
+
         self.client.update_run(self.parent_run_id, status="RUNNING")
         start = time.time()
         failures = 0
@@ -419,11 +464,18 @@ class Worker:
                 break
             if self.opts.timeout and time.time() - start >= self.opts.timeout:
                 break
-            self.study.optimize(self.objective, n_trials=1, catch=(Exception,), gc_after_trial=True,
-                                callbacks=[lambda s, t: last.update(trial=t)])
+            self.trial_id = None
+            try:
+                self.study.optimize(self.objective, n_trials=1, catch=(Exception,), gc_after_trial=True,
+                                    callbacks=[lambda s, t: last.update(trial=t)])
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trial is FAIL; queue it again to resume
+                if self.trial_id is not None:
+                    requeue(self.study, self.study._storage.get_trial(self.trial_id))
+                raise
+            update_study_run(self.study, self.client, self.parent_run_id)  # the study run's row, live
             trial = last["trial"]
             if trial.user_attrs.get("surplus"):
-                _QuietSurplus.numbers.discard(trial.number)
+                _QuietTrials.numbers.discard(trial.number)
                 break
             failures = failures + 1 if trial.state == TrialState.FAIL else 0
             if failures >= MAX_CONSECUTIVE_FAILURES:
@@ -447,11 +499,42 @@ def measure_latency(model, batch: int = 1, repeats: int = 20) -> float:
     return (time.perf_counter() - start) / repeats / batch * 1000
 
 
-def _worker_process(opts: TuneOptions, threads: int) -> None:
+STOP_SECONDS = 30  # how long stopped workers get to end their runs before they are killed
+
+
+def _forward(signum: int, procs) -> None:
+    for p in procs:
+        if p.pid is not None and p.is_alive():
+            os.kill(p.pid, signum)
+
+
+def gpu_count() -> int:
     import torch
 
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def worker_device(index: int, device: str, gpus: int) -> str | None:
+    """Worker `index`'s device: with G GPUs and the config's device `auto` or `cuda`, cuda:(index
+    mod G), so workers spread over the GPUs (several to a GPU when there are more workers);
+    otherwise None: the config's own device."""
+    if gpus > 0 and device in ("auto", "cuda"):
+        return f"cuda:{index % gpus}"
+    return None
+
+
+def _worker_process(opts: TuneOptions, threads: int) -> None:
+    """A `--workers` process: stopped by the signals its parent forwards, then exits quietly."""
+    import sys
+
+    import torch
+
+    stop_cleanly()
     torch.set_num_threads(threads)
-    run_worker(opts)
+    try:
+        run_worker(opts)
+    except KeyboardInterrupt as e:
+        sys.exit(exit_code(e))
 
 
 def prepare(opts: TuneOptions) -> tuple[Space, C.Config, optuna.Study, str, object]:
@@ -462,27 +545,45 @@ def prepare(opts: TuneOptions) -> tuple[Space, C.Config, optuna.Study, str, obje
     space = space.without(fixed)
     base = base_config(opts, space)
     storage = open_storage(opts)
-    study, parent = open_study(opts, storage, base)  # creates the MLflow store if this worker is first
+    # creates the MLflow store if this worker is first
+    study, parent = open_study(opts, storage, base, first_trial=starting_point(space, base))
     return space, base, study, parent, open_client(opts.tracking_uri)
 
 
 def run_worker(opts: TuneOptions) -> Worker:
+    from harness.finisher import Finisher
+
     space, base, study, parent, client = prepare(opts)
-    worker = Worker(opts, space, base, study, parent, client)
+    worker = Worker(opts, space, base, study, parent, client,
+                    finisher=Finisher(opts.tracking_uri, umap=base.eval.umap and base.eval.embedding_samples != 0))
+    gone, stopped = None, False
     try:
         worker.run()
+    except KeyboardInterrupt:
+        worker.finisher.close(wait=False)  # stop at once: its jobs stay in the spool for the next finisher
+        stopped = True
+        raise
+    except Exception as e:  # the tracking server outlasted the retries again, after a trial failed on it
+        if (gone := server_unreachable(e)) is None:
+            raise
+        raise StudyError(f"{gone}; runs it could not end stay RUNNING until a worker reaches it again: "
+                         "run the same command to resume once it answers") from None
     finally:
-        _maybe_finish_parent(study, client, parent)
+        worker.finisher.close()  # its last trials' evaluations (a killed finisher leaves them in the spool)
+        if gone is None:  # the study run can't be ended while its server is away
+            _maybe_finish_parent(study, client, parent, "KILLED" if stopped else "FINISHED")
     return worker
 
 
-def _maybe_finish_parent(study: optuna.Study, client, parent: str) -> None:
+def _maybe_finish_parent(study: optuna.Study, client, parent: str, status: str = "FINISHED") -> None:
+    """The study run ends with the last worker: when no trial is running any more."""
     if not any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
-        client.set_terminated(parent, "FINISHED")
+        client.set_terminated(parent, status)
 
 
 def tune(opts: TuneOptions) -> optuna.Study:
     """Run the study with `opts.workers` processes here, then refresh its summary."""
+    from harness.finisher import drain
     from studies.report import write_summary
 
     load_space(opts.space)  # a bad space fails here, before any worker or trial starts
@@ -492,18 +593,31 @@ def tune(opts: TuneOptions) -> optuna.Study:
         study, client, parent = worker.study, worker.client, worker.parent_run_id
     else:
         # the study, its run and both stores exist before any worker starts: they only join
-        _, _, study, parent, client = prepare(opts)
+        _, base, study, parent, client = prepare(opts)
         ctx = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // opts.workers)
-        procs = [ctx.Process(target=_worker_process, args=(replace(opts, progress=False), threads))
-                 for _ in range(opts.workers)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
+        gpus = gpu_count()
+        procs = [ctx.Process(target=_worker_process, args=(
+                     replace(opts, progress=False, device=worker_device(i, base.device, gpus)), threads))
+                 for i in range(opts.workers)]
+        restore = stop_cleanly(on_signal=lambda signum: _forward(signum, procs))
+        try:
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+        except KeyboardInterrupt:  # forwarded: each worker ends its run KILLED and re-queues its trial
+            for p in procs:
+                p.join(timeout=STOP_SECONDS)
+                if p.is_alive():
+                    p.kill()
+            raise
+        finally:
+            restore()
         if any(p.exitcode != 0 for p in procs):
             raise StudyError(f"{sum(p.exitcode != 0 for p in procs)} of {opts.workers} workers failed: "
                              "see their output above; run the same command to resume")
+    drain(opts.tracking_uri)  # evaluations a killed worker or finisher left behind
     write_summary(study, client, parent)
     return study
 

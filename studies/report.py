@@ -1,14 +1,26 @@
-"""A study's summary on its MLflow study run, and the tables `harness best` / `compare` print."""
+"""A study's summary on its MLflow study run, and the tables `harness best` / `compare` print.
+
+Two levels. `update_study_run` runs after every trial and is cheap: trial counts, the best value,
+trial and run, and the champion model in the Model Registry, so the MLflow runs table shows a
+live study on one row. `write_summary` runs when a study ends (and on `harness report`): the same,
+plus the trials table and Optuna's plots, as PNG and as self-contained interactive HTML.
+"""
 from __future__ import annotations
 
+import re
+import sys
+import time
 import warnings
 
 import matplotlib
+import mlflow
 import optuna
 import pandas as pd
+from mlflow.entities import Metric, RunTag
+from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
-from harness.tracking import RunLogger
+from harness.tracking import MODEL_URI_TAG, RunLogger, error_line
 from studies.driver import best_trial
 from studies.space import WIDTH_KEYS
 
@@ -18,8 +30,20 @@ PLOTS = {
     "parallel_coordinate": optuna.visualization.matplotlib.plot_parallel_coordinate,
     "slice": optuna.visualization.matplotlib.plot_slice,
 }
+HTML_PLOTS = {
+    "optimization_history": optuna.visualization.plot_optimization_history,
+    "param_importances": optuna.visualization.plot_param_importances,
+    "parallel_coordinate": optuna.visualization.plot_parallel_coordinate,
+    "slice": optuna.visualization.plot_slice,
+}
 OBJECTIVE_NAMES = {"accuracy": ["val_accuracy"], "accuracy,params": ["val_accuracy", "num_params"],
                    "accuracy,latency": ["val_accuracy", "latency_ms"]}
+CHAMPION = "champion"  # the registry alias of a study's best model
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+# study run id -> the best trial's run whose champion this process has settled: the registry is
+# asked again only when the best trial changes
+_settled: dict[str, str] = {}
 
 
 def _figure(axes):
@@ -33,16 +57,103 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     return df.rename(columns=lambda c: c.removeprefix("user_attrs_"))
 
 
+def model_name(study_name: str) -> str:
+    """A study's registered model: the study's name, '/' and ':' (which MLflow refuses) as '-'."""
+    return re.sub(r"[/:]", "-", study_name)
+
+
+def champion_uri(study_name: str) -> str:
+    return f"models:/{model_name(study_name)}@{CHAMPION}"
+
+
+def champion_version(client, study_name: str):
+    """The model version the study's `champion` alias points at; None where there is none."""
+    try:
+        return client.get_model_version_by_alias(model_name(study_name), CHAMPION)
+    except MlflowException:
+        return None
+
+
+def update_study_run(study: optuna.Study, client, parent_run_id: str, recheck: bool = False) -> dict:
+    """The study run's live state: trial counts, best value, trial and run, and the champion model.
+
+    Cheap enough for every trial: one read of the trials (and Optuna's best-trial query) and one
+    batched MLflow call; the registry is asked only when the best trial changed since this process
+    last looked, or with `recheck` (which also heals a champion two workers moved out of order).
+    Metrics are logged at step = trials finished, so the study run charts the study's progress.
+    A registry call that fails prints one line and the study goes on (the next update tries again).
+    """
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in COUNTED}
+    step, now = sum(counts.values()), int(time.time() * 1000)
+    metrics = [Metric(f"trials_{k}", v, now, step) for k, v in counts.items()]
+    summary: dict = {"trials": counts}
+    best = best_trial(study) if counts["complete"] else None
+    run_id, tags = None, []
+    if best is not None:
+        run_id = best.user_attrs.get("mlflow_run_id")
+        summary.update(best_trial=best.number, best_run_id=run_id, best_value=best.values[0])
+        metrics.append(Metric("best_val_accuracy", best.values[0], now, step))
+        tags = [RunTag("best_trial", str(best.number)), RunTag("best_run_id", str(run_id))]
+    client.log_batch(parent_run_id, metrics=metrics, tags=tags)
+    if run_id and (recheck or _settled.get(parent_run_id) != run_id):
+        try:
+            version, settled = settle_champion(client, study, best, parent_run_id)
+        except MlflowException as e:
+            print(f"harness: champion model of study {study.study_name} not registered: {error_line(e)}",
+                  file=sys.stderr)
+            return summary  # (asked again after the next trial)
+        if settled:
+            _settled[parent_run_id] = run_id
+        if version is not None:
+            summary["champion"] = f"{champion_uri(study.study_name)} (version {version.version})"
+    return summary
+
+
+def settle_champion(client, study: optuna.Study, best: optuna.trial.FrozenTrial, parent_run_id: str):
+    """Point the study's `champion` alias at the best trial's model, registering it as a new version.
+
+    The model is the one the trial's run recorded (tag `model_uri`, `models:/<model_id>`); a trial
+    that logs none (eval.log_model=false) leaves the alias where it is. Returns the champion's
+    version (None: none yet) and whether this best trial is settled: not while its model may still
+    come (a background finisher logs it after the trial), so the next update looks again.
+    """
+    run_id = best.user_attrs["mlflow_run_id"]
+    current = champion_version(client, study.study_name)
+    if current is not None and current.run_id == run_id:
+        return current, True
+    run = client.get_run(run_id)
+    uri = run.data.tags.get(MODEL_URI_TAG)
+    if not uri:
+        return current, run.data.params.get("eval.log_model") == "False"
+    name = model_name(study.study_name)
+    if current is None:
+        try:
+            client.create_registered_model(name, tags={"study": study.study_name},
+                                           description=f"Best trials of Optuna study {study.study_name}; "
+                                                       f"alias {CHAMPION}: the best so far")
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":  # (or another worker registered it first)
+                raise
+    mlflow.set_tracking_uri(client.tracking_uri)  # MLflow's SQL registry resolves models:/<id> through it
+    version = client.create_model_version(
+        name, uri, run_id=run_id, model_id=uri.removeprefix("models:/"), await_creation_for=0,
+        tags={"study": study.study_name, "trial_number": str(best.number), "val_accuracy": f"{best.values[0]:.6g}"},
+        description=f"trial {best.number} of study {study.study_name}")
+    client.set_registered_model_alias(name, CHAMPION, version.version)
+    client.log_batch(parent_run_id, tags=[RunTag("champion_model", champion_uri(study.study_name)),
+                                          RunTag("champion_version", str(version.version))])
+    return version, True
+
+
 def write_summary(study: optuna.Study, client, parent_run_id: str) -> dict:
-    """Optuna's plots, the trials table and the best trial, logged on the study run."""
+    """The live state (`update_study_run`), the trials table and Optuna's plots, on the study run."""
     matplotlib.use("Agg")  # Optuna plots through pyplot; never open a window
+    summary = update_study_run(study, client, parent_run_id, recheck=True)
     run = RunLogger(client, parent_run_id)
     objectives = study.user_attrs.get("objectives", "accuracy")
     names = OBJECTIVE_NAMES.get(objectives, ["objective"])
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
-              for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
-    run.log_metrics({f"trials_{k}": v for k, v in counts.items()})
     run.log_table(trials_table(study), "summary/trials.csv")
     if len(study.directions) == 1:
         for name, plot in PLOTS.items():
@@ -62,14 +173,34 @@ def write_summary(study: optuna.Study, client, parent_run_id: str) -> dict:
         pareto = pd.DataFrame([{"number": t.number, **dict(zip(names, t.values)), **t.params,
                                 "mlflow_run_id": t.user_attrs.get("mlflow_run_id")} for t in study.best_trials])
         run.log_table(pareto, "summary/pareto_front.csv")
-    summary = {"trials": counts}
-    if complete:
-        best = best_trial(study)
-        summary.update(best_trial=best.number, best_run_id=best.user_attrs.get("mlflow_run_id"),
-                       best_value=best.values[0])
-        run.set_tags({"best_trial": best.number, "best_run_id": summary["best_run_id"]})
-        run.log_metrics({"best_val_accuracy": best.values[0]})
+    log_html_plots(run, study, names, len(complete))
     return summary
+
+
+def log_html_plots(run: RunLogger, study: optuna.Study, names: list[str], complete: int) -> list[str]:
+    """Optuna's interactive plotly plots as `summary/<name>.html`, each self-contained.
+
+    plotly.js is embedded in every file (about 4.8 MB): the MLflow UI previews HTML artifacts in a
+    sandboxed iframe, and these machines are often offline, so a CDN script would not load. Two
+    objectives: the Pareto front, and the other plots on the first (accuracy).
+    """
+    multi = len(study.directions) > 1
+    on_accuracy = {"target": lambda t: t.values[0]} if multi else {}
+    plots = {**HTML_PLOTS, **({"pareto_front": optuna.visualization.plot_pareto_front} if multi else {})}
+    logged = []
+    for name, plot in plots.items():
+        if complete < (2 if name == "param_importances" else 1):
+            continue
+        kwargs = {"target_names": names} if name == "pareto_front" else {**on_accuracy, "target_name": names[0]}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                fig = plot(study, **kwargs)
+            except (ValueError, RuntimeError, ZeroDivisionError):
+                continue  # as for the PNGs
+        run.log_text(fig.to_html(include_plotlyjs=True, full_html=True), f"summary/{name}.html")
+        logged.append(f"summary/{name}.html")
+    return logged
 
 
 def compare_table(client, study: optuna.Study, sort: str = "val_accuracy", columns: list[str] | None = None) -> pd.DataFrame:

@@ -12,6 +12,7 @@ A space file (see studies/spaces/) holds:
 
 Keys are `harness train` config keys, plus three that build `model.widths`: `model.stages`,
 `model.base_width` and `model.width_multiplier` (width of stage i = base * multiplier^i).
+An optional `config: fast` names the run config the trials start from (studies/configs/).
 """
 from __future__ import annotations
 
@@ -21,14 +22,15 @@ from pathlib import Path
 import optuna
 import yaml
 
+from harness.errors import HarnessError
 from harness import config as C
+from studies import library
 
-SPACES_DIR = Path(__file__).resolve().parent / "spaces"
 WIDTH_KEYS = {"model.stages": 3, "model.base_width": 32, "model.width_multiplier": 2.0}
 TYPES = {"float", "int", "categorical"}
 
 
-class SpaceError(ValueError):
+class SpaceError(HarnessError, ValueError):
     """A bad search-space definition; one line naming the parameter and the problem."""
 
 
@@ -50,24 +52,22 @@ class Space:
     path: str
     params: list[Param]
     profiles: dict[str, dict]
+    config: str | None = None  # the run config its trials start from (default: the default config)
 
     def without(self, fixed: set[str]) -> "Space":
         """The space with `--set` keys taken out of the search (they are fixed for every trial)."""
         width_fixed = "model.widths" in fixed
         keep = [p for p in self.params if p.name not in fixed and not (width_fixed and p.name in WIDTH_KEYS)]
-        return Space(self.name, self.path, keep, self.profiles)
+        return Space(self.name, self.path, keep, self.profiles, self.config)
 
 
 def resolve_path(space: str) -> Path:
     """A path to a YAML file, or the name of one in studies/spaces/."""
-    p = Path(space)
-    if p.suffix in (".yaml", ".yml") and p.is_file():
-        return p
-    named = SPACES_DIR / f"{space}.yaml"
-    if named.is_file():
-        return named
-    known = ", ".join(sorted(q.stem for q in SPACES_DIR.glob("*.yaml")))
-    raise SpaceError(f"search space {space!r} not found: pass a YAML file or one of: {known}")
+    path = library.find(space, library.SPACES_DIR)
+    if path is None:
+        raise SpaceError(f"search space {space!r} not found: pass a YAML file or one of: "
+                         f"{library.known(library.SPACES_DIR)}")
+    return path
 
 
 def load_space(space: str) -> Space:
@@ -84,10 +84,17 @@ def load_space(space: str) -> Space:
         raise SpaceError(f"search space {path}: expected a mapping with 'params' (and optional 'profiles')")
     if not isinstance(raw.get("params"), dict) or not raw["params"]:
         raise SpaceError(f"search space {path}: needs a non-empty 'params' mapping")
-    unknown = set(raw) - {"params", "profiles", "description"}
+    unknown = set(raw) - {"params", "profiles", "description", "config"}
     if unknown:
         raise SpaceError(f"search space {path}: unknown section(s) {', '.join(sorted(unknown))}; "
-                         "valid: params, profiles, description")
+                         "valid: params, profiles, description, config")
+    config = raw.get("config")
+    if config is not None:
+        found = library.find(config, library.CONFIGS_DIR) or library.find(path.parent / str(config), path.parent)
+        if found is None:
+            raise SpaceError(f"search space {path}: config {config!r} not found: name one of "
+                             f"{library.known(library.CONFIGS_DIR)} or a YAML file beside the space")
+        config = str(found)
     params = [_param(path, name, spec) for name, spec in raw["params"].items()]
     for i, p in enumerate(params):
         above = {q.name: q for q in params[:i]}
@@ -109,7 +116,7 @@ def load_space(space: str) -> Space:
             C.from_dict(C.nest(settings or {}))
         except C.ConfigError as e:
             raise SpaceError(f"search space {path}: profile {prof}: {e}") from None
-    return Space(path.stem, str(path), params, {k: v or {} for k, v in profiles.items()})
+    return Space(path.stem, str(path), params, {k: v or {} for k, v in profiles.items()}, config)
 
 
 def _param(path: Path, name: str, spec) -> Param:
@@ -218,6 +225,25 @@ def sample(space: Space, trial: optuna.Trial, base: C.Config) -> C.Config:
         sampled["model.widths"] = [int(round(width * mult ** i)) for i in range(stages)]
     updates = {k: v for k, v in sampled.items() if k not in WIDTH_KEYS}
     return C.replace(base, C.nest(updates))
+
+
+def starting_point(space: Space, base: C.Config) -> dict:
+    """The searched parameters' values in `base`, where the space allows them: a study's first
+    trial, so that its best is never worse than the config it starts from."""
+    values = C.flatten(C.to_dict(base))
+    widths = base.model.widths
+    values.update({"model.stages": len(widths), "model.base_width": widths[0],
+                   "model.width_multiplier": widths[1] / widths[0] if len(widths) > 1 else None})
+    point = {}
+    for p in space.params:
+        if not _active(p, values):
+            continue
+        v = values.get(p.name)
+        if (p.type == "categorical" and v in p.choices) or (
+                p.type != "categorical" and isinstance(v, (int, float)) and not isinstance(v, bool)
+                and p.low <= v <= p.high and (p.type == "float" or float(v).is_integer())):
+            point[p.name] = v
+    return point
 
 
 def profile_settings(space: Space, profile: str) -> dict:

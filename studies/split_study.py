@@ -38,8 +38,9 @@ from matplotlib.figure import Figure
 from harness import config as C
 from harness.data import Dataset, digest, load_dataset
 from harness.models import CNN, build_model
-from harness.tracking import RunLogger, client_for
+from harness.tracking import RunLogger, client_for, experiment_id
 from harness.training import select_device
+from studies import library
 from studies.transfer import (CHILD_EVAL, ChildResult, TransferError, children_table, log_table, parent_run,
                               run_child)
 
@@ -108,8 +109,7 @@ def select_classes(ds: Dataset, classes: list[int], name: str | None = None) -> 
 def base_config(config: str | None = None, data_dir: str | None = None,
                 overrides: list[str] | dict | None = None) -> C.Config:
     """defaults < YAML (the default config) < the split study's budget for the device < overrides."""
-    path = config or (C.DEFAULT_CONFIG if C.DEFAULT_CONFIG.exists() else None)
-    cfg = C.load(path, None, data_dir)
+    cfg = C.load(library.config_path(config), None, data_dir)
     extra = (C.parse_overrides(list(overrides)) if not isinstance(overrides, dict) else overrides) if overrides else {}
     device = extra.get("device", cfg.device)
     budget = CPU_BUDGET if select_device(device).type == "cpu" else GPU_BUDGET
@@ -125,6 +125,22 @@ def copied_model(cfg: C.Config, base: CNN, depth: int, num_classes: int, frozen:
         model.stages[i].load_state_dict(base.stages[i].state_dict())
     model.freeze(depth if frozen else 0)
     return model, [{"params": model.trainable_parameters()}]
+
+
+def split_description(experiment: str, dataset: str) -> str:
+    """The split study experiment's description in the MLflow UI: what it holds and how to browse it."""
+    return "\n".join([  # one line a paragraph: the UI renders every newline as a break
+        f"**Split studies on {dataset}** (`harness split-study`; Yosinski et al., 2014): the classes split into "
+        "halves A and B; one parent run per split (`split-seed<k>`, `split-given`) with its networks nested under "
+        "it: `baseA`, `baseB`, and at each depth n `AnB`, `BnB` (first n stages copied and frozen) and `AnB+`, "
+        "`BnB+` (copied, fine-tuned), all tested on B.",
+        "",
+        "- **Children**: expand a parent run (+) in the Runs table; tags `depth`, `copied_from` and the halves' "
+        "classes.",
+        "- **Summary**: on the parent run, `summary/split_study.png` (the four curves by depth, baseB as a line), "
+        "the curves as CSV and Markdown, and metrics `AnB_test_accuracy`, ... with the depth as step.",
+        f"- **Command line**: `harness ui --experiment {experiment}` (this page).",
+    ]) + "\n"
 
 
 def run_split_study(data_dir: str | None = None, tracking_uri: str | None = None,
@@ -157,6 +173,7 @@ def run_split_study(data_dir: str | None = None, tracking_uri: str | None = None
 
     client = client_for(tracking_uri)
     experiment = experiment or f"transfer-split-{ds.name}"
+    experiment_id(client, experiment, description=split_description(experiment, ds.name))
     names_a, names_b = [ds.classes[i] for i in a], [ds.classes[i] for i in b]
     common = {"split_classes_a": ",".join(names_a), "split_classes_b": ",".join(names_b),
               "class_seed": class_seed if classes_a is None else "given"}

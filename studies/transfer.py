@@ -39,13 +39,15 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
 
+from harness.errors import HarnessError
 from harness import config as C
 from harness.checkpoints import get_run, load_run_model
 from harness.data import Dataset, load_dataset
 from harness.models import CNN
-from harness.tracking import RunLogger, client_for, error_line
+from harness.tracking import RunLogger, client_for, error_line, experiment_id
 from harness.training import select_device
 
 MODES = ("probe", "finetune", "freeze", "scratch")  # `freeze` expands to freeze_0 .. freeze_S
@@ -61,7 +63,7 @@ GPU_BUDGET = {"epochs": 15, "patience": 0,
 CHILD_EVAL = {"eval": {"tsne": False, "umap": False}}
 
 
-class TransferError(RuntimeError):
+class TransferError(HarnessError, RuntimeError):
     """A transfer that cannot start; the message is one line naming the problem and the fix."""
 
 
@@ -101,11 +103,15 @@ class TransferResult:
 
 
 def resolve_source(source: str, tracking_uri: str | None = None, storage: str | None = None) -> tuple[str, str | None]:
-    """`best:STUDY` -> (the best trial's run id, STUDY); a run id -> (it, None)."""
+    """`best:STUDY` -> (the best trial's run id, STUDY); `models:/NAME@ALIAS` (a study's
+    `models:/STUDY@champion`), `models:/NAME/VERSION` or `models:/<model_id>` -> (the run that
+    logged that model, None); a run id -> (it, None)."""
     source = source.strip()
+    if source.startswith("models:/"):
+        return _model_source_run(source, tracking_uri), None
     if not source.startswith("best:"):
         if not source:
-            raise TransferError("no source given: pass --from best:STUDY or --from RUN_ID")
+            raise TransferError("no source given: pass --from best:STUDY, models:/STUDY@champion or RUN_ID")
         return source, None
     study = source.removeprefix("best:").strip()
     if not study:
@@ -116,6 +122,41 @@ def resolve_source(source: str, tracking_uri: str | None = None, storage: str | 
         raise TransferError(f"cannot resolve best:{study}: studies.driver.best_run_id is not available "
                             "in this install; pass the run id instead (--from RUN_ID)") from None
     return best_run_id(study, storage=storage, tracking_uri=tracking_uri), study
+
+
+def _model_source_run(uri: str, tracking_uri: str | None = None) -> str:
+    """The run that logged the model a `models:/` URI names, or one line naming what is unknown."""
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(tracking_uri)
+    ref = uri.removeprefix("models:/").strip("/")
+    name, alias = ref.rsplit("@", 1) if "@" in ref else (ref, "")
+    name, _, version = name.partition("/")
+    if not alias and not version:  # a LoggedModel id, models:/m-...
+        try:
+            return client.get_logged_model(name).source_run_id
+        except MlflowException:
+            raise TransferError(f"no logged model {name!r} in {client.tracking_uri}: check the URI "
+                                "(models:/STUDY@champion, models:/NAME/VERSION) or pass --tracking-uri") from None
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        known = [m.name for m in client.search_registered_models(max_results=20)]
+        raise TransferError(f"no registered model {name!r} in {client.tracking_uri} (registered: "
+                            f"{', '.join(known) or 'none'}): a study registers its champion once a trial that "
+                            "logged its model completes; check the name or pass --tracking-uri") from None
+    aliases = ", ".join(sorted(model.aliases)) or "none"
+    if alias and alias not in model.aliases:
+        raise TransferError(f"registered model {name!r} has no alias {alias!r} (its aliases: {aliases}): "
+                            f"use e.g. models:/{name}@champion")
+    try:
+        run_id = client.get_model_version(name, model.aliases[alias] if alias else version).run_id
+    except MlflowException:
+        raise TransferError(f"registered model {name!r} has no version {version!r}: check the version "
+                            f"or name an alias (its aliases: {aliases})") from None
+    if not run_id:
+        raise TransferError(f"{uri} was registered without its run: pass the run id instead (--from RUN_ID)")
+    return run_id
 
 
 def load_source(client, run_id: str) -> tuple[C.Config, CNN, object]:
@@ -155,10 +196,15 @@ def load_target(cfg: C.Config) -> Dataset:
 # Models for each mode
 
 
-def transfer_model(source: CNN, num_classes: int) -> CNN:
-    """A copy of the source with a fresh head for `num_classes` (the source stays untouched)."""
+def transfer_model(source: CNN, num_classes: int, seed: int = 0) -> CNN:
+    """A copy of the source with a fresh head for `num_classes` (the source stays untouched).
+
+    The head is drawn from `seed`, not from wherever the global generator stands, so a child's
+    result does not depend on which children ran before it."""
     model = copy.deepcopy(source).cpu()
-    model.replace_head(num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.replace_head(num_classes)
     model.freeze(0)
     return model.train()
 
@@ -193,11 +239,11 @@ def expand_modes(modes, num_stages: int) -> list[tuple[str, str, int]]:
 
 
 def build_child(source: CNN, mode: str, frozen: int, num_classes: int,
-                backbone_lr_scale: float = BACKBONE_LR_SCALE) -> tuple[CNN | None, list[dict] | None]:
+                backbone_lr_scale: float = BACKBONE_LR_SCALE, seed: int = 0) -> tuple[CNN | None, list[dict] | None]:
     """The model and optimizer parameter groups of one mode (scratch: (None, None): a fresh model)."""
     if mode == "scratch":
         return None, None
-    model = transfer_model(source, num_classes)
+    model = transfer_model(source, num_classes, seed)
     if mode == "probe":
         model.freeze(len(model.stages), embedding=True)
         return model, [{"params": head_parameters(model)}]
@@ -222,19 +268,16 @@ def run_child(client, experiment: str, parent_run_id: str, name: str, mode: str,
     tags = {**tags, "transfer_mode": mode, "frozen_stages": frozen}
     run = RunLogger.start(client, experiment, name, tags=tags, parent_run_id=parent_run_id)
     try:
-        model, groups = build()
-        if model is not None:
-            run.set_tags({"trainable_params": sum(p.numel() for g in groups for p in g["params"]),
-                          "frozen_modules": ",".join(model.frozen) or "none"})
-        else:
-            run.set_tags({"trainable_params": "all"})
+        with run:  # a failure ends the child FAILED (a stop: KILLED), whether in building or training
+            model, groups = build()
+            if model is not None:
+                run.set_tags({"trainable_params": sum(p.numel() for g in groups for p in g["params"]),
+                              "frozen_modules": ",".join(model.frozen) or "none"})
+            else:
+                run.set_tags({"trainable_params": "all"})
+            result = train_run(C.replace(cfg, {"name": name}), run, ds, progress=progress, model=model,
+                               param_groups=groups)
     except Exception as e:
-        run.end("FAILED", error_line(e))
-        return ChildResult(name, mode, frozen, run.run_id, "FAILED", error=error_line(e), tags=tags)
-    try:
-        result = train_run(C.replace(cfg, {"name": name}), run, ds, progress=progress, model=model,
-                           param_groups=groups)
-    except Exception as e:  # train_run has ended the run FAILED with the reason
         return ChildResult(name, mode, frozen, run.run_id, "FAILED", error=error_line(e), tags=tags)
     metrics = {**result.metrics, "best_val_accuracy": result.fit.best_val_accuracy,
                "epochs_trained": len(result.fit.history)}
@@ -262,17 +305,11 @@ def log_table(run: RunLogger, table: pd.DataFrame, stem: str) -> None:
 
 @contextmanager
 def parent_run(run: RunLogger, children: list[ChildResult]):
-    """The body of a study's parent run: on Ctrl-C the run ends KILLED, on an error FAILED with
-    the reason; otherwise `finish_parent` ends it from its children (filled in by the body)."""
-    try:
+    """The body of a study's parent run: `finish_parent` ends it from its children (filled in by
+    the body); Ctrl-C or SIGTERM end it KILLED, an error FAILED with the reason (RunLogger)."""
+    with run:
         yield
-    except KeyboardInterrupt:
-        run.end("KILLED", "interrupted by the user (Ctrl-C)")
-        raise
-    except BaseException as e:
-        run.end("FAILED", error_line(e))
-        raise
-    finish_parent(run, children)
+        finish_parent(run, children)
     for c in children:  # small networks: keep them, off the accelerator
         c.model = c.model.cpu() if c.model is not None else None
 
@@ -329,6 +366,22 @@ def depth_figure(table: pd.DataFrame, title: str, num_classes: int | None = None
 # The study
 
 
+def transfer_description(experiment: str, target: str) -> str:
+    """The transfer experiment's description in the MLflow UI: what it holds and how to browse it."""
+    return "\n".join([  # one line a paragraph: the UI renders every newline as a break
+        f"**Transfer to {target}** (`harness transfer`, `harness tune --transfer`): one parent run per transfer, "
+        "`<source>-><target>`, with one run per mode nested under it: `probe` (new head only), `finetune` (all, "
+        "the backbone at a smaller learning rate), `freeze_<k>` (first k stages frozen), `scratch` (random weights).",
+        "",
+        "- **Children**: expand a parent run (+) in the Runs table. Every run is tagged with its source "
+        "(`source_run_id`, `source_study`, `source_trial_number`) and the source's label smoothing and dropout.",
+        "- **Summary**: on the parent run, `summary/`: test accuracy against frozen depth (PNG) and the table of "
+        "children (CSV, Markdown).",
+        f"- **Command line**: `harness ui --experiment {experiment}` (this page), `harness analyze <child run id>` "
+        "(features stage by stage, with CKA against the source model).",
+    ]) + "\n"
+
+
 def run_transfer(source: str, target: str = "cifar100", data_dir: str | None = None,
                  tracking_uri: str | None = None, overrides: list[str] | dict | None = None,
                  modes=MODES, backbone_lr_scale: float = BACKBONE_LR_SCALE, storage: str | None = None,
@@ -358,6 +411,7 @@ def run_transfer(source: str, target: str = "cifar100", data_dir: str | None = N
     if "trial_number" in src.data.tags:
         source_tags["source_trial_number"] = src.data.tags["trial_number"]
     experiment = experiment or f"transfer-{target}"
+    experiment_id(client, experiment, description=transfer_description(experiment, target))
     parent = RunLogger.start(client, experiment, f"{study or src.info.run_name or source_run_id[:8]}->{target}",
                              tags={**source_tags, "target_dataset": target, "dataset_digest": ds.digest,
                                    "transfer_modes": ",".join(n for n, _, _ in children_spec),
@@ -370,7 +424,7 @@ def run_transfer(source: str, target: str = "cifar100", data_dir: str | None = N
         for i, (name, mode, frozen) in enumerate(children_spec, 1):
             child = run_child(
                 client, experiment, parent.run_id, name, mode, frozen, cfg, ds,
-                lambda: build_child(source_model, mode, frozen, num_classes, backbone_lr_scale),
+                lambda: build_child(source_model, mode, frozen, num_classes, backbone_lr_scale, cfg.seed),
                 {**source_tags, "backbone_lr_scale": backbone_lr_scale if mode == "finetune" else 1.0},
                 progress=progress)
             children.append(child)

@@ -38,6 +38,7 @@ TINY = {
 
 def pytest_configure(config):
     config.addinivalue_line("markers", f"real_data: needs real CIFAR-10 under ${REAL_DATA_ENV}")
+    config.addinivalue_line("markers", "slow: takes more than about 20 s (deselect with -m 'not slow')")
 
 
 # ----------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from matplotlib.figure import Figure
 
 from analysis.cka import cka_matrix, linear_cka, plot_cka_heatmap
-from analysis.embeddings import plot_embedding_2d, project_tsne, project_umap, sample_indices
+from harness.embeddings import plot_embedding_2d, project_tsne, project_umap, sample_indices
 from analysis.figures import (
     feature_maps_figure,
     filters_figure,
@@ -195,11 +195,23 @@ def test_tsne_and_embedding_plot():
     x, y = blobs(n_per_class=12)
     xy = project_tsne(x, seed=0)
     assert xy.shape == (len(x), 2) and np.isfinite(xy).all()
-    check_figure(plot_embedding_2d(xy, y, [f"c{i}" for i in range(5)], "t-SNE"), 1)
-    # 100 classes: no legend, still one axes.
+    fig = plot_embedding_2d(xy, y, [f"c{i}" for i in range(5)], "t-SNE")
+    ax = fig.axes[0]
+    assert ax.get_title() == "t-SNE"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [f"c{i}" for i in range(5)]
+    # one scatter per class, holding exactly that class's points, each class in its own colour
+    assert len(ax.collections) == 5
+    for c, points in enumerate(ax.collections):
+        np.testing.assert_allclose(points.get_offsets(), xy[y == c])
+    assert len({tuple(p.get_facecolor()[0]) for p in ax.collections}) == 5
+    check_figure(fig, 1)
+    # 100 classes: no legend, still one axes, every point drawn once.
     rng = np.random.default_rng(0)
-    fig = plot_embedding_2d(rng.normal(size=(300, 2)), rng.integers(0, 100, 300), [str(i) for i in range(100)], "x")
+    labels = rng.integers(0, 100, 300)
+    fig = plot_embedding_2d(rng.normal(size=(300, 2)), labels, [str(i) for i in range(100)], "x")
     assert fig.axes[0].get_legend() is None
+    assert len(fig.axes[0].collections) == len(np.unique(labels))
+    assert sum(len(p.get_offsets()) for p in fig.axes[0].collections) == 300
     check_figure(fig, 1)
 
 
@@ -211,7 +223,17 @@ def test_umap_projection():
 
 
 def test_cka_heatmap():
-    check_figure(plot_cka_heatmap(np.eye(3), ["a", "b", "c"], ["a", "b", "c"], "CKA"), 2)  # heatmap + colorbar
+    m = np.array([[1.0, 0.25], [0.5, 0.875], [0.125, 0.0]])  # 3 stages against 2 (exact in binary)
+    fig = plot_cka_heatmap(m, ["s1", "s2", "s3"], ["t1", "t2"], "CKA")
+    ax = fig.axes[0]
+    assert ax.get_title() == "CKA"
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["s1", "s2", "s3"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["t1", "t2"]
+    # every cell, row by row, annotated and coloured with its CKA, on the fixed [0, 1] scale
+    assert [t.get_text() for t in ax.texts] == ["1.00", "0.25", "0.50", "0.88", "0.12", "0.00"]
+    np.testing.assert_allclose(np.asarray(ax.collections[0].get_array()).reshape(3, 2), m)
+    assert ax.collections[0].get_clim() == (0.0, 1.0)
+    check_figure(fig, 2)  # heatmap + colorbar
 
 
 def random_images(n, seed=0):
@@ -219,8 +241,19 @@ def random_images(n, seed=0):
 
 
 def test_image_grid():
-    check_figure(image_grid(random_images(7), [str(i) for i in range(7)], ncols=4, title="grid"), 8)
-    check_figure(image_grid(torch.from_numpy(random_images(3)), None, ncols=3), 3)
+    images = random_images(7)
+    fig = image_grid(images, [str(i) for i in range(7)], ncols=4, title="grid")
+    assert fig.get_suptitle() == "grid"
+    # image i, as height x width x RGB, under its title, row by row; the eighth cell stays empty
+    for i, ax in enumerate(fig.axes[:7]):
+        assert ax.get_title() == str(i)
+        np.testing.assert_array_equal(ax.images[0].get_array(), images[i].transpose(1, 2, 0))
+    assert not fig.axes[7].images and not fig.axes[7].get_title()
+    check_figure(fig, 8)
+    fig = image_grid(torch.from_numpy(random_images(3)), None, ncols=3)
+    assert [ax.get_title() for ax in fig.axes] == ["", "", ""]
+    np.testing.assert_array_equal(fig.axes[2].images[0].get_array(), random_images(3)[2].transpose(1, 2, 0))
+    check_figure(fig, 3)
 
 
 def test_neighbour_grid():
@@ -228,19 +261,48 @@ def test_neighbour_grid():
     q_lab, nb_lab = np.array([0, 1, 2]), np.array([[0, 0, 1, 2, 0], [1, 1, 1, 1, 1], [0, 1, 2, 2, 2]])
     fig = neighbour_grid(q, nb, q_lab, nb_lab, ["cat", "dog", "ship"])
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles[0] == "query: cat" and titles[1] == "cat"
-    assert fig.axes[1].title.get_color() == "green" and fig.axes[3].title.get_color() == "red"
+    names = np.array(["cat", "dog", "ship"])
+    # one row per query: the query, then its neighbours' classes, green where they match the query's
+    assert titles == [t for i in range(3) for t in [f"query: {names[q_lab[i]]}", *names[nb_lab[i]]]]
+    colours = [ax.title.get_color() for ax in fig.axes]
+    assert colours == [c for i in range(3) for c in
+                       ["black", *("green" if lab == q_lab[i] else "red" for lab in nb_lab[i])]]
+    np.testing.assert_array_equal(fig.axes[6].images[0].get_array(), q[1].transpose(1, 2, 0))  # row 2: query 1
+    np.testing.assert_array_equal(fig.axes[8].images[0].get_array(), nb[1, 1].transpose(1, 2, 0))
     check_figure(fig, 3 * 6)
 
 
 def test_feature_maps_figure():
     acts = {"stage1": torch.randn(1, 16, 32, 32), "stage2": torch.randn(1, 4, 16, 16), "logits": torch.randn(1, 10)}
-    check_figure(feature_maps_figure(acts, random_images(1)[0], max_channels=8), 3 * 8)
+    image = random_images(1)[0]
+    fig = feature_maps_figure(acts, image, max_channels=8)
+    rows = np.array(fig.axes).reshape(3, 8)  # the input, then one row per spatial stage (logits skipped)
+    assert [r[0].get_ylabel() for r in rows] == ["input", "stage1", "stage2"]
+    np.testing.assert_array_equal(rows[0, 0].images[0].get_array(), image.transpose(1, 2, 0))
+    # stage1: its first 8 of 16 channels; stage2: its 4 channels, the rest of the row empty
+    for c in range(8):
+        assert rows[1, c].get_title() == f"ch {c}"
+        np.testing.assert_allclose(rows[1, c].images[0].get_array(), acts["stage1"][0, c].numpy())
+    assert [len(ax.images) for ax in rows[2]] == [1] * 4 + [0] * 4
+    np.testing.assert_allclose(rows[2, 3].images[0].get_array(), acts["stage2"][0, 3].numpy())
+    check_figure(fig, 3 * 8)
 
 
 def test_filters_figure():
-    check_figure(filters_figure(torch.randn(64, 3, 3, 3)), 64)
-    check_figure(filters_figure(torch.randn(10, 3, 5, 5)), 12)  # 4 x 3 grid
+    weight = torch.randn(64, 3, 3, 3)
+    fig = filters_figure(weight)
+    assert fig.get_suptitle() == "conv1 filters (64 x 3 x 3 x 3)"
+    # each filter as an RGB tile stretched to [0, 1] on its own
+    w = weight[5].numpy()
+    np.testing.assert_allclose(fig.axes[5].images[0].get_array(),
+                               ((w - w.min()) / (w.max() - w.min())).transpose(1, 2, 0), rtol=1e-5, atol=1e-6)
+    assert all(ax.images[0].get_array().min() == 0 and ax.images[0].get_array().max() == pytest.approx(1)
+               for ax in fig.axes)
+    check_figure(fig, 64)
+    fig = filters_figure(torch.randn(10, 3, 5, 5))
+    assert fig.get_suptitle() == "conv1 filters (10 x 3 x 5 x 5)"
+    assert [len(ax.images) for ax in fig.axes] == [1] * 10 + [0] * 2
+    check_figure(fig, 12)  # 4 x 3 grid
 
 
 def test_stage_metrics_figure():
@@ -248,12 +310,19 @@ def test_stage_metrics_figure():
         {"stage": ["s1", "s2", "s3"], "knn@1": [0.3, 0.5, 0.8], "probe": [0.4, 0.6, 0.85], "nmi": [0.1, 0.3, 0.6]}
     )
     fig = stage_metrics_figure(table)
-    assert len(fig.axes[0].lines) == 3
+    ax = fig.axes[0]
+    # one line per metric, through its value at each stage, the stages named on the x axis
+    assert [line.get_label() for line in ax.lines] == ["knn@1", "probe", "nmi"]
+    for line in ax.lines:
+        assert list(line.get_xdata()) == [0, 1, 2]
+        assert list(line.get_ydata()) == pytest.approx(table[line.get_label()].tolist())
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["s1", "s2", "s3"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["knn@1", "probe", "nmi"]
     check_figure(fig, 1)
 
 
 def test_identical_or_non_finite_points_are_refused_before_projection():
-    from analysis.embeddings import DegenerateEmbeddings, check_projectable, project_tsne
+    from harness.embeddings import DegenerateEmbeddings, check_projectable, project_tsne
 
     with pytest.raises(DegenerateEmbeddings, match="identical"):
         project_tsne(np.zeros((50, 8)), seed=0)  # unguarded, scikit-learn segfaults here

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from harness import config as C
+from studies.library import DEFAULT_CONFIG
 
 
 def one_line_error(excinfo) -> str:
@@ -16,7 +17,7 @@ def test_defaults_and_default_file_load():
     cfg = C.load()
     assert cfg == C.Config()
     assert cfg.epochs == 15 and cfg.model.widths == [32, 64, 128] and cfg.data.dataset == "cifar10"
-    default = C.load(C.DEFAULT_CONFIG)
+    default = C.load(DEFAULT_CONFIG)
     # the seed's kind of network: 3 conv stages with BatchNorm, ReLU, max pooling, dropout, an FC head
     assert default.model.widths == [32, 64, 128] and default.model.batch_norm
     assert default.model.activation == "relu" and default.model.pool == "max"
@@ -81,7 +82,7 @@ def test_bad_values_are_one_line_naming_the_key(override, expected):
 
 @pytest.mark.parametrize("override, choices", [
     ("optimizer=rmsprop", "sgd, adam, adamw"),
-    ("schedule=linear", "onecycle, cosine, step, plateau, none"),
+    ("schedule=triangle", "onecycle, linear, cosine, step, plateau, none"),
     ("model.pool=min", "max, avg"),
     ("model.activation=tanh", "relu, gelu, silu"),
     ("data.dataset=mnist", "cifar10, cifar100"),

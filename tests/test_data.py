@@ -188,6 +188,18 @@ def test_augment_is_seeded_and_keeps_shape_and_dtype():
     assert torch.equal(x, x.clone())  # the input is left alone
 
 
+def test_augment_draws_on_the_batch_device_in_one_layout_pass():
+    from harness.host_reads import HostReads
+
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    with HostReads() as reads:
+        a = augment(x, torch.Generator(device=x.device).manual_seed(5))
+    assert reads.total == 0  # no offsets or flips drawn on the host and copied over
+    assert torch.equal(a, augment(x, torch.Generator(device=x.device).manual_seed(5)))
+    assert a.is_contiguous(memory_format=torch.channels_last)  # the gather wrote the model's layout
+    assert make_normalize("cpu", channels_last=True)(a).is_contiguous(memory_format=torch.channels_last)
+
+
 def test_each_output_is_a_crop_of_the_padded_image_maybe_flipped():
     x = torch.randint(1, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     out = augment(x, torch.Generator().manual_seed(0), pad=4)

@@ -276,32 +276,99 @@ def test_sigkilled_worker_trial_is_failed_retried_and_its_run_ended(tmp_path, sh
     assert parent.info.status == "FINISHED"
 
 
-def test_sigint_stops_a_worker_cleanly_and_the_study_resumes(tmp_path, shared):
+def _stopped_study_is_clean(setup: Setup, name: str, reason: str) -> list[optuna.trial.FrozenTrial]:
+    """After a stop: nothing RUNNING in either store, every stopped trial FAIL with the reason, its
+    run KILLED, and queued again with its parameters. Returns the stopped trials."""
+    study = setup.study(name)
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    stopped = study.get_trials(states=(TrialState.FAIL,))
+    assert stopped and all(t.user_attrs["fail_reason"].startswith(reason) for t in stopped), stopped
+    queued = study.get_trials(states=(TrialState.WAITING,))
+    assert sorted(t.system_attrs["failed_trial"] for t in queued) == sorted(t.number for t in stopped)
+    assert all(q.params == study.trials[q.system_attrs["failed_trial"]].params for q in queued)
+    client = setup.client()
+    exp = client.get_experiment_by_name(name)
+    assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+    for t in stopped:
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "KILLED" and run.data.tags["trial_state"] == "FAIL"
+    return stopped
+
+
+@pytest.mark.parametrize("sig, workers", [(signal.SIGTERM, 1), (signal.SIGTERM, 2), (signal.SIGINT, 1)],
+                         ids=["SIGTERM-1-worker", "SIGTERM-2-workers", "SIGINT-1-worker"])
+def test_a_stopped_study_leaves_nothing_running_and_the_same_command_completes_it(tmp_path, shared, sig, workers):
     setup = Setup(tmp_path, shared)
-    proc = setup.start(setup.args("interrupted", 1, fixed=SLOW))
-    trial = _running_trial_with_run(setup, "interrupted", proc)
-    os.kill(proc.pid, signal.SIGINT)
+    name, trials = "stopped", 3
+    proc = setup.start(setup.args(name, trials, fixed=SLOW, extra=("--workers", str(workers))))
+    _running_trial_with_run(setup, name, proc)
+    start = time.monotonic()
+    os.kill(proc.pid, sig)
     try:
         proc.wait(timeout=WAIT)
     except subprocess.TimeoutExpired:
         proc.kill()
-        pytest.fail(f"SIGINT did not stop the worker:\n{setup.output()[-5000:]}")
+        pytest.fail(f"{sig.name} did not stop the study:\n{setup.output()[-5000:]}")
+    print(f"\n{sig.name} with {workers} worker(s): stopped in {time.monotonic() - start:.1f} s")
     out = setup.output()
-    assert proc.returncode == 130, out[-5000:]
-    assert "harness: interrupted" in out
-    study = setup.study("interrupted")
-    stopped = study.trials[trial.number]
-    assert stopped.state == TrialState.FAIL
-    assert stopped.user_attrs["fail_reason"].startswith("KeyboardInterrupt")
-    run = setup.client().get_run(trial.user_attrs["mlflow_run_id"])
-    assert run.info.status == "KILLED" and run.data.tags["trial_state"] == "FAIL"
-    assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert proc.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[sig], out[-5000:]
+    assert "Traceback" not in out, out[-5000:]
+    said = "stopped by SIGTERM" if sig == signal.SIGTERM else "interrupted by the user (Ctrl-C)"
+    assert f"harness: {said}" in out
+    stopped = _stopped_study_is_clean(setup, name, "Stopped" if sig == signal.SIGTERM else "KeyboardInterrupt")
+    parent = setup.client().get_run(setup.study(name).user_attrs["mlflow_parent_run_id"])
+    assert parent.info.status == "KILLED"
 
-    _resume(setup, "interrupted", 1)
-    study = setup.study("interrupted")
-    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 1
-    assert study.trials[-1].number > trial.number  # a new trial: an interrupted one is not retried
-    assert setup.client().get_run(trial.user_attrs["mlflow_run_id"]).info.status == "KILLED"  # left as it was
-    exp = setup.client().get_experiment_by_name("interrupted")
+    _resume(setup, name, trials)
+    study = setup.study(name)
+    done = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(done) == trials and not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    retried = {t.system_attrs.get("failed_trial") for t in done}
+    assert {t.number for t in stopped} <= retried  # each stopped trial ran again, with its parameters
+    exp = setup.client().get_experiment_by_name(name)
     assert not setup.client().search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
     assert len(setup.client().search_runs([exp.experiment_id], "tags.run_kind = 'study'")) == 1
+
+
+# deterministic trials of several epochs: long enough to be killed between two checkpoints
+RESUMABLE = [f for f in FIXED if not f.startswith(("epochs=", "data.train_subset="))] + [
+    "epochs=6", "data.train_subset=600", "deterministic=true", "model.dropout=0.1"]
+
+
+def test_a_sigkilled_trial_resumes_from_its_last_checkpoint_and_ends_as_if_never_stopped(tmp_path, shared):
+    from harness import resume
+
+    # every part in a process of its own with one thread: float sums come out the same
+    (tmp_path / "whole").mkdir()
+    whole = Setup(tmp_path / "whole", shared)  # the same trial, never stopped
+    _wait([whole.start(whole.args("resume", 1, fixed=RESUMABLE))], whole)
+    expected = whole.study("resume").best_trial
+
+    setup = Setup(tmp_path, shared)
+    proc = setup.start(setup.args("resume", 1, fixed=RESUMABLE))
+    dead = _running_trial_with_run(setup, "resume", proc)
+    dead_run = dead.user_attrs["mlflow_run_id"]
+    checkpoint = resume.path_for(setup.tracking, dead_run)
+    deadline = time.monotonic() + WAIT
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=WAIT)
+    assert checkpoint.exists(), "the trial ended before its first checkpoint: make RESUMABLE longer"
+    epoch = resume.load(checkpoint)["epoch"]
+    assert 1 <= epoch < 6
+    time.sleep(4.5)  # past the heartbeat's grace period: the trial reads as lost, and is re-queued
+    resumed = setup.start(setup.args("resume", 1, fixed=RESUMABLE))
+    _wait([resumed], setup)
+    assert resumed.returncode == 0, setup.output()[-5000:]
+
+    study = setup.study("resume")
+    retry = study.best_trial
+    assert retry.system_attrs["failed_trial"] == dead.number and retry.params == expected.params
+    run = setup.client().get_run(retry.user_attrs["mlflow_run_id"])
+    assert run.data.tags["resumed_from"] == dead_run and run.data.tags["resumed_at_epoch"] == str(epoch)
+    assert retry.value == expected.value  # the same best validation accuracy, as if never stopped
+    assert retry.intermediate_values == expected.intermediate_values
+    history = setup.client().get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3, 4, 5, 6]  # continuous
+    assert not resume.checkpoint_dir(setup.tracking).exists() or not any(resume.checkpoint_dir(setup.tracking).iterdir())

@@ -64,7 +64,7 @@ def test_predict_shapes_dtypes_and_batching():
     model.train()
     images = random_images(50)
 
-    single = predict(model, images, normalize, batch_size=1000)
+    single = predict(model, images, normalize, batch_size=1000).cpu()
     assert isinstance(single, Predictions)
     assert single.logits.shape == (50, 10) and single.logits.dtype == torch.float32
     assert single.logits.device.type == "cpu"
@@ -174,9 +174,17 @@ def test_confusion_figure_small(normalize_rows):
         ax = fig.axes[0]
         assert [t.get_text() for t in ax.get_xticklabels()] == names
         assert [t.get_text() for t in ax.get_yticklabels()] == names
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted", "true")
+        assert ax.get_title() == ("confusion matrix (row-normalised)" if normalize_rows else "confusion matrix (counts)")
+        # each cell, row by row, is annotated and coloured with its count or its share of the row
         texts = [t.get_text() for t in ax.texts]
-        assert len(texts) == 9
-        assert ("0.50" in texts) if normalize_rows else ("2" in texts)
+        if normalize_rows:
+            assert texts == ["0.50", "0.50", "0.00", "0.00", "1.00", "0.00", "0.50", "0.00", "0.50"]
+            shown = [[0.5, 0.5, 0], [0, 1, 0], [0.5, 0, 0.5]]
+        else:
+            assert texts == ["1", "1", "0", "0", "2", "0", "1", "0", "1"]
+            shown = [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+        np.testing.assert_allclose(np.asarray(ax.collections[0].get_array()).reshape(3, 3), shown)
     finally:
         plt.close(fig)
 
@@ -184,10 +192,15 @@ def test_confusion_figure_small(normalize_rows):
 def test_confusion_figure_many_classes_has_no_annotations():
     rng = np.random.default_rng(0)
     names = [f"class_{i}" for i in range(25)]
-    fig = confusion_figure(rng.integers(0, 10, (25, 25)), names, normalize=True)
+    counts = rng.integers(0, 10, (25, 25))
+    fig = confusion_figure(counts, names, normalize=True)
     try:
-        assert len(fig.axes[0].texts) == 0
-        assert len(fig.axes[0].get_xticklabels()) == 25
+        ax = fig.axes[0]
+        assert len(ax.texts) == 0  # 625 numbers would be unreadable: colour only
+        assert [t.get_text() for t in ax.get_xticklabels()] == names
+        assert [t.get_text() for t in ax.get_yticklabels()] == names
+        np.testing.assert_allclose(np.asarray(ax.collections[0].get_array()).reshape(25, 25),
+                                   counts / counts.sum(axis=1, keepdims=True))
     finally:
         plt.close(fig)
 
@@ -202,6 +215,16 @@ def test_per_class_figure():
         assert len(ax.patches) == 3 * 3  # 3 metrics x 3 classes
         assert [t.get_text() for t in ax.get_legend().get_texts()] == ["precision", "recall", "f1"]
         assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
+        assert ax.get_title() == "per-class precision / recall / F1"
+        # each bar's height is its metric for its class, and bars sit over their class's tick
+        heights = {}
+        for metric, bars in zip(["precision", "recall", "f1"], ax.containers):
+            heights[metric] = [bar.get_height() for bar in bars]
+            assert heights[metric] == pytest.approx(r.per_class[metric].tolist()), metric
+            assert [round(bar.get_x() + bar.get_width() / 2) for bar in bars] == [0, 1, 2]
+        # the crafted example by hand: predicted a twice (once right), b three times (twice), c once (right)
+        assert heights["precision"] == pytest.approx([1 / 2, 2 / 3, 1])
+        assert heights["recall"] == pytest.approx([1 / 2, 1, 1 / 2])
     finally:
         plt.close(fig)
 
@@ -216,6 +239,10 @@ def test_misclassified_figure_orders_by_confidence():
         titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
         assert titles == ["c→a (p=0.97)", "c→a (p=0.70)", "b→a (p=0.65)", "a→b (p=0.60)"]
         assert len(fig.axes) == 4  # 2x2 grid
+        # each tile shows the image its title describes (samples 2, 5, 7, 0), as height x width x RGB
+        for ax, i in zip(fig.axes, [2, 5, 7, 0]):
+            np.testing.assert_array_equal(ax.images[0].get_array(), images[i].numpy().transpose(1, 2, 0))
+        assert fig.get_suptitle() == "4 most confident mistakes"
     finally:
         plt.close(fig)
 
@@ -247,6 +274,11 @@ def test_class_samples_figure():
         assert len(fig.axes) == 3 * 4
         assert [fig.axes[r * 4].get_ylabel() for r in range(3)] == ["a", "b", "c"]
         assert all(len(ax.images) == 1 for ax in fig.axes)
+        # row r shows four different images of class r
+        by_bytes = {images[i].numpy().transpose(1, 2, 0).tobytes(): int(labels[i]) for i in range(60)}
+        for r in range(3):
+            row = [np.asarray(ax.images[0].get_array()).tobytes() for ax in fig.axes[r * 4:(r + 1) * 4]]
+            assert [by_bytes[b] for b in row] == [r] * 4 and len(set(row)) == 4
     finally:
         plt.close(fig)
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from harness import config as C
+from studies.library import DEFAULT_CONFIG
 from harness.config import ModelConfig
 from harness.models import CNN, build_model, count_macs, count_parameters
 
@@ -44,9 +45,23 @@ def _model_config(p: dict) -> ModelConfig:
                        residual=p["residual"], head_width=p["head_width"])
 
 
-def test_the_sample_covers_every_option_value():
-    for key, values in OPTIONS.items():
-        assert {p[key] for p in SAMPLED} == set(values), key
+def _structure(model: nn.Module) -> list:
+    """What a network is made of: each module's type and each parameter's shape, in order."""
+    return ([type(m).__name__ for m in model.modules()]
+            + [(name, tuple(p.shape)) for name, p in model.named_parameters()])
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_every_value_of_an_option_builds_another_network(option):
+    """No option is silently ignored: changing it alone (from the first sampled config) changes what is built.
+
+    (That every value is exercised by test_shapes_and_stage_outputs holds by construction: the first
+    configs of the sample cycle through each option's values, as its ids show.)"""
+    built = []
+    for value in OPTIONS[option]:
+        torch.manual_seed(0)
+        built.append(_structure(build_model(_model_config({**SAMPLED[0], option: value}), num_classes=7)))
+    assert all(a != b for i, a in enumerate(built) for b in built[i + 1:]), option
 
 
 @pytest.mark.parametrize("p", SAMPLED, ids=lambda p: "-".join(f"{v}" for v in p.values()))
@@ -117,7 +132,7 @@ def test_dropout_applies_in_training_only():
 
 
 def test_default_network_is_the_seed_kind():
-    cfg = C.load(C.DEFAULT_CONFIG)
+    cfg = C.load(DEFAULT_CONFIG)
     model = build_model(cfg.model, 10)
     assert model.stage_names == ["stage1", "stage2", "stage3"]
     assert sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 3
@@ -160,3 +175,53 @@ def test_extreme_depths_and_identity_shortcuts(stages, residual):
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     assert model.features(torch.randn(1, 3, 32, 32))[f"stage{stages}"].shape[-1] == 32 // 2 ** stages
+
+
+# ----------------------------------------------------------------------------
+# The fast recipe's parts: whitening stem, pooling after the first conv, global pooling, logit scale
+
+
+def fast_model_config(**kw) -> ModelConfig:
+    from studies.library import config_path
+
+    return C.replace(C.load(config_path("fast"), profile="quick"), {"model": kw}).model
+
+
+def test_fast_network_shapes_stages_and_cost():
+    cfg = fast_model_config()
+    model = build_model(cfg, 10).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.features(x, names=[*model.stage_names, "embedding"])
+        logits, emb = model.forward_with_embedding(x)
+    # the 2x2 stem (no padding) leaves 31x31; each stage pools right after its first conv
+    assert [tuple(f.shape[1:]) for f in feats.values()] == [(32, 15, 15), (64, 7, 7), (128, 3, 3), (128,)]
+    assert logits.shape == (3, 10) and model.embedding_dim == 128 and torch.allclose(emb, feats["embedding"])
+    with torch.no_grad():  # the head scales its logits by 1/9
+        assert torch.allclose(logits, model.classifier(emb) * cfg.logit_scale)
+    assert isinstance(model.stem[0], nn.Conv2d) and not model.stem[0].weight.requires_grad
+    block = model.stages.stage1.block.convs
+    assert [type(m) for m in block][:4] == [nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, nn.GELU]
+    # pooling first: the second conv of each stage runs on a quarter of the pixels
+    plain = build_model(C.replace(C.Config(), {"model": {**C.to_dict(C.Config())["model"], "widths": cfg.widths,
+                                                           "convs_per_stage": 2, "head_width": 0}}).model, 10)
+    assert count_macs(model) < 0.6 * count_macs(plain)
+
+
+def test_whiten_stem_decorrelates_patches_and_freezing_keeps_it_fixed(cifar10_data):
+    from harness.data import make_normalize
+    from harness.models import whiten_stem
+
+    model = build_model(fast_model_config(), 10)
+    images = make_normalize("cpu")(torch.from_numpy(cifar10_data.train_images[:200]))
+    whiten_stem(model, images)
+    with torch.no_grad():
+        out = model.stem[0](images)[:, :12]  # the 12 eigen-filters (the other 12 are their negatives)
+        torch.testing.assert_close(model.stem[0](images)[:, 12:], -out)
+    z = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    cov = (z.T @ z / len(z)).numpy()
+    off = cov - torch.diag(torch.diag(torch.from_numpy(cov))).numpy()
+    assert abs(off).max() < 0.02  # decorrelated
+    assert ((cov.diagonal() > 0.3) & (cov.diagonal() < 1.01)).all()  # unit variance, less where eps dominates
+    assert "stem" in model.freeze(1) and model.trainable_parameters()
+    assert not any(p.requires_grad for p in model.stem.parameters())

@@ -14,6 +14,7 @@ import pytest
 from mlflow import MlflowClient
 
 from harness import config as C
+from studies.library import DEFAULT_CONFIG
 from harness.data import load_dataset
 from harness.experiment import run_experiment
 
@@ -23,11 +24,11 @@ BOUND = 0.40
 
 
 def test_one_epoch_on_10000_real_images_learns(real_data_root, tracking_uri):
-    cfg = C.load(C.DEFAULT_CONFIG, [
+    cfg = C.load(DEFAULT_CONFIG, [
         "epochs=1", "model.dropout=0", "data.train_subset=10000", "data.val_subset=2000",
         "data.test_subset=2000", "data.download=false", "eval.tsne=false", "eval.umap=false",
         "eval.log_model=false"], str(real_data_root))
-    default = C.load(C.DEFAULT_CONFIG)
+    default = C.load(DEFAULT_CONFIG)
     assert cfg.model.widths == default.model.widths and cfg.batch_size == default.batch_size
     ds = load_dataset(cfg.data)
     assert len(ds.train_labels) == 50000 and len(ds.test_labels) == 10000 and len(ds.classes) == 10

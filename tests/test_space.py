@@ -12,7 +12,8 @@ import optuna
 import pytest
 
 from harness import config as C
-from studies.space import SPACES_DIR, WIDTH_KEYS, SpaceError, load_space, profile_settings, sample
+from studies.library import SPACES_DIR
+from studies.space import WIDTH_KEYS, SpaceError, load_space, profile_settings, sample
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))

@@ -383,3 +383,12 @@ def test_workers_with_one_seed_draw_their_own_values(sampler):
     assert x != b.suggest_float("x", 0, 1)
     again = optuna.create_study(directions=dirs, sampler=make_sampler(sampler, 0, multi))
     assert again.ask().suggest_float("x", 0, 1) == x
+
+
+def test_workers_spread_over_the_gpus():
+    from studies.driver import worker_device
+
+    assert [worker_device(i, "auto", 2) for i in range(5)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert worker_device(3, "cuda", 4) == "cuda:3"
+    assert worker_device(0, "auto", 0) is None  # no GPU: the config's device
+    assert worker_device(1, "cpu", 2) is None and worker_device(1, "cuda:1", 2) is None  # as asked

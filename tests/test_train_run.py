@@ -255,6 +255,34 @@ def test_an_expected_stop_ends_the_run_finished(cifar10_root, tracking_uri, tiny
     assert len(client.get_metric_history(run.run_id, "val_accuracy")) == 1
 
 
+def test_a_multi_line_error_keeps_its_type_in_the_runs_error_tag(cifar10_root, tracking_uri, tiny_config):
+    cfg = tiny_config(cifar10_root, data={"train_subset": 64, "val_subset": 32})
+    client = client_for(tracking_uri)
+    run = RunLogger.start(client, "errors", "multi-line")
+
+    def fail(m):
+        raise ValueError("a first line of context\nand the line that says what went wrong")
+
+    with pytest.raises(ValueError):
+        train_run(cfg, run, callbacks=[fail], progress=False)
+    info = client.get_run(run.run_id)
+    assert info.info.status == "FAILED"
+    assert info.data.tags["error"] == "ValueError: and the line that says what went wrong"
+
+
+def test_logging_the_model_leaves_the_callers_model_as_it_was(cifar10_root, tracking_uri, tiny_config):
+    from harness.experiment import log_model
+    from harness.models import build_model
+
+    cfg = tiny_config(cifar10_root)
+    model = build_model(cfg.model, 10).to(memory_format=torch.channels_last).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    log_model(RunLogger.start(client_for(tracking_uri), "models", "logged"), cfg, model)
+    assert model.training and model.stages.stage1.block.convs[0].weight.is_contiguous(
+        memory_format=torch.channels_last)  # not switched to eval mode or to another layout in place
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_bad_config_fails_before_any_run_exists(cifar10_root, tracking_uri, tmp_path):
     with pytest.raises(ConfigError):
         C.load(None, ["epochs=abc", f"data.root={cifar10_root}"])  # before anything runs

@@ -1,5 +1,5 @@
 """Training loop: it learns, early stopping restores the best weights, callbacks, non-finite loss,
-every optimizer and schedule, deterministic mode, device selection."""
+every optimizer and schedule, deterministic mode, device selection, and no host read per step."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +11,7 @@ import torch
 from harness.config import ConfigError
 from harness.data import load_dataset, make_normalize, make_splits
 from harness.evaluation import predict
+from harness.host_reads import HostReads
 from harness.models import build_model
 from harness.training import (EpochMetrics, NonFiniteLoss, build_optimizer, build_scheduler, fit, seed_everything,
                               select_device)
@@ -169,8 +170,12 @@ def test_schedules_change_the_learning_rate_as_configured():
     assert per_batch and cosine[0] == 0.1 and cosine == sorted(cosine, reverse=True)
     onecycle, per_batch = lrs("onecycle")
     assert per_batch and onecycle[0] < onecycle[1] and max(onecycle) <= 0.1 + 1e-9
-    plateau, _ = lrs("plateau", patience=2, gamma=0.5)  # validation accuracy never improves
-    assert plateau[0] == 0.1 and plateau[-1] < 0.1
+    linear, per_batch = lrs("linear", warmup=0.25)  # airbench's triangle: lr/5 up to lr, down to lr/15
+    assert per_batch and linear[0] == pytest.approx(0.02) and linear[0] < linear[1] > linear[2] > linear[3]
+    plateau, _ = lrs("plateau", lr_patience=1, gamma=0.5)  # validation accuracy never improves
+    assert plateau[0] == 0.1 and plateau[-1] == pytest.approx(0.05)
+    # the plateau's patience is its own: early stopping off (patience=0) does not make it 1
+    assert lrs("plateau", patience=0, lr_patience=3, gamma=0.5)[0] == [0.1] * 4
     assert lrs("none")[0] == [0.1] * 4
 
 
@@ -203,17 +208,96 @@ def test_deterministic_mode_gives_identical_weights(cifar10_root, tiny_config):
     assert not all(torch.equal(states[0][k], model.state_dict()[k]) for k in states[0])
 
 
-def test_select_device():
+def test_select_device_gives_the_device_asked_for_and_refuses_what_is_not_there():
     assert select_device("cpu") == CPU
-    auto = select_device("auto")
-    assert auto.type == ("cuda" if torch.cuda.is_available() else auto.type)
     with pytest.raises(ConfigError) as e:
         select_device("gpu")
     assert "choose one of auto, cpu, cuda" in str(e.value)
-    if torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="CUDA device"):
-            select_device(f"cuda:{torch.cuda.device_count()}")
+    # one CUDA index past the last device is refused on every machine (index 0 where CUDA is absent),
+    # with the reason: no CUDA at all, or how many devices there are
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ConfigError) as e:
+        select_device(f"cuda:{count}")
+    msg = str(e.value)
+    assert "\n" not in msg
+    if count:
+        assert f"only {count} CUDA device(s) exist" in msg and "--set device=cuda:0" in msg
+        assert select_device("cuda:0") == torch.device("cuda:0")
+        assert select_device(f"cuda:{count - 1}") == torch.device(f"cuda:{count - 1}")
     else:
-        with pytest.raises(ConfigError) as e:
+        assert "CUDA is not available" in msg and "--set device=cpu" in msg
+        with pytest.raises(ConfigError, match="CUDA is not available"):
             select_device("cuda")
-        assert "CUDA is not available" in str(e.value) and "--set device=cpu" in str(e.value)
+
+
+def test_select_device_auto_prefers_cuda_then_mps_then_cpu():
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    expected = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    assert select_device("auto").type == expected
+    assert select_device() == select_device("auto")  # auto is the default
+    if not mps:
+        with pytest.raises(ConfigError, match="MPS is not available"):
+            select_device("mps")
+
+
+def test_host_reads_counts_what_makes_the_host_wait():
+    x = torch.ones(3)
+    with HostReads() as reads:
+        x.sum().item()
+        bool(x.sum() > 0)
+        x.tolist()
+        x.cpu()
+        x.numpy()
+        x.to("cpu")
+        x.to(torch.float64)  # no copy to a device
+        x.to("cpu", non_blocking=True)
+    assert reads.counts == {"item": 1, "__bool__": 1, "tolist": 1, "cpu": 1, "numpy": 1, "to": 1}
+
+
+@pytest.mark.parametrize("progress, per_epoch", [(False, 2), (True, 4)])
+def test_an_epoch_reads_back_from_the_device_twice_not_per_step(cifar10_root, tiny_config, progress, per_epoch):
+    # 110 steps an epoch: the training sums and the validation sums are read once each (progress
+    # bars: two more); the augmentation's randomness is drawn where the data is. (SGD: Adam keeps
+    # its step count in a host tensor and reads it every step, which waits for nothing.)
+    cfg = tiny_config(cifar10_root, epochs=2, batch_size=4, lookahead=True, eval={"tta": True},
+                      optimizer="sgd", schedule="onecycle", data={"train_subset": 440, "val_subset": 40})
+    model, splits = setup(cfg)
+    with HostReads() as reads:
+        fit(model, splits, cfg, CPU, progress=progress)
+    assert reads.total == per_epoch * cfg.epochs, dict(reads.counts)
+
+
+class Killed(Exception):
+    """Stands for the process dying right after a checkpoint was written."""
+
+
+@pytest.mark.parametrize("schedule, lookahead", [("onecycle", True), ("plateau", False)])
+def test_a_resumed_fit_ends_where_an_uninterrupted_one_does(cifar10_root, tiny_config, tmp_path, schedule, lookahead):
+    from harness import resume
+
+    cfg = tiny_config(cifar10_root, epochs=4, deterministic=True, optimizer="sgd", schedule=schedule,
+                      lookahead=lookahead, lr_patience=0, patience=3, model={"dropout": 0.2},
+                      data={"train_subset": 128, "val_subset": 32})
+    model, splits = setup(cfg)
+    whole = fit(model, splits, cfg, CPU, progress=False)
+    expected = model.state_dict()
+
+    path = tmp_path / "run.pt"
+
+    def save_then_die(state):
+        resume.save(path, state)
+        if state["epoch"] == 2:
+            raise Killed
+
+    model, splits = setup(cfg)
+    with pytest.raises(Killed):
+        fit(model, splits, cfg, CPU, progress=False, checkpoint=save_then_die)
+    seen = []
+    model, splits = setup(cfg)
+    torch.manual_seed(123)  # the global generator (dropout) must come back from the checkpoint
+    resumed = fit(model, splits, cfg, CPU, progress=False, resume=resume.load(path), callbacks=[seen.append])
+    assert [m.epoch for m in seen] == [1, 2, 3, 4]  # the held epochs replayed to the callbacks first
+    assert [vars(m) | {"epoch_seconds": 0, "images_per_s": 0} for m in resumed.history] == \
+           [vars(m) | {"epoch_seconds": 0, "images_per_s": 0} for m in whole.history]
+    assert (resumed.best_epoch, resumed.best_val_accuracy) == (whole.best_epoch, whole.best_val_accuracy)
+    assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())

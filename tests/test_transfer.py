@@ -11,6 +11,7 @@ module trains ten CIFAR-100 runs. The 100-class loader itself is tested in test_
 """
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -92,6 +93,54 @@ def test_parent_and_children_tags_nesting_and_metrics(env):
     assert {"test_accuracy", "test_coarse_accuracy", "run_id", "source_dropout"} <= set(table.columns)
 
 
+def test_depth_figure_plots_each_childs_accuracy(env):
+    """The summary figure shows the children's numbers: the freeze curve through freeze_k's accuracy at k,
+    probe, fine-tune and scratch as horizontal lines at theirs; fine and coarse accuracy side by side."""
+    from studies.transfer import depth_figure
+
+    table = env["result"].table
+    fig = depth_figure(table, "the title", num_classes=15, num_coarse=5)
+    try:
+        assert fig.get_suptitle() == "the title"
+        assert len(fig.axes) == 2
+        by_name = table.set_index("name")
+        for ax, key, label in zip(fig.axes, ["test_accuracy", "test_coarse_accuracy"],
+                                  ["fine, 15 classes", "coarse, 5 superclasses"]):
+            assert ax.get_ylabel() == f"target test accuracy, {label}"
+            curve, *flat = ax.lines
+            assert list(curve.get_xdata()) == [0, 1, 2]
+            expected = [by_name.loc[f"freeze_{k}", key] for k in range(3)]
+            assert list(curve.get_ydata()) == pytest.approx(expected)
+            assert [t.get_text() for t in ax.texts] == [f"{v:.3f}" for v in expected]
+            lines = {line.get_label(): line.get_ydata() for line in flat}
+            for mode, name in [("probe", "linear probe"), ("finetune", "full fine-tune"), ("scratch", "from scratch")]:
+                v = by_name.loc[mode, key]
+                assert list(lines[f"{name} ({v:.3f})"]) == pytest.approx([v, v]), mode
+            assert [t.get_text() for t in ax.get_legend().get_texts()] == [curve.get_label(), *lines]
+    finally:
+        plt.close(fig)
+
+
+def test_split_figure_draws_the_four_curves_and_base_b():
+    from studies.split_study import split_figure
+
+    curves = pd.DataFrame({"AnB": [0.5, 0.25], "BnB": [0.75, 0.5], "AnB+": [0.625, 0.5], "BnB+": [0.75, 0.875],
+                           "baseB": [0.8, 0.8]}, index=pd.Index([1, 2], name="depth"))
+    fig = split_figure(curves, "A = a\nB = b")
+    try:
+        ax = fig.axes[0]
+        assert ax.get_title() == "A = a\nB = b"
+        lines = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
+        assert list(lines) == ["baseB (0.800)", "AnB", "BnB", "AnB+", "BnB+"]
+        assert list(lines["baseB (0.800)"].get_ydata()) == [0.8, 0.8]
+        for v in ("AnB", "BnB", "AnB+", "BnB+"):
+            assert list(lines[v].get_xdata()) == [1, 2] and list(lines[v].get_ydata()) == curves[v].tolist(), v
+        assert lines["AnB"].get_linestyle() == "-" and lines["AnB+"].get_linestyle() == "--"  # + : fine-tuned
+        assert list(ax.get_xticks()) == [0, 1, 2]
+    finally:
+        plt.close(fig)
+
+
 def _child_state(env, name):
     model = env["result"].child(name).model  # the trained child, as train_run returned it
     return model, model.state_dict()
@@ -130,6 +179,30 @@ def test_new_head_has_target_classes(env):
     for c in env["result"].children:
         model, state = _child_state(env, c.name)
         assert model.num_classes == 15 and state["classifier.1.weight"].shape == (15, 16)
+
+
+def test_a_childs_new_head_comes_from_the_seed_not_from_the_children_before_it(env):
+    from studies.transfer import build_child
+
+    source = env["source"].model
+    first, _ = build_child(source, "probe", 0, 15, seed=0)
+    torch.rand(1000)  # what other children would have drawn from the global generator meanwhile
+    again, _ = build_child(source, "probe", 0, 15, seed=0)
+    finetune, _ = build_child(source, "finetune", 0, 15, seed=0)
+    other, _ = build_child(source, "probe", 0, 15, seed=1)
+    head = first.classifier[-1].weight
+    assert torch.equal(head, again.classifier[-1].weight) and torch.equal(head, finetune.classifier[-1].weight)
+    assert not torch.equal(head, other.classifier[-1].weight)
+
+
+def test_a_transfer_child_is_not_reproduced_from_its_config_alone(env, capsys):
+    from harness.cli import main
+
+    child = next(c for c in env["result"].children if c.mode == "probe")
+    assert main(["reproduce", child.run_id, "--tracking-uri", env["uri"]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a transfer child (mode probe)" in err
+    assert f"harness transfer --from {env['source'].run_id} --modes probe" in err
 
 
 def test_freeze_keeps_frozen_modules_in_eval_mode():
@@ -192,10 +265,16 @@ def test_missing_target_data_fails_with_one_line_before_any_run(env, tmp_path):
 
 
 def test_best_of_unknown_study_fails_with_one_line(env, tmp_path):
-    with pytest.raises(Exception) as e:
+    from studies.driver import StudyError
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with pytest.raises(StudyError) as e:
         run_transfer("best:nosuchstudy", "cifar100", data_dir=str(env["data"]), tracking_uri=env["uri"],
-                     storage=f"sqlite:///{tmp_path / 'optuna.db'}", progress=False)
-    assert "nosuchstudy" in _one_line(e)
+                     storage=storage, progress=False)
+    msg = _one_line(e)
+    # it names the study, where it looked, what is there, and the option that looks elsewhere
+    assert "study 'nosuchstudy' not found in" in msg and storage in msg
+    assert "studies there: none" in msg and "--storage" in msg
 
 
 def test_failing_child_is_recorded_and_the_study_goes_on(env, monkeypatch):

@@ -1,0 +1,218 @@
+"""Finish study trials in a background process: test set, figures, embeddings and the model.
+
+Once `fit` returns, a trial has trained; what remains (evaluating the test set, drawing the
+figures, t-SNE and UMAP, logging the model) takes seconds in which the GPU would sit idle.
+So a trial leaves a job in a spool folder beside the tracking store, its run ends, and the
+worker starts its next trial while a process of its own, started with the worker, does the rest
+(`log_evaluation`, exactly what `harness train` does before its run ends):
+
+    <spool>/<run id>/job.json, model.pt   written by the trial (as a folder renamed into place)
+    <spool>/<run id>/lock                 held while a finisher works on the job
+    the folder removed once everything is logged; the run's tag `evaluation`: pending -> done
+
+A crash loses nothing: a job whose worker or finisher died stays in the spool, its lock freed
+with its process, and the next finisher on this store does it; `drain` does any left before a
+study's summary. The finisher pays the slow imports and UMAP's compilation once, at start-up,
+and uses one thread (on a CPU it shares the cores with training; on a GPU machine it is free).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import multiprocessing
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from harness import config as C
+from harness.tracking import RunLogger, artifact_root, client_for, error_line, tracking_uri
+
+POLL_SECONDS = 0.2
+
+
+def spool_dir(uri: str | None) -> Path:
+    """Beside the store for a local SQLite store; ./mlruns/pending for a tracking server."""
+    root = artifact_root(tracking_uri(uri))
+    return Path(root or "mlruns") / "pending"
+
+
+def write_job(spool: Path, run: RunLogger, cfg: C.Config, model: torch.nn.Module, uri: str) -> Path:
+    """The job as a folder renamed into place, so a finisher never sees half of one."""
+    spool.mkdir(parents=True, exist_ok=True)
+    tmp = spool / f".{run.run_id}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "model.pt")
+    device = next(model.parameters()).device
+    (tmp / "job.json").write_text(json.dumps({"run_id": run.run_id, "tracking_uri": uri,
+                                              "device": str(device), "config": C.to_dict(cfg)}))
+    final = spool / run.run_id
+    os.replace(tmp, final)
+    return final
+
+
+@contextmanager
+def _locked(job: Path):
+    """Yields whether this process holds the job (non-blocking); the lock dies with its holder."""
+    try:
+        f = open(job / "lock", "a")
+    except OSError:  # the job was finished and removed meanwhile
+        yield False
+        return
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        yield False
+        return
+    try:
+        yield (job / "job.json").exists()
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+class _Cache:
+    """The dataset a finisher keeps between jobs (a study's trials share it)."""
+
+    def __init__(self):
+        self.datasets: dict = {}
+
+    def dataset(self, cfg: C.Config):
+        from harness.data import load_dataset
+
+        key = (cfg.data.dataset, cfg.data.root, cfg.data.label)
+        if key not in self.datasets:
+            self.datasets = {key: load_dataset(cfg.data)}  # one at a time: they are large
+        return self.datasets[key]
+
+
+def finish_job(job: Path, cache: _Cache) -> None:
+    """Evaluate and log one job's run; a failure is recorded on the run, never raised."""
+    from harness.data import test_split
+    from harness.experiment import log_evaluation
+    from harness.models import build_model
+    from harness.training import select_device
+
+    spec = json.loads((job / "job.json").read_text())
+    run = RunLogger(client_for(spec["tracking_uri"]), spec["run_id"])
+    start = time.perf_counter()
+    try:
+        cfg = C.from_dict(spec["config"])
+        try:
+            device = select_device(spec["device"])
+        except C.ConfigError:  # drained where the trial's accelerator is missing
+            device = torch.device("cpu")
+        ds = cache.dataset(cfg)
+        test_x, test_y = test_split(ds, cfg.data, device)
+        model = build_model(cfg.model, len(ds.classes))
+        model.load_state_dict(torch.load(job / "model.pt", map_location="cpu", weights_only=True))
+        model = model.to(device).eval()
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        log_evaluation(run, cfg, model, ds, test_x, test_y)
+        run.log_metrics({"evaluation_seconds": time.perf_counter() - start})
+        run.set_tags({"evaluation": "done"})
+    except Exception as e:
+        run.set_tags({"evaluation": "failed", "evaluation_error": error_line(e)[:5000]})
+
+
+def pending(spool: Path) -> list[Path]:
+    """The jobs waiting in (or being worked on from) `spool`."""
+    if not spool.is_dir():
+        return []
+    return sorted(p for p in spool.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def finish_pending(spool: Path, cache: _Cache | None = None) -> int:
+    """Finish every job in `spool` that no other process holds; returns how many."""
+    cache = cache or _Cache()
+    done = 0
+    for job in pending(spool):
+        with _locked(job) as mine:
+            if not mine:
+                continue
+            finish_job(job, cache)
+            shutil.rmtree(job, ignore_errors=True)
+            done += 1
+    return done
+
+
+def drain(uri: str | None, timeout: float = 600.0) -> int:
+    """Finish, in this process, whatever jobs are left for this store; waits for jobs other
+    finishers hold (up to `timeout`). Before a study's summary, so every trial has its plots."""
+    spool = spool_dir(uri)
+    cache = _Cache()
+    done, deadline = 0, time.time() + timeout
+    while pending(spool):
+        done += finish_pending(spool, cache)
+        if time.time() > deadline:
+            break
+        time.sleep(POLL_SECONDS)
+    return done
+
+
+def _warm_up(umap: bool) -> None:
+    """The one-off costs, paid while the first trial trains: imports, and UMAP's compilation."""
+    import warnings
+
+    import numpy as np
+
+    import harness.experiment  # noqa: F401  (matplotlib, seaborn, scikit-learn)
+    import mlflow.pytorch  # noqa: F401
+    from harness.embeddings import project_umap
+
+    if umap:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            project_umap(np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32), seed=0)
+
+
+def _serve(uri: str, stop, parent: int, threads: int, umap: bool) -> None:
+    """The finisher process: finish jobs as they come until asked to stop and none is left (or
+    the worker that started it is gone)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    torch.set_num_threads(threads)
+    client_for(uri)
+    _warm_up(umap)
+    spool, cache = spool_dir(uri), _Cache()
+    while True:
+        if finish_pending(spool, cache):
+            continue
+        if stop.is_set() or os.getppid() != parent:
+            return
+        time.sleep(POLL_SECONDS)
+
+
+class Finisher:
+    """A worker's background finisher process. `submit` a trained run; `close` waits for the rest."""
+
+    def __init__(self, uri: str | None, threads: int = 1, umap: bool = True):
+        """`umap`: whether the trials will draw UMAP plots (then its compilation is paid up front)."""
+        self.uri = tracking_uri(uri)
+        self.spool = spool_dir(self.uri)
+        ctx = multiprocessing.get_context("spawn")  # no forked CUDA or thread state
+        self._stop = ctx.Event()
+        self._process = ctx.Process(target=_serve, args=(self.uri, self._stop, os.getpid(), threads, umap),
+                                    name="harness-finisher", daemon=False)
+        self._process.start()
+
+    def submit(self, run: RunLogger, cfg: C.Config, model: torch.nn.Module) -> None:
+        write_job(self.spool, run, cfg, model, self.uri)
+        run.set_tags({"evaluation": "pending"})
+
+    def close(self, wait: bool = True) -> None:
+        """Ask the finisher to stop once the spool is empty and `wait` for it; without `wait`, or
+        with nothing to do, stop it now (a job it held stays in the spool for the next finisher)."""
+        self._stop.set()
+        if wait and pending(self.spool):
+            self._process.join()
+        elif self._process.is_alive():
+            self._process.terminate()
+            self._process.join()

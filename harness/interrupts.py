@@ -1,0 +1,62 @@
+"""Ctrl-C and SIGTERM: the first asks for a clean stop, a second ends the process at once.
+
+Cluster jobs end by SIGTERM (`timeout`, `docker stop`, Kubernetes, Slurm preemption) far more
+often than by Ctrl-C. Here both raise in the main thread, SIGTERM as `Stopped`, a kind of
+KeyboardInterrupt, so every path that handles Ctrl-C handles it too: the run in progress ends
+KILLED with what it logged, a study's trial ends FAIL and is re-queued (it resumes from its last
+checkpoint), and the command exits 130 (Ctrl-C) or 143 (SIGTERM). A second signal, a second or
+more after the first, ends the process at once; one sooner is the same signal arriving twice
+(from a terminal's process group and from the parent that forwards it) and is ignored.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+DUPLICATE_SECONDS = 1.0
+
+
+class Stopped(KeyboardInterrupt):
+    """The process was asked to stop by SIGTERM."""
+
+
+def stop_reason(e: KeyboardInterrupt) -> str:
+    """Why a run ended KILLED, in one line."""
+    return str(e) or "interrupted by the user (Ctrl-C)"
+
+
+def exit_code(e: KeyboardInterrupt) -> int:
+    return EXIT_CODES[signal.SIGTERM if isinstance(e, Stopped) else signal.SIGINT]
+
+
+def stop_cleanly(on_signal=None):
+    """Install the handlers in this process; `on_signal(signum)` runs first on every signal that
+    counts (a parent forwards it to its workers there). Returns a function that puts back the
+    handlers there were. Outside the main thread (where Python allows no handlers) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    first: dict = {}
+
+    def handler(signum, frame):
+        now = time.monotonic()
+        if first and now - first["at"] < DUPLICATE_SECONDS:
+            return
+        if on_signal is not None:
+            on_signal(signum)
+        if first:
+            os._exit(EXIT_CODES[signum])
+        first["at"] = now
+        if signum == signal.SIGTERM:
+            raise Stopped("stopped by SIGTERM")
+        raise KeyboardInterrupt("interrupted by the user (Ctrl-C)")
+
+    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, old in before.items():
+            signal.signal(sig, old)
+
+    return restore

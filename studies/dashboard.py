@@ -1,0 +1,139 @@
+"""`harness dashboard`: optuna-dashboard on a study's storage, safe beside the workers writing to it.
+
+Why it needs care: optuna-dashboard opened on a live SQLite study crashed the study with
+"database is locked" (optuna-dashboard#545). In SQLite's default rollback-journal mode a query
+in progress holds a shared lock, and a writer cannot commit until every reader has let go; the
+study's commit waited out its busy timeout (5 s by default) and `optimize` raised. Measured here:
+a read left in progress makes another connection's commit fail in rollback-journal mode, and not
+in WAL mode. And the dashboard is not only a reader: its pages create, rename and delete studies,
+tell trials, edit notes and migrate the schema (a button), each taking the workers' write lock.
+
+So: the storage is in WAL mode (`storage_url`, as for `harness tune`: readers and the writer
+never block each other); the dashboard's connections are read-only (SQLite `mode=ro`, PostgreSQL
+`default_transaction_read_only`) and wait out a busy database for 60 s, as the workers do; and
+requests that would write are answered 405 before they reach the storage.
+
+Each trial's note (written by the worker, `note_run_link`) links its run in the MLflow UI.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from urllib.parse import quote
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from harness.tracking import error_line
+
+MLFLOW_UI = "http://127.0.0.1:5000"  # what `harness ui` serves
+INSTALL = "pip install optuna-dashboard"
+
+
+def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: the tracking server itself, or `harness ui` for a local store."""
+    base = tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else MLFLOW_UI
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def note_run_link(trial, run) -> None:
+    """The trial's optuna-dashboard note: a link to its MLflow run. Never fails the trial."""
+    try:
+        from optuna_dashboard import save_note
+
+        url = mlflow_run_url(run.client.tracking_uri, run.experiment_id, run.run_id)
+        local = " (start `harness ui` to open it)" if url.startswith(MLFLOW_UI) else ""
+        save_note(trial, f"**MLflow run** of trial {trial.number}: [{run.run_id}]({url}){local}")
+    except Exception as e:  # a missing package, a busy storage: the trial goes on without its note
+        logging.getLogger(__name__).warning("trial %s: no dashboard note (%s)", trial.number, error_line(e))
+
+
+def read_only_storage(url: str):
+    """An RDBStorage on `url` that cannot write, waiting up to 60 s for a busy database."""
+    import optuna
+
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///")).expanduser().resolve()
+
+        def connect():  # a URI filename: read-only, whatever characters the path holds
+            return sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True, timeout=60, check_same_thread=False)
+
+        engine = {"creator": connect}
+    elif url.startswith(("postgresql", "postgres")):
+        engine = {"connect_args": {"options": "-c default_transaction_read_only=on"}, "pool_pre_ping": True}
+    else:
+        engine = {}
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine, skip_compatibility_check=True,
+                                      skip_table_creation=True)
+
+
+def refuse_writes(app):
+    """WSGI: only GET and HEAD reach optuna-dashboard; the rest is answered 405 with the reason."""
+    reason = json.dumps({"reason": "this dashboard is read-only (harness dashboard): it never writes to a "
+                                   "study that workers are running"}).encode()
+
+    def wrapped(environ, start_response):
+        if environ.get("REQUEST_METHOD", "GET") in ("GET", "HEAD"):
+            return app(environ, start_response)
+        start_response("405 Method Not Allowed", [("Content-Type", "application/json"), ("Allow", "GET, HEAD"),
+                                                  ("Content-Length", str(len(reason)))])
+        return [reason]
+
+    return wrapped
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # Ctrl-C does not wait for a browser's open requests
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # no line per request (the browser polls every few seconds)
+        pass
+
+
+def open_dashboard(study: str, storage: str | None = None, host: str = "127.0.0.1", port: int = 8080):
+    """(server, URL of the study's page, storage URL), not serving yet; a user's error is a StudyError."""
+    from studies.driver import DEFAULT_STORAGE, StudyError, _redact, storage_url
+
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise StudyError(f"optuna-dashboard is not installed: {INSTALL}") from None
+    raw = storage or os.environ.get("HARNESS_STORAGE") or DEFAULT_STORAGE
+    if raw.startswith("sqlite:///") and not Path(raw.removeprefix("sqlite:///")).expanduser().is_file():
+        raise StudyError(f"no study storage at {raw.removeprefix('sqlite:///')}: run `harness tune --study {study}` "
+                         "first, or pass --storage")
+    url = storage_url(raw)  # the same resolution as `harness tune`, and WAL mode for SQLite
+    try:
+        ro = read_only_storage(url)
+        names = {s.study_name: s._study_id for s in ro.get_all_studies()}
+    except Exception as e:
+        raise StudyError(f"cannot read study storage {_redact(url)} ({error_line(e)}): check the --storage URL "
+                         "and that the database server is running") from None
+    if study not in names:
+        raise StudyError(f"study {study!r} not found in {_redact(url)}; studies there: "
+                         f"{', '.join(names) or 'none'} (pass --storage if it lives elsewhere)")
+    app = refuse_writes(optuna_dashboard.wsgi(ro))
+    try:
+        server = make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)
+    except OSError as e:
+        raise StudyError(f"cannot listen on {host}:{port} ({e.strerror or e}): pick another --port") from None
+    return server, f"http://{host}:{server.server_port}/dashboard/studies/{names[study]}", url
+
+
+def serve(study: str, storage: str | None = None, host: str = "127.0.0.1", port: int = 8080) -> None:
+    """`harness dashboard`: serve until Ctrl-C."""
+    from studies.driver import _redact
+
+    server, page, url = open_dashboard(study, storage, host, port)
+    print(f"optuna-dashboard (read-only) for study {study!r} on {page}", flush=True)
+    print(f"storage {_redact(url)}; each trial's note (Trials tab) links its MLflow run; Ctrl-C stops it",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

@@ -1,0 +1,89 @@
+"""The house's shape: arrows only downward, no import cycles, and a command line that loads a
+subcommand's modules only when that subcommand runs.
+
+    harness/  the core (config, data, models, training, evaluation, tracking, ...)
+    studies/  Optuna studies, transfer and split studies     -> may import harness
+    analysis/ feature-space analysis                         -> may import harness
+    harness/cli.py  the one composition root over all three
+
+The graph counts every import, at the top of a module or inside a function.
+"""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("harness", "studies", "analysis")
+COMPOSITION_ROOT = "harness.cli"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """The project modules `path` imports (resolved to modules, not to names inside them)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        out |= {n for n in names if n.split(".")[0] in PACKAGES}
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    return {name: {m for m in imports_of(path) if m in files and m != name} for name, path in files.items()}
+
+
+def test_the_core_imports_neither_studies_nor_analysis():
+    upward = [(a, b) for a, deps in graph().items() for b in deps
+              if a.startswith("harness") and a != COMPOSITION_ROOT and not b.startswith("harness")]
+    assert not upward, f"arrows from the core up to studies/analysis: {upward}"
+
+
+def test_analysis_and_studies_do_not_import_each_other():
+    across = [(a, b) for a, deps in graph().items() for b in deps
+              if a.split(".")[0] in ("studies", "analysis") and b.split(".")[0] in ("studies", "analysis")
+              and a.split(".")[0] != b.split(".")[0]]
+    assert not across, across
+
+
+def test_no_import_cycle():
+    g = graph()
+    state: dict[str, int] = {}  # 1 on the path, 2 done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(g[node]):
+            if state.get(dep) == 1:
+                raise AssertionError(f"import cycle: {' -> '.join(path[path.index(dep):] + [dep])}")
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for node in sorted(g):
+        if node not in state:
+            visit(node, [node])
+
+
+def imported_by(*argv: str) -> str:
+    """The modules `python -m harness.cli ARGV` imports (from -X importtime's report)."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "harness.cli", *argv], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return "\n".join(line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line)
+
+
+def test_train_help_does_not_import_optuna_or_the_studies():
+    modules = imported_by("train", "--help").split("\n")
+    loaded = {m for m in modules if m.split(".")[0] in ("optuna", "studies", "analysis")}
+    assert not loaded, sorted(loaded)[:10]

@@ -1,0 +1,293 @@
+"""`harness tune` options no other test runs: the default Hyperband pruner, a worker's stop after three
+failures in a row, `--timeout`, a failed worker under `--workers 2`, the qmc and cmaes samplers, the
+`accuracy,latency` objective, and `compile=true`.
+
+Real stores (an Optuna SQLite storage, an MLflow SQLite store) in each test's own folder, the
+generated CIFAR-10 of conftest, trials of a few seconds (two tiny stages, a few hundred images).
+Every study starts from the same base config, CONFIG: its first trial is that config's own values
+(the study's starting point), GOOD below, which learns well in one epoch.
+"""
+from __future__ import annotations
+
+import math
+
+import optuna
+import pandas as pd
+import pytest
+from conftest import new_tracking_uri
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from harness.cli import main
+
+# every test here runs whole studies (20-90 s each on 2 busy cores): out of the fast subset
+pytestmark = pytest.mark.slow
+
+# the base config of every study (`--config`): adamw at 0.01 with no schedule learns the generated data in an epoch
+CONFIG = """\
+optimizer: adamw
+lr: 0.01
+schedule: none
+weight_decay: 0.0
+model: {widths: [8, 16], head_width: 16, dropout: 0.0}
+"""
+# the budget of every trial, as in test_studies.py
+FIXED = ["epochs=2", "batch_size=32", "data.train_subset=200", "data.val_subset=100", "data.test_subset=100",
+         "eval.tsne=false", "eval.umap=false", "eval.misclassified=4", "eval.log_model=false", "data.download=false",
+         "device=cpu", "precision=fp32", "deterministic=true", "patience=0"]
+ONE_EPOCH = [f for f in FIXED if not f.startswith("epochs=")] + ["epochs=1"]
+SPACE = """\
+params:
+  optimizer: {type: categorical, choices: [adamw, sgd]}
+  lr: {type: float, low: 0.005, high: 0.05, log: true}
+  momentum: {type: float, low: 0.8, high: 0.95, if: {optimizer: sgd}}
+  model.dropout: {type: float, low: 0.0, high: 0.2}
+"""
+GOOD = {"optimizer": "adamw", "lr": 0.01, "model.dropout": 0.0}  # = CONFIG's values: the first trial
+DEAD = {**GOOD, "lr": 1.0e-7}  # learns nothing: near chance after an epoch
+FAILING = {"optimizer": "sgd", "lr": 1.0e6, "momentum": 0.9, "model.dropout": 0.0}  # a non-finite loss in epoch 1
+# two continuous parameters: what CMA-ES and QMC sample jointly (one would be sampled independently)
+SPACE_2D = """\
+params:
+  lr: {type: float, low: 0.005, high: 0.05, log: true}
+  label_smoothing: {type: float, low: 0.0, high: 0.2}
+"""
+BOUNDS_2D = {"lr": (0.005, 0.05), "label_smoothing": (0.0, 0.2)}
+
+
+class Env:
+    """One study's stores, space and base config in a folder of its own; `harness tune` in this process."""
+
+    def __init__(self, tmp, data_root, template, space: str = SPACE):
+        self.tmp = tmp
+        self.data = data_root
+        self.storage = f"sqlite:///{tmp / 'optuna.db'}"
+        self.tracking = new_tracking_uri(tmp, template)  # a copy of a migrated empty store: no migrations here
+        self.space = tmp / "space.yaml"
+        self.space.write_text(space)
+        self.config = tmp / "base.yaml"
+        self.config.write_text(CONFIG)
+
+    def args(self, study: str, trials: int, *extra: str, fixed=FIXED) -> list[str]:
+        args = ["tune", "--study", study, "--space", str(self.space), "--config", str(self.config),
+                "--trials", str(trials), "--storage", self.storage, "--tracking-uri", self.tracking,
+                "--data-dir", str(self.data), "--seed", "0", "--quiet", *extra]
+        for item in fixed:
+            args += ["--set", item]
+        return args
+
+    def tune(self, capsys, study: str, trials: int, *extra: str, fixed=FIXED) -> tuple[int, str, str]:
+        code = main(self.args(study, trials, *extra, fixed=fixed))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    def study(self, name: str) -> optuna.Study:
+        return optuna.load_study(study_name=name, storage=self.storage)
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.tracking)
+
+    def run_of(self, trial):
+        return self.client().get_run(trial.user_attrs["mlflow_run_id"])
+
+    def study_run(self, name: str):
+        return self.client().get_run(self.study(name).user_attrs["mlflow_parent_run_id"])
+
+
+@pytest.fixture
+def env(tmp_path, cifar10_root, empty_mlflow_db, monkeypatch):
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(var, raising=False)
+    return Env(tmp_path, cifar10_root, empty_mlflow_db)
+
+
+def harness_lines(err: str) -> list[str]:
+    """The CLI's own messages on stderr (Optuna's log lines and workers' tracebacks aside)."""
+    return [line for line in err.splitlines() if line.startswith("harness:")]
+
+
+# ----------------------------------------------------------------------------
+# Pruning
+
+
+def test_the_default_hyperband_pruner_prunes_a_trial_that_learns_nothing(env, capsys):
+    """No --pruner: Hyperband (min resource 1 epoch, at most `epochs`, reduction 3).
+
+    With two epochs it has one bracket whose only rung is epoch 1; while fewer than six trials have reached
+    the rung, a trial goes past it only with the best accuracy there, ties included. Trial 0 (CONFIG) and
+    trial 1 (the same values, deterministic) tie and both go on; trial 2, at lr 1e-7, stays near chance: pruned.
+    """
+    code, out, err = env.tune(capsys, "hb", 1)
+    assert code == 0, err
+    for params in (GOOD, DEAD):
+        env.study("hb").enqueue_trial(params)
+    code, out, err = env.tune(capsys, "hb", 3)
+    assert code == 0, err
+    study = env.study("hb")
+    assert env.study_run("hb").data.tags["pruner"] == "hyperband"  # what the study ran with, by default
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
+    assert trials[0].params == trials[1].params == GOOD
+    assert trials[0].intermediate_values == trials[1].intermediate_values  # the tie that lets trial 1 on
+    pruned = trials[2]
+    assert pruned.params["lr"] == pytest.approx(1e-7)
+    assert list(pruned.intermediate_values) == [1]  # pruned at the rung, epoch 1
+    assert pruned.intermediate_values[1] < trials[0].intermediate_values[1]
+    run = env.run_of(pruned)
+    assert run.data.tags["trial_state"] == "PRUNED" and run.data.tags["stopped_by"] == "TrialPruned"
+    assert [m.step for m in env.client().get_metric_history(run.info.run_id, "val_accuracy")] == [1]
+    assert env.study_run("hb").data.metrics["trials_pruned"] == 1
+
+
+# ----------------------------------------------------------------------------
+# Failures and limits
+
+
+def test_three_failures_in_a_row_stop_the_worker_with_the_last_reason_and_the_study_resumes(env, capsys):
+    code, out, err = env.tune(capsys, "failing", 1)
+    assert code == 0, err
+    for _ in range(3):
+        env.study("failing").enqueue_trial(FAILING)
+    code, out, err = env.tune(capsys, "failing", 5)
+    assert code == 2
+    lines = harness_lines(err)
+    assert len(lines) == 1, err
+    assert lines[0].startswith("harness: error: 3 trials in a row failed, the last with NonFiniteLoss: "
+                               "non-finite training loss"), lines[0]
+    assert "run the same command to resume" in lines[0]
+    study = env.study("failing")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] + [TrialState.FAIL] * 3  # no fourth started
+    assert study.trials[3].user_attrs["fail_reason"] in lines[0]  # the last one's reason
+    for t in study.trials[1:]:
+        assert env.run_of(t).info.status == "FAILED"
+    parent = env.study_run("failing")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_fail"] == 3
+    # the same command resumes: the failures don't count towards the target, two more trials run
+    code, out, err = env.tune(capsys, "failing", 3)
+    assert code == 0, err
+    states = [t.state for t in env.study("failing").trials]
+    assert states[:4] == [TrialState.COMPLETE] + [TrialState.FAIL] * 3
+    assert len(states) == 6 and all(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states[4:])
+    assert env.study_run("failing").info.status == "FINISHED"
+
+
+def test_timeout_stops_the_worker_starting_trials(env, capsys):
+    """--timeout 1 with a target of 50: the first trial starts within the second and takes longer; no
+    trial starts after it (one more at most, on a machine where a trial takes under a second)."""
+    code, out, err = env.tune(capsys, "timed", 50, "--timeout", "1", "--pruner", "none", fixed=ONE_EPOCH)
+    assert code == 0, err
+    trials = env.study("timed").trials
+    assert 1 <= len(trials) <= 2, [(t.number, t.state.name) for t in trials]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert env.study_run("timed").info.status == "FINISHED"
+    assert f"best trial 0: objective {trials[0].value:.4f}" in out  # it ended as a study does, with its summary
+    assert "trials.csv" in {a.path.split("/")[-1] for a in env.client().list_artifacts(
+        env.study("timed").user_attrs["mlflow_parent_run_id"], "summary")}
+
+
+def test_a_failed_worker_of_two_fails_the_command_with_one_line(env, capfd):
+    """Both spawned workers meet three failing trials in a row (six queued, each worker stops at its
+    third); the command exits 2 with one line counting the failed workers."""
+    code, out, err = env.tune(capfd, "two", 1)
+    assert code == 0, err
+    for _ in range(6):
+        env.study("two").enqueue_trial(FAILING)
+    code = main(env.args("two", 10, "--workers", "2"))
+    out, err = capfd.readouterr()  # the workers' output too: they write to this process's descriptors
+    assert code == 2
+    lines = harness_lines(err)
+    assert lines == ["harness: error: 2 of 2 workers failed: see their output above; run the same command "
+                     "to resume"], err[-3000:]
+    # each worker said why it stopped
+    assert err.count("3 trials in a row failed, the last with NonFiniteLoss") == 2, err[-3000:]
+    study = env.study("two")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] + [TrialState.FAIL] * 6
+    assert env.study_run("two").info.status == "FINISHED"  # not left RUNNING: the next command resumes it
+
+
+# ----------------------------------------------------------------------------
+# Samplers and objectives
+
+
+@pytest.mark.parametrize("sampler", ["qmc", "cmaes"])
+def test_qmc_and_cmaes_samplers_run_a_study_sampling_in_bounds(env, capsys, sampler):
+    env.space.write_text(SPACE_2D)
+    code, out, err = env.tune(capsys, sampler, 3, "--sampler", sampler, "--pruner", "none", fixed=ONE_EPOCH)
+    assert code == 0, err
+    study = env.study(sampler)
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert trials[0].params == {"lr": 0.01, "label_smoothing": 0.0}  # CONFIG's own values come first
+    for t in trials:
+        assert set(t.params) == set(BOUNDS_2D)
+        for name, (low, high) in BOUNDS_2D.items():
+            assert low <= t.params[name] <= high, (t.number, name, t.params[name])
+        run = env.run_of(t)
+        assert float(run.data.params["lr"]) == pytest.approx(t.params["lr"])
+        assert float(run.data.params["label_smoothing"]) == pytest.approx(t.params["label_smoothing"])
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 3  # each trial drew its own values
+    assert env.study_run(sampler).data.tags["sampler"] == sampler
+    # the sampler itself drew trials 1 and 2 (not a fallback to independent random sampling)
+    if sampler == "cmaes":
+        for t in trials[1:]:
+            assert any(k.startswith("cma:") and k.endswith("generation") for k in t.system_attrs), t.system_attrs
+    else:
+        attrs = study._storage.get_study_system_attrs(study._study_id)
+        assert [v for k, v in attrs.items() if k.startswith("qmc:")] == [1]  # Sobol points 0 and 1
+
+
+def test_accuracy_and_latency_objectives_give_two_values_a_latency_metric_and_a_pareto_front(env, capsys):
+    code, out, err = env.tune(capsys, "fast-nets", 2, "--objectives", "accuracy,latency", fixed=ONE_EPOCH)
+    assert code == 0, err
+    study = env.study("fast-nets")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2  # never pruned with two objectives
+    for t in trials:
+        assert len(t.values) == 2 and t.intermediate_values == {}
+        run = env.run_of(t)
+        assert t.values[0] == pytest.approx(run.data.metrics["best_val_accuracy"])
+        assert t.values[1] == pytest.approx(run.data.metrics["latency_ms"])  # ms per image on the CPU
+        assert 0 < t.values[1] < 1000 and math.isfinite(t.values[1])
+    client = env.client()
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    assert client.get_run(parent).data.tags["objectives"] == "accuracy,latency"
+    names = {a.path for a in client.list_artifacts(parent, "summary")}
+    assert {"summary/pareto_front.png", "summary/pareto_front.csv"} <= names
+    front = pd.read_csv(client.download_artifacts(parent, "summary/pareto_front.csv", str(env.tmp)))
+    assert set(front["number"]) == {t.number for t in study.best_trials} and len(front) >= 1
+    by_number = front.set_index("number")
+    for t in study.best_trials:
+        assert by_number.loc[t.number, "val_accuracy"] == pytest.approx(t.values[0])
+        assert by_number.loc[t.number, "latency_ms"] == pytest.approx(t.values[1])
+    best = max(study.best_trials, key=lambda t: t.values[0])  # printed: the most accurate on the front
+    assert f"best trial {best.number}: objective {best.values[0]:.4f}, {best.values[1]:.4f}" in out
+
+
+# ----------------------------------------------------------------------------
+# compile=true
+
+
+def test_compile_true_trains_and_evaluates_a_tiny_run_on_the_cpu(cifar10_root, tracking_uri, tiny_config):
+    """torch.compile on the CPU (inductor, a C++ compiler): one epoch trains through the compiled
+    model, and the run is evaluated and logged like any other."""
+    import torch
+
+    from harness.experiment import run_experiment
+
+    cfg = tiny_config(cifar10_root, compile=True, data={"train_subset": 200, "val_subset": 100, "test_subset": 100})
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        result = run_experiment(cfg, tracking_uri, experiment="compiled", progress=False)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs >= 1  # dynamo did capture the model: it was compiled, not run eagerly
+    run = MlflowClient(tracking_uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["compile"] == "True"
+    m = run.data.metrics
+    assert math.isfinite(m["train_loss"]) and 0.0 <= m["test_accuracy"] <= 1.0
+    assert m["best_val_accuracy"] > 0.2  # it learned (chance is 0.1)
+    assert result.fit.history[0].epoch == 1 and len(result.fit.history) == 1

@@ -1,0 +1,288 @@
+"""`harness ui` end to end: a real study on a temporary store, the real MLflow UI server started by
+`harness ui --study` as a process of its own, and the printed URL rendered by a real headless
+Chromium, driven over the DevTools protocol (`--remote-debugging-pipe`, so no extra package):
+the study run shows in the runs table, and its trial runs once it is expanded, as a person would
+click. The MLflow UI renders on the client, so the test waits for the table rather than dumping the
+first HTML. Where no Chromium can be had the browser test skips, saying so (`.ci/run` installs it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import optuna  # noqa: F401  (imported now: its log handler keeps the stream of the moment, not a test's capsys)
+import pytest
+from mlflow import MlflowClient
+
+from harness.cli import main
+from harness.tracking import NOTE_TAG, RunLogger, client_for
+
+STUDY = "ui-study"
+TRIALS = 2
+FIXED = ["epochs=1", "batch_size=32", "model.widths=[8,16]", "data.train_subset=200", "data.val_subset=100",
+         "data.test_subset=100", "eval.tsne=false", "eval.umap=false", "eval.misclassified=4",
+         "eval.log_model=false", "data.download=false", "device=cpu", "precision=fp32", "patience=0"]
+SPACE = """\
+params:
+  optimizer: {type: categorical, choices: [adamw, sgd]}
+  lr: {type: float, low: 0.005, high: 0.05, log: true}
+"""
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+# as root on a closed network: no sandbox, no GPU, and none of Chromium's own connections
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1400,1000"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_error_line(capsys) -> str:
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("harness: error: "), err
+    assert "MLflow UI starting" not in out  # refused before any server started
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------
+# Refused before the server starts
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """A store holding one study run (as `harness tune` makes it) and a plain experiment."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    client = client_for(uri)
+    RunLogger.start(client, "known", "study-known", tags={"study": "known", "run_kind": "study"}).end()
+    RunLogger.start(client, "cifar10-train", "a-run").end()
+    return uri
+
+
+def test_missing_study_is_one_line_naming_the_studies(store, capsys):
+    assert main(["ui", "--study", "missing", "--no-browser", "--tracking-uri", store]) == 2
+    line = one_error_line(capsys)
+    assert "no study 'missing'" in line and "its studies: known" in line and "--study" in line
+    assert "cifar10-train" not in line  # an experiment that is no study
+
+
+def test_missing_experiment_is_one_line_naming_the_experiments(store, capsys):
+    assert main(["ui", "--experiment", "missing", "--no-browser", "--tracking-uri", store]) == 2
+    line = one_error_line(capsys)
+    assert "no experiment 'missing'" in line and "cifar10-train" in line and "known" in line
+
+
+def test_port_in_use_is_one_line(store, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["ui", "--study", "known", "--no-browser", "--port", str(port), "--tracking-uri", store]) == 2
+    line = one_error_line(capsys)
+    assert f"cannot serve on 127.0.0.1:{port}" in line and "--port" in line
+
+
+def test_missing_study_from_the_installed_command(store, tmp_path):
+    script = Path(sys.executable).parent / "harness"
+    proc = subprocess.run([str(script), "ui", "--study", "missing", "--tracking-uri", store], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "harness" in line]
+    assert len(errors) == 1 and "no study 'missing'" in errors[0] and "known" in errors[0], proc.stderr
+    assert "MLflow UI starting" not in proc.stdout
+
+
+# ----------------------------------------------------------------------------
+# The real thing, in a real browser
+
+
+class Chrome:
+    """Headless Chromium driven over the DevTools protocol on a pipe (fds 3 and 4, NUL-terminated JSON)."""
+
+    def __init__(self, executable: str, url: str):
+        self.profile = tempfile.mkdtemp(prefix="harness-chrome-")
+        to_chrome_r, self._out = os.pipe()
+        self._in, from_chrome_w = os.pipe()
+
+        def give_fds():  # in the child: our pipe ends as fds 3 (its input) and 4 (its output)
+            r, w = os.dup(to_chrome_r), os.dup(from_chrome_w)
+            os.dup2(r, 3)
+            os.dup2(w, 4)
+
+        self.proc = subprocess.Popen([executable, *CHROME_FLAGS, f"--user-data-dir={self.profile}",
+                                      "--remote-debugging-pipe", url],
+                                     preexec_fn=give_fds, close_fds=False, start_new_session=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._buffer, self._id, self._session = b"", 0, None
+        for _ in range(100):
+            pages = [t for t in self.send("Target.getTargets")["targetInfos"] if t["type"] == "page"]
+            if pages:
+                break
+            time.sleep(0.1)
+        self._session = self.send("Target.attachToTarget", {"targetId": pages[0]["targetId"], "flatten": True},
+                                  )["sessionId"]
+
+    def send(self, method: str, params: dict | None = None, timeout: float = 30) -> dict:
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params or {}}
+        if self._session:
+            message["sessionId"] = self._session
+        os.write(self._out, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\0" in self._buffer:
+                raw, self._buffer = self._buffer.split(b"\0", 1)
+                reply = json.loads(raw)
+                if reply.get("id") == self._id:
+                    assert "error" not in reply, reply
+                    return reply["result"]
+            ready, _, _ = select.select([self._in], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError(f"Chromium did not answer {method} in {timeout} s")
+            chunk = os.read(self._in, 1 << 20)
+            if not chunk:
+                raise EOFError("Chromium closed its DevTools pipe")
+            self._buffer += chunk
+
+    def js(self, expression: str):
+        return self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True})["result"].get("value")
+
+    def text(self) -> str:
+        return self.js("document.body ? document.body.innerText : ''") or ""
+
+    def wait_for_text(self, *needles: str, timeout: float = 90) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.text()
+            if all(n in text for n in needles):
+                return text
+            if time.monotonic() > deadline:
+                missing = [n for n in needles if n not in text]
+                raise AssertionError(f"{missing} not on the page after {timeout} s; it shows: {text[:2000]}")
+            time.sleep(0.25)
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for fd in (self._in, self._out):
+            os.close(fd)
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    for name in BROWSERS:
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("browser test: no Chromium on this machine (apt-get install chromium; .ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def study_store(tmp_path_factory, cifar10_root) -> str:
+    """A study of two tiny trials, made by `harness tune` on a temporary store."""
+    tmp = tmp_path_factory.mktemp("ui")
+    space = tmp / "space.yaml"
+    space.write_text(SPACE)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    args = ["tune", "--study", STUDY, "--space", str(space), "--trials", str(TRIALS), "--storage",
+            f"sqlite:///{tmp / 'optuna.db'}", "--tracking-uri", uri, "--data-dir", str(cifar10_root),
+            "--sampler", "random", "--pruner", "none", "--seed", "0", "--quiet"]
+    assert main([*args, *[a for item in FIXED for a in ("--set", item)]]) == 0
+    return uri
+
+
+def read_lines(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+@pytest.mark.timeout(900)
+def test_ui_opens_the_study_runs_in_a_real_browser(study_store, chromium, tmp_path):
+    client = MlflowClient(study_store)
+    exp = client.get_experiment_by_name(STUDY)
+    # (b) the experiment says what it holds and how to browse it
+    note = exp.tags[NOTE_TAG]
+    for words in (f"study-{STUDY}", "trial-<n>", "summary/", f"harness compare --study {STUDY}",
+                  f"harness best --study {STUDY}", f"harness report --study {STUDY}"):
+        assert words in note, note
+
+    port = free_port()
+    started = time.monotonic()
+    ui = subprocess.Popen([sys.executable, "-m", "harness.cli", "ui", "--study", STUDY, "--no-browser",
+                           "--port", str(port), "--tracking-uri", study_store],
+                          stdout=subprocess.PIPE, stderr=open(tmp_path / "ui.err", "w"), text=True, cwd=tmp_path)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=read_lines, args=(ui.stdout, lines), daemon=True).start()
+    out: list[str] = []
+    browser = None
+    try:
+        url = None
+        while url is None:
+            line = lines.get(timeout=300)
+            assert line is not None, f"harness ui ended early: {''.join(out)}{(tmp_path / 'ui.err').read_text()}"
+            out.append(line)
+            m = re.search(r"(http://\S+#/experiments/\S+)", line)
+            url = m and m.group(1)
+        ready = time.monotonic()
+        assert url == f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+
+        browser = Chrome(chromium, url)
+        runs = client.search_runs([exp.experiment_id])
+        trials = sorted(r.info.run_name for r in runs if r.data.tags.get("run_kind") == "trial")
+        assert trials == [f"trial-{n}" for n in range(TRIALS)]
+        page = browser.wait_for_text(f"study-{STUDY}", "Run Name")  # the runs table has loaded
+        assert browser.js("location.hash").startswith(f"#/experiments/{exp.experiment_id}/runs")  # not the overview
+        # Model-training mode: its side bar (Runs, Models, Model registry), not the GenAI one (Overview, ...)
+        assert "Model registry" in page and "Overview" not in page, page[:1000]
+        assert f"Optuna study {STUDY}" in page  # the experiment's description, rendered from its Markdown
+        if not all(t in page for t in trials):  # nested: shown once the study run is expanded, as a person would
+            clicked = browser.js(f"""(() => {{
+                const name = [...document.querySelectorAll('a')].find(a => a.innerText.trim() === 'study-{STUDY}');
+                const button = name && name.closest('[role=gridcell]').querySelector('button');
+                if (button) button.click();
+                return Boolean(button);
+            }})()""")
+            assert clicked, "no expander on the study run's row"
+        page = browser.wait_for_text(*trials)
+        rendered = time.monotonic()
+        print(f"harness ui answered in {ready - started:.1f} s; the browser showed the trials "
+              f"{rendered - ready:.1f} s later")
+    finally:
+        if browser is not None:
+            browser.close()
+        if ui.poll() is None:
+            ui.send_signal(signal.SIGINT)  # Ctrl-C
+        try:
+            code = ui.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            ui.kill()
+            raise
+    rest = []
+    while (line := lines.get(timeout=10)) is not None:
+        rest.append(line)
+    assert code == 0, (tmp_path / "ui.err").read_text()
+    assert "MLflow UI stopped" in "".join(rest)
+    with pytest.raises(OSError):  # nothing serves on the port any more
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
