@@ -57,7 +57,6 @@ from harness.embeddings import DegenerateEmbeddings, plot_embedding_2d, project_
 from analysis.figures import (feature_maps_figure, filters_figure, nearest_neighbours, neighbour_grid,
                               stage_metrics_figure)
 from analysis.metrics import cluster_scores, flatten_features, knn_accuracy_loo, linear_probe_accuracy
-from harness.config import ConfigError
 
 KS = (1, 5, 20)
 METRICS = ("knn1", "knn5", "knn20", "probe", "nmi", "ari", "purity", "silhouette")  # logged as analysis_<name>
@@ -71,10 +70,7 @@ MIN_IMAGES = 20
 
 
 class AnalysisError(HarnessError):
-    """A bad analysis option (too few images, an unknown projection); the message is one line.
-
-    A ConfigError, so the CLI reports it like any other bad option value.
-    """
+    """A bad analysis option (too few images, an unknown projection); the message is one line."""
 
 
 @dataclass
@@ -206,6 +202,79 @@ def _source_run(client, run, compare_run_id: str | None) -> tuple[str | None, bo
     return run.data.tags.get("source_run_id") or None, False
 
 
+def stage_table(feats: dict[str, np.ndarray], labels: np.ndarray, n_classes: int, seed: int,
+                timer: _Timer | None = None) -> pd.DataFrame:
+    """One row per stage (in `feats` order): its dimension and every score of `stage_scores`. Pure."""
+    timer = timer or _Timer()
+    rows = []
+    for name, x in feats.items():
+        scores = stage_scores(x, labels, n_classes, seed, timer)
+        rows.append({"stage": name, "dim": x.shape[1], **{k: scores[k] for k in METRICS}})
+    return pd.DataFrame(rows)
+
+
+def cka_tables(feats: dict[str, np.ndarray], source_feats: dict[str, np.ndarray] | None
+               ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Linear CKA (debiased) between this model's stages, and from the source model's stages
+    (rows) to this model's (columns) on the same images. Pure."""
+    names = list(feats)
+    cka = pd.DataFrame(cka_matrix([feats[s] for s in names], debiased=True), index=names, columns=names)
+    if source_feats is None:
+        return cka, None
+    src_names = list(source_feats)
+    cka_source = pd.DataFrame(cka_matrix([source_feats[s] for s in src_names], [feats[s] for s in names],
+                                         debiased=True), index=pd.Index(src_names, name="source"), columns=names)
+    return cka, cka_source
+
+
+@dataclass
+class _Inputs:
+    """What an analysis reads: the run, its config and model, the source model, the data, and
+    the logger of the run that receives the results."""
+    run: object
+    cfg: object
+    model: torch.nn.Module
+    source_id: str | None
+    source_model: torch.nn.Module | None
+    ds: object
+    logger: object
+    target: str
+    device: torch.device
+
+
+def _load(run_id: str, tracking_uri: str | None, data_dir: str | None, compare_run_id: str | None,
+          log_to: str | None, device: str) -> _Inputs:
+    from harness import config as C
+    from harness.checkpoints import RunNotFound, get_run, load_run_model
+    from harness.data import load_dataset
+    from harness.tracking import RunLogger, client_for
+    from harness.training import select_device
+
+    with _quiet_downloads():
+        client = client_for(tracking_uri)
+        run = get_run(client, run_id)
+        dev = select_device(device)
+        cfg, model = load_run_model(client, run_id, dev)
+        source_id, explicit = _source_run(client, run, compare_run_id)
+        source_model = None
+        if source_id:
+            try:
+                _, source_model = load_run_model(client, source_id, dev)
+            except RunNotFound as e:
+                if explicit:
+                    raise
+                print(f"harness: warning: skipping the CKA with the source model: {e}", file=sys.stderr)
+                source_id = None
+        if data_dir:
+            cfg = C.replace(cfg, {"data": {"root": data_dir}})
+        ds = load_dataset(cfg.data)
+        target = log_to or run_id
+        if (run if target == run_id else get_run(client, target)).info.lifecycle_stage == "deleted":
+            raise RunNotFound(f"run {target} is deleted, so nothing can be logged to it: restore it "
+                              "(`mlflow runs restore --run-id ...`) or pass --log-to another run")
+    return _Inputs(run, cfg, model, source_id, source_model, ds, RunLogger(client, target), target, dev)
+
+
 def analyze_run(
     run_id: str,
     tracking_uri: str | None = None,
@@ -229,183 +298,167 @@ def analyze_run(
     projections: which of "tsne", "umap" to plot (default: what the run's eval.tsne/eval.umap say).
     Raises RunNotFound (missing run, no config or checkpoint), DatasetError (data missing),
     AnalysisError; all with one-line messages.
+
+    The steps: load, features, the stage table and CKA (`stage_table`, `cka_tables`: pure
+    computation), then everything logged (`_log_stages`, `_log_images`).
     """
-    from harness import config as C
-    from harness.checkpoints import RunNotFound, get_run, load_run_model
-    from harness.data import load_dataset, make_normalize
-    from harness.tracking import RunLogger, client_for
-    from harness.training import select_device
+    from harness.data import make_normalize
 
     timer = _Timer()
     start = time.perf_counter()
-    with timer("load"), _quiet_downloads():
-        client = client_for(tracking_uri)
-        run = get_run(client, run_id)
-        dev = select_device(device)
-        cfg, model = load_run_model(client, run_id, dev)
-        source_id, explicit = _source_run(client, run, compare_run_id)
-        source_model = None
-        if source_id:
-            try:
-                _, source_model = load_run_model(client, source_id, dev)
-            except RunNotFound as e:
-                if explicit:
-                    raise
-                print(f"harness: warning: skipping the CKA with the source model: {e}", file=sys.stderr)
-                source_id = None
-        if data_dir:
-            cfg = C.replace(cfg, {"data": {"root": data_dir}})
-        ds = load_dataset(cfg.data)
-        target = log_to or run_id
-        if (run if target == run_id else get_run(client, target)).info.lifecycle_stage == "deleted":
-            raise RunNotFound(f"run {target} is deleted, so nothing can be logged to it: restore it "
-                              "(`mlflow runs restore --run-id ...`) or pass --log-to another run")
-        logger = RunLogger(client, target)
-
+    with timer("load"):
+        inputs = _load(run_id, tracking_uri, data_dir, compare_run_id, log_to, device)
+    cfg, ds = inputs.cfg, inputs.ds
     idx = sample_indices(len(ds.test_labels), samples, seed)
     images_np, labels = ds.test_images[idx], ds.test_labels[idx]
     if len(idx) < MIN_IMAGES:
         raise AnalysisError(f"only {len(idx)} test images to analyse: need at least {MIN_IMAGES} (raise --samples)")
-    classes = ds.classes
-    images = torch.from_numpy(np.ascontiguousarray(images_np)).to(dev)
-    normalize = make_normalize(dev, cfg.channels_last)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    source_model = source_model.to(memory_format=fmt) if source_model is not None else None
-    stage_names = [*model.stage_names, EMBEDDING]
     if projections is None:
         projections = tuple(p for p in PROJECTIONS if getattr(cfg.eval, p))
     unknown = set(projections) - set(PROJECTIONS)
     if unknown:
         raise AnalysisError(f"unknown projection {sorted(unknown)[0]!r}: choose from {', '.join(PROJECTIONS)}")
-    artifacts: list[str] = []
+    images = torch.from_numpy(np.ascontiguousarray(images_np)).to(inputs.device)
+    normalize = make_normalize(inputs.device, cfg.channels_last)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = inputs.model.to(memory_format=fmt)
+    source_model = inputs.source_model.to(memory_format=fmt) if inputs.source_model is not None else None
+    stage_names = [*model.stage_names, EMBEDDING]
+    log = _Log(inputs.logger, timer)
 
-    def log_figure(path: str, build) -> None:
-        """Build a figure (timed as "figures") and log it (PNG rendering + MLflow, timed as "logging")."""
-        with timer("figures"):
-            fig = build()
-        with timer("logging"):
-            logger.log_figure(fig, f"analysis/{path}")
-        artifacts.append(f"analysis/{path}")
-
-    def log_table(df: pd.DataFrame, path: str) -> None:
-        with timer("logging"):
-            logger.log_table(df, f"analysis/{path}")
-        artifacts.append(f"analysis/{path}")
-
-    def log_metrics(metrics: dict[str, float], step: int) -> None:
-        with timer("logging"):
-            logger.log_metrics(metrics, step=step)
-
-    n = len(labels)
-    bar = tqdm(total=len(stage_names) + 2, desc=f"analyze {run_id[:8]}", unit="step", leave=False,
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=4, desc=f"analyze {run_id[:8]}", unit="step", leave=False, disable=not progress,
+               dynamic_ncols=True)
     try:
         bar.set_postfix_str("features")
         with timer("features"):
             feats = extract_features(model, images, normalize)
             source_feats = extract_features(source_model, images, normalize) if source_model is not None else None
         bar.update()
-
-        # Per stage: scores, logged at once so a long analysis shows progress in the UI; projections.
-        proj_idx = sample_indices(n, projection_samples, seed)
-        rows, skipped = [], {}
-        for step, name in enumerate(stage_names):
-            bar.set_postfix_str(name)
-            x = feats[name]
-            scores = stage_scores(x, labels, len(classes), seed, timer)
-            log_metrics({f"analysis_{k}": scores[k] for k in METRICS}, step)
-            rows.append({"stage": name, "dim": x.shape[1], **{k: scores[k] for k in METRICS}})
-            for proj in projections if len(proj_idx) >= 10 else ():
-                try:
-                    with timer(proj), _one_thread(), warnings.catch_warnings():
-                        warnings.simplefilter("ignore")  # umap/numba deprecation chatter
-                        xy = (project_tsne if proj == "tsne" else project_umap)(x[proj_idx], seed=seed)
-                except DegenerateEmbeddings as e:
-                    skipped[f"analysis.{proj}_skipped.{name}"] = str(e)
-                    continue
-                title = f"{proj.upper()} of {name} features ({len(proj_idx)} test images)"
-                log_figure(f"{proj}/{step}_{name}.png",
-                           lambda: plot_embedding_2d(xy, labels[proj_idx], classes, title))
-            bar.update()
-
-        # CKA between this model's stages, and with the source model's on the same images.
-        bar.set_postfix_str("CKA, images")
-        table = pd.DataFrame(rows)
+        bar.set_postfix_str("scores")
+        table = stage_table(feats, labels, len(ds.classes), seed, timer)
         with timer("cka"):
-            cka = pd.DataFrame(cka_matrix([feats[s] for s in stage_names], debiased=True),
-                               index=stage_names, columns=stage_names)
-            cka_source = None
-            if source_feats is not None:
-                src_names = list(source_feats)
-                cka_source = pd.DataFrame(
-                    cka_matrix([source_feats[s] for s in src_names], [feats[s] for s in stage_names], debiased=True),
-                    index=pd.Index(src_names, name="source"), columns=stage_names)
-                table["cka_source"] = [cka_source.loc[s, s] if s in src_names else np.nan for s in stage_names]
-        log_figure("cka_stages.png", lambda: plot_cka_heatmap(
-            cka.to_numpy(), stage_names, stage_names, f"linear CKA between stages ({n} test images)"))
-        log_table(cka, "cka_stages.csv")
-        if cka_source is not None:
-            title = f"linear CKA: source run {source_id[:8]} (rows) vs this run (columns), {n} test images"
-            log_figure("cka_source.png", lambda: plot_cka_heatmap(
-                cka_source.to_numpy(), list(cka_source.index), stage_names, title))
-            log_table(cka_source, "cka_source.csv")
-            for step, v in enumerate(table["cka_source"]):  # same-named stages: how far each one moved
-                if np.isfinite(v):
-                    log_metrics({"analysis_cka_source": float(v)}, step)
-
-        log_table(table.set_index("stage"), "stage_metrics.csv")
-
-        def metrics_figure():
-            fig = stage_metrics_figure(table.drop(columns=["dim"]))
-            fig.axes[0].set_title(f"feature-space metrics by stage ({n} test images)")
-            return fig
-
-        log_figure("stage_metrics.png", metrics_figure)
-
-        # Images: nearest neighbours (first stage, last conv stage, embedding), feature maps, filters.
-        with timer("images"):
-            queries = grid_queries(labels, seed)
-            grid_stages = list(dict.fromkeys([stage_names[0], stage_names[-2], EMBEDDING]))
-            neighbours = {s: neighbours_excluding_self(feats[s], queries, N_NEIGHBOURS) for s in grid_stages}
-            few = queries[:N_FEATURE_MAP_IMAGES]
-            with torch.no_grad():
-                maps = model.eval().features(normalize(images[few]), model.stage_names)
-            weight = first_conv_weight(model)
-        for name, nb in neighbours.items():
-            def grid(name=name, nb=nb):
-                fig = neighbour_grid(images_np[queries], images_np[nb], labels[queries], labels[nb], classes)
-                fig.suptitle(f"{N_NEIGHBOURS} nearest test images (cosine) in {name} features")
-                return fig
-
-            log_figure(f"neighbours/{stage_names.index(name)}_{name}.png", grid)
-        for i, q in enumerate(few):
-            def fmap(i=i, q=q):
-                fig = feature_maps_figure({s: a[i] for s, a in maps.items()}, images_np[q])
-                fig.suptitle(f"stage outputs of test image {int(idx[q])} ({classes[labels[q]]})")
-                return fig
-
-            log_figure(f"feature_maps/image_{int(idx[q])}.png", fmap)
-        if weight is not None:
-            log_figure("filters_conv1.png", lambda: filters_figure(weight))
+            cka, cka_source = cka_tables(feats, source_feats)
+        if cka_source is not None:  # same-named stages: how far each one moved from the source
+            table["cka_source"] = [cka_source.loc[s, s] if s in cka_source.index else np.nan for s in stage_names]
+        bar.update()
+        bar.set_postfix_str("projections, tables")
+        skipped = _log_stages(log, table, feats, labels, ds.classes, cka, cka_source, inputs.source_id, projections,
+                              sample_indices(len(labels), projection_samples, seed), seed)
+        bar.update()
+        bar.set_postfix_str("images")
+        _log_images(log, model, feats, images, images_np, labels, idx, ds.classes, normalize, seed)
         bar.update()
     finally:
         bar.close()
 
     timings = {k: round(v, 3) for k, v in timer.seconds.items()}
     timings["total"] = round(time.perf_counter() - start, 3)
-    summary = {"run_id": run_id, "n_images": n, "samples": samples, "seed": seed,
+    summary = {"run_id": run_id, "n_images": len(labels), "samples": samples, "seed": seed,
                "dataset": ds.name, "dataset_digest": ds.digest, "stages": stage_names,
-               "source_run_id": source_id, "projections": list(projections), "timings_s": timings}
-    tags = {"analysis.n_images": n, "analysis.source_run_id": source_id or "", **skipped}
-    if target != run_id:
+               "source_run_id": inputs.source_id, "projections": list(projections), "timings_s": timings}
+    tags = {"analysis.n_images": len(labels), "analysis.source_run_id": inputs.source_id or "", **skipped}
+    if inputs.target != run_id:
         tags["analysis.run_id"] = run_id
     with timer("logging"):
-        logger.log_text(json.dumps(summary, indent=2), "analysis/summary.json")
-        logger.set_tags(tags)
-        logger.log_metrics({"analysis_seconds": timings["total"]})
-    artifacts.append("analysis/summary.json")
+        inputs.logger.log_text(json.dumps(summary, indent=2), "analysis/summary.json")
+        inputs.logger.set_tags(tags)
+        inputs.logger.log_metrics({"analysis_seconds": timings["total"]})
+    log.artifacts.append("analysis/summary.json")
     timings["logging"] = round(timer.seconds["logging"], 3)
     timings["total"] = round(time.perf_counter() - start, 3)
-    return AnalysisResult(run_id, target, n, stage_names, table, cka, source_id, cka_source,
-                          artifacts, timings)
+    return AnalysisResult(run_id, inputs.target, len(labels), stage_names, table, cka, inputs.source_id, cka_source,
+                          log.artifacts, timings)
+
+
+class _Log:
+    """Logs into the receiving run under `analysis/`, timing figure building and logging apart."""
+
+    def __init__(self, logger, timer: _Timer):
+        self.logger, self.timer, self.artifacts = logger, timer, []
+
+    def figure(self, path: str, build) -> None:
+        with self.timer("figures"):
+            fig = build()
+        with self.timer("logging"):
+            self.logger.log_figure(fig, f"analysis/{path}")
+        self.artifacts.append(f"analysis/{path}")
+
+    def table(self, df: pd.DataFrame, path: str) -> None:
+        with self.timer("logging"):
+            self.logger.log_table(df, f"analysis/{path}")
+        self.artifacts.append(f"analysis/{path}")
+
+    def metrics(self, metrics: dict[str, float], step: int) -> None:
+        with self.timer("logging"):
+            self.logger.log_metrics(metrics, step=step)
+
+
+def _log_stages(log: _Log, table: pd.DataFrame, feats, labels, classes, cka, cka_source, source_id,
+                projections, proj_idx: np.ndarray, seed: int) -> dict[str, str]:
+    """Per-stage metrics (the stage index as step), the tables, CKA heatmaps and t-SNE/UMAP plots.
+    Returns the tags of projections skipped (degenerate features)."""
+    n = len(labels)
+    stage_names = list(table["stage"])
+    skipped = {}
+    for step, row in table.iterrows():
+        name = row["stage"]
+        log.metrics({f"analysis_{k}": row[k] for k in METRICS}, step)
+        for proj in projections if len(proj_idx) >= 10 else ():
+            try:
+                with log.timer(proj), _one_thread(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # umap/numba deprecation chatter
+                    xy = (project_tsne if proj == "tsne" else project_umap)(feats[name][proj_idx], seed=seed)
+            except DegenerateEmbeddings as e:
+                skipped[f"analysis.{proj}_skipped.{name}"] = str(e)
+                continue
+            title = f"{proj.upper()} of {name} features ({len(proj_idx)} test images)"
+            log.figure(f"{proj}/{step}_{name}.png", lambda: plot_embedding_2d(xy, labels[proj_idx], classes, title))
+    log.figure("cka_stages.png", lambda: plot_cka_heatmap(
+        cka.to_numpy(), stage_names, stage_names, f"linear CKA between stages ({n} test images)"))
+    log.table(cka, "cka_stages.csv")
+    if cka_source is not None:
+        title = f"linear CKA: source run {source_id[:8]} (rows) vs this run (columns), {n} test images"
+        log.figure("cka_source.png", lambda: plot_cka_heatmap(
+            cka_source.to_numpy(), list(cka_source.index), stage_names, title))
+        log.table(cka_source, "cka_source.csv")
+        for step, v in enumerate(table["cka_source"]):
+            if np.isfinite(v):
+                log.metrics({"analysis_cka_source": float(v)}, step)
+    log.table(table.set_index("stage"), "stage_metrics.csv")
+
+    def metrics_figure():
+        fig = stage_metrics_figure(table.drop(columns=["dim"]))
+        fig.axes[0].set_title(f"feature-space metrics by stage ({n} test images)")
+        return fig
+
+    log.figure("stage_metrics.png", metrics_figure)
+    return skipped
+
+
+def _log_images(log: _Log, model, feats, images, images_np, labels, idx, classes, normalize, seed: int) -> None:
+    """Nearest-neighbour grids (first stage, last conv stage, embedding), feature maps, filters."""
+    stage_names = [*model.stage_names, EMBEDDING]
+    with log.timer("images"):
+        queries = grid_queries(labels, seed)
+        grid_stages = list(dict.fromkeys([stage_names[0], stage_names[-2], EMBEDDING]))
+        neighbours = {s: neighbours_excluding_self(feats[s], queries, N_NEIGHBOURS) for s in grid_stages}
+        few = queries[:N_FEATURE_MAP_IMAGES]
+        with torch.no_grad():
+            maps = model.eval().features(normalize(images[few]), model.stage_names)
+        weight = first_conv_weight(model)
+    for name, nb in neighbours.items():
+        def grid(name=name, nb=nb):
+            fig = neighbour_grid(images_np[queries], images_np[nb], labels[queries], labels[nb], classes)
+            fig.suptitle(f"{N_NEIGHBOURS} nearest test images (cosine) in {name} features")
+            return fig
+
+        log.figure(f"neighbours/{stage_names.index(name)}_{name}.png", grid)
+    for i, q in enumerate(few):
+        def fmap(i=i, q=q):
+            fig = feature_maps_figure({s: a[i] for s, a in maps.items()}, images_np[q])
+            fig.suptitle(f"stage outputs of test image {int(idx[q])} ({classes[labels[q]]})")
+            return fig
+
+        log.figure(f"feature_maps/image_{int(idx[q])}.png", fmap)
+    if weight is not None:
+        log.figure("filters_conv1.png", lambda: filters_figure(weight))

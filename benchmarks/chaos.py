@@ -7,7 +7,11 @@
 N workers, each a separate `harness tune` process as a user on a cluster would start them, run
 one study on tiny generated CIFAR-10 (tests/conftest.py's `write_cifar10`). Once the study
 exists, every few seconds (uniform in --interval) a random worker gets SIGKILL or SIGTERM (a
-coin toss) and a replacement starts at once, --kills times. Then the workers finish; if the
+coin toss) and a replacement starts at once, --kills times. The worker is drawn from those past
+their start-up (their finisher process started: they are in the study, nearly always in a trial),
+and a moment with none passes: on 2 busy cores a worker takes 15-25 s to start, longer than the
+~12 s a worker lives at this pace, so drawing from all of them (--target any) kills mostly
+workers that have not opened the study yet. Then the workers finish; if the
 study is not complete and clean when the last exits (a SIGKILLed trial nobody has declared
 stale yet, a re-queued trial nobody took), one more plain worker starts after the heartbeat's
 grace period, up to three times. Then it checks both stores and the workers' output, and prints
@@ -56,7 +60,7 @@ STUDY = "chaos"
 LOCK_ERRORS = ("database is locked", "database table is locked")
 STOP_REASONS = ("Stopped", "KeyboardInterrupt")  # error_line of SIGTERM and Ctrl-C
 STOP_HUNG = 90  # seconds a SIGTERMed worker gets before it counts as hung (and is SIGKILLed)
-MAX_RETRY = 3  # studies.driver.requeue's max_retry
+MAX_RETRY = 3  # studies.study.requeue's max_retry
 
 
 @dataclass
@@ -67,6 +71,7 @@ class Worker:
     started: float
     signal: str | None = None  # SIGKILL / SIGTERM, once sent
     signalled_at: float | None = None
+    signalled_clock: float | None = None  # time.time() of the signal: compared with the trials' datetimes
     phase: str | None = None  # what it was doing when signalled: starting / in study
     exited_at: float | None = None
     final: bool = False  # started after the chaos, to complete the study
@@ -131,10 +136,15 @@ def phase_of(pid: int) -> str:
         return "starting"
 
 
+def storage_url(url: str) -> str:
+    """The study storage's URL as the workers open it (postgresql:// with the driver installed)."""
+    from studies.study import storage_url as url_of
+
+    return url_of(url)
+
+
 def study_exists(chaos: Chaos) -> bool:
     import optuna
-
-    from studies.driver import storage_url
 
     try:
         return "mlflow_parent_run_id" in optuna.load_study(study_name=STUDY,
@@ -146,8 +156,6 @@ def study_exists(chaos: Chaos) -> bool:
 def load_study(chaos: Chaos):
     import optuna
 
-    from studies.driver import storage_url
-
     return optuna.load_study(study_name=STUDY, storage=storage_url(chaos.storage))
 
 
@@ -158,6 +166,10 @@ def needs_worker(chaos: Chaos) -> bool:
     trials = load_study(chaos).get_trials(deepcopy=False)
     done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     return done < chaos.args.trials or any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+
+
+def snapshot(chaos: Chaos) -> list:
+    return [(t.number, t.state) for t in load_study(chaos).get_trials(deepcopy=False)]
 
 
 def run_chaos(chaos: Chaos) -> dict:
@@ -173,7 +185,7 @@ def run_chaos(chaos: Chaos) -> dict:
             raise SystemExit(f"chaos: the study was not created within {a.wait} s:\n{tail(chaos)}")
         time.sleep(0.5)
     created = time.monotonic() - t0
-    kills = 0
+    kills = skipped = 0
     next_at = time.monotonic() + rng.uniform(low, high)
     while kills < a.kills:
         time.sleep(0.1)
@@ -182,22 +194,29 @@ def run_chaos(chaos: Chaos) -> dict:
             break  # the study finished before all the kills: see the figures
         if time.monotonic() < next_at:
             continue
+        next_at = time.monotonic() + rng.uniform(low, high)
+        phases = {w.index: phase_of(w.pid) for w in targets}
+        if a.target == "working":  # a worker past its start-up: in the study, nearly always in a trial
+            targets = [w for w in targets if phases[w.index] == "in study"]
+            if not targets:
+                skipped += 1  # this moment passes; the next is as random
+                continue
         w = rng.choice(targets)
         sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
-        w.phase = phase_of(w.pid)
-        w.signal, w.signalled_at = sig.name, time.monotonic()
+        w.phase = phases[w.index]
+        w.signal, w.signalled_at, w.signalled_clock = sig.name, time.monotonic(), time.time()
         try:
             if a.group:
                 os.killpg(w.pid, sig)
             else:
                 os.kill(w.pid, sig)
         except ProcessLookupError:  # it ended just now: not a kill
-            w.signal = w.signalled_at = w.phase = None
+            w.signal = w.signalled_at = w.signalled_clock = w.phase = None
             continue
         kills += 1
-        print(f"  {time.monotonic() - t0:6.1f} s  kill {kills:2d}: {sig.name} worker {w.index} ({w.phase}); "
+        print(f"  {time.monotonic() - t0:6.1f} s  {time.strftime('%H:%M:%S')}  kill {kills:2d}: {sig.name} worker "
+              f"{w.index} ({w.phase}); "
               f"worker {chaos.start().index} started", flush=True)
-        next_at = time.monotonic() + rng.uniform(low, high)
     chaos_end = time.monotonic() - t0
     while chaos.alive():
         if time.monotonic() > deadline + a.wait:
@@ -208,12 +227,16 @@ def run_chaos(chaos: Chaos) -> dict:
     finals = 0
     while needs_worker(chaos) and finals < 3:
         time.sleep(3 * 1 + 2)  # past the heartbeat's grace period: a SIGKILLed trial reads as stale
+        before = snapshot(chaos)
         finals += 1
         print(f"  {time.monotonic() - t0:6.1f} s  the study is not complete and clean: a final worker "
               f"{chaos.start(final=True).index} started", flush=True)
         while chaos.alive():
             time.sleep(0.5)
-    return {"kills": kills, "created_s": created, "chaos_s": chaos_end, "final_workers": finals,
+        if snapshot(chaos) == before:
+            print(f"  {time.monotonic() - t0:6.1f} s  the final worker changed no trial: no more", flush=True)
+            break
+    return {"kills": kills, "skipped": skipped, "created_s": created, "chaos_s": chaos_end, "final_workers": finals,
             "wall_s": time.monotonic() - t0}
 
 
@@ -289,6 +312,8 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
         f" complete, {sum(t.state == TrialState.PRUNED for t in done)} pruned")
     left = [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     row("trials RUNNING or WAITING", len(left), 0, detail=str(left[:10]) if left else "")
+    silent = no_heartbeat(chaos, study)
+    row("RUNNING trials without a heartbeat (never stale)", len(silent), 0, detail=str(silent[:10]))
     running = [r.info.run_id[:8] for r in runs if r.info.status == "RUNNING"]
     row("runs RUNNING", len(running), 0, detail=", ".join(running[:5]))
     row("study runs, their status", " ".join([str(len(study_runs))] + [r.info.status for r in study_runs]),
@@ -438,11 +463,60 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
     return rows, more
 
 
+def no_heartbeat(chaos: Chaos, study) -> list[int]:
+    """RUNNING trials with no heartbeat recorded: Optuna never finds them stale (its check skips them)."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(storage_url(chaos.storage))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sqlalchemy.text(
+                "SELECT t.number FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+                "WHERE t.study_id = :sid AND t.state = 'RUNNING' AND h.trial_id IS NULL"), {"sid": study._study_id})
+            return sorted(r[0] for r in rows)
+    finally:
+        engine.dispose()
+
+
+def near_kills(chaos: Chaos, moment, label: str) -> str:
+    """The kills closest to a trial's moment (a datetime): which signal may have caused it."""
+    if moment is None:
+        return f"{label}: -"
+    at = moment.timestamp()
+    kills = sorted((w.signalled_clock - at, w) for w in chaos.workers if w.signalled_clock)
+    near = sorted(kills, key=lambda kw: abs(kw[0]))[:2]
+    return f"{label} {moment:%H:%M:%S.%f}"[:-3] + "; nearest kills: " + ", ".join(
+        f"{w.signal} worker {w.index} {d:+.2f} s" for d, w in near)
+
+
+def diagnose(chaos: Chaos) -> list[str]:
+    """For each trial left RUNNING/WAITING, each killed trial not re-queued and each lineage with two
+    final trials: when it happened and the nearest kills (a kill's moment against the trial's)."""
+    from optuna.trial import TrialState
+
+    trials = load_study(chaos).get_trials(deepcopy=False)
+    by_number = {t.number: t for t in trials}
+    replaced = {(t.system_attrs.get("retry_history") or [None])[-1] for t in trials}
+    lines = []
+    for t in trials:
+        if t.state in (TrialState.RUNNING, TrialState.WAITING):
+            lines.append(f"trial {t.number} {t.state.name}: " + near_kills(chaos, t.datetime_start, "started"))
+        elif t.state == TrialState.FAIL and not t.user_attrs.get("surplus") and t.number not in replaced \
+                and len(t.system_attrs.get("retry_history") or []) < MAX_RETRY:
+            lines.append(f"trial {t.number} FAIL, not re-queued: " + near_kills(chaos, t.datetime_complete, "failed"))
+        elif t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.number in replaced:
+            retry = [r.number for r in trials if (r.system_attrs.get("retry_history") or [None])[-1] == t.number]
+            lines.append(f"trial {t.number} {t.state.name} yet re-queued as {retry}: "
+                         + near_kills(chaos, t.datetime_complete, "ended"))
+    return lines
+
+
 def report(chaos: Chaos, figures: dict, rows, more) -> bool:
     a = chaos.args
     ok = all(r[3] for r in rows)
     print(f"\nchecks ({a.storage} storage, {a.workers} workers, {figures['kills']} kills, {a.trials} trials "
-          f"of {a.epochs} epochs, pruner {a.pruner}, seed {a.seed}{', process groups' if a.group else ''})")
+          f"of {a.epochs} epochs, pruner {a.pruner}, seed {a.seed}, target {a.target}"
+          f"{', process groups' if a.group else ''})")
     width = max(len(r[0]) for r in rows)
     print(f"{'check':<{width}}  {'found':>10}  {'expected':>10}  ok")
     for name, found, expected, good, detail in rows:
@@ -471,6 +545,7 @@ def report(chaos: Chaos, figures: dict, rows, more) -> bool:
         ("workers started (final ones)", f"{more['workers_started']} ({figures['final_workers']})"),
         ("checkpoint files left", more["checkpoints_left"]),
         ("study created after s", f"{figures['created_s']:.0f}"),
+        ("kill moments passed (no worker past start-up)", figures["skipped"]),
         ("kills over, s", f"{figures['chaos_s']:.0f}"),
         ("wall time, s", f"{figures['wall_s']:.0f}"),
     ]
@@ -480,8 +555,12 @@ def report(chaos: Chaos, figures: dict, rows, more) -> bool:
         print(f"{k:<{width}}  {v}")
     if more["errors"]:
         print("\nerror lines:\n" + "\n".join(more["errors"][:20]))
+    if not ok:
+        print("\ndiagnosis (a trial's moment against the kills' moments):")
+        for line in diagnose(chaos):
+            print("  " + line)
     print(f"\n{'all checks passed' if ok else 'SOME CHECKS FAILED'}"
-          f"{'' if not a.keep else f'; kept {chaos.tmp} (logs/, optuna.db, mlruns/)'}")
+          f"{'' if not a.keep else f'; kept {chaos.tmp} (logs/, mlruns/, optuna.db or a copy of the study)'}")
     return ok
 
 
@@ -525,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pruner", choices=("hyperband", "median", "none"), default="hyperband")
     p.add_argument("--interval", type=lambda s: tuple(float(x) for x in s.split(",")), default=(2.0, 6.0),
                    help="seconds between kills: LOW,HIGH (uniform)")
+    p.add_argument("--target", choices=("working", "any"), default="working",
+                   help="kill a random worker past its start-up (a moment with none passes), or any worker")
     p.add_argument("--group", action="store_true", help="signal a worker's process group (its finisher too)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wait", type=float, default=900, help="seconds to wait for the study's start, then for its end")
@@ -558,7 +639,16 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         figures = run_chaos(chaos)
         rows, more = check(chaos, figures)
-        return 0 if report(chaos, figures, rows, more) else 1
+        ok = report(chaos, figures, rows, more)
+        if a.keep and drop is not None:  # the database is dropped: keep a copy of the study beside the logs
+            import optuna
+
+            try:
+                optuna.copy_study(from_study_name=STUDY, from_storage=storage_url(storage),
+                                  to_storage=f"sqlite:///{tmp / 'optuna-copy.db'}")
+            except Exception as e:  # (a copy is a convenience)
+                print(f"chaos: the study could not be copied ({type(e).__name__}: {e})")
+        return 0 if ok else 1
     finally:
         if drop is not None:
             drop()

@@ -18,7 +18,8 @@ from pathlib import Path
 import optuna
 from mlflow import MlflowClient
 
-from studies.driver import TuneOptions, tune
+from studies.driver import tune
+from studies.options import TuneOptions
 
 
 def options(tmp: Path, study: str, data_dir: str, **kw) -> TuneOptions:

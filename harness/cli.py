@@ -1,14 +1,18 @@
-"""`harness` command line: a thin layer of argparse over the library."""
+"""`harness` command line: a thin layer of argparse over the library, and its one composition root.
+
+Each command is a `cmd_*` function over the library and a small `add_*` function that builds its
+parser. A command imports its modules only when it runs, so `harness train` never loads Optuna.
+Errors a user can cause (HarnessError) print as one line and exit 2; Ctrl-C exits 130, SIGTERM 143.
+"""
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 
 from harness import config as C
 from harness.errors import HarnessError
 from harness.tracking import DEFAULT_TRACKING_URI, tracking_uri
+
 
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: the problem and where to look, no usage dump."""
@@ -33,10 +37,23 @@ def add_tracking_arg(p: argparse.ArgumentParser) -> None:
                    help=f"MLflow store (default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
 
 
+def add_storage_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", help="Optuna storage URL (default: $HARNESS_STORAGE or sqlite:///mlruns/optuna.db; "
+                                     "postgresql://user@host/db for many machines)")
+
+
+def add_quiet_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def resolve_config(args) -> C.Config:
     from studies.library import config_path
 
     return C.load(config_path(args.config), args.overrides, args.data_dir, getattr(args, "profile", "auto"))
+
+
+# ----------------------------------------------------------------------------
+# Commands
 
 
 def cmd_train(args) -> int:
@@ -53,168 +70,15 @@ def cmd_train(args) -> int:
     return 0
 
 
-UI_MODE = "workflowType=machine_learning"  # MLflow 3 opens experiments on its GenAI overview: the training view
-UI_READY_SECONDS = 180  # a first start on a busy 2-core machine takes about 30 s
-
-
 def cmd_ui(args) -> int:
-    """The MLflow UI over the tracking store, opened on a study's or experiment's runs in Model-training mode."""
-    import signal
-    import socket
+    from harness.ui import serve
 
-    from studies.driver import _redact, open_client
-
-    uri = tracking_uri(args.tracking_uri)
-    client = open_client(uri)  # a fresh store is created (and migrated) here, under the workers' lock
-    try:
-        exp_id, what = _ui_target(client, args.study, args.experiment, _redact(uri))
-    except LookupError as e:
-        print(f"harness: error: {e}", file=sys.stderr)
-        return 2
-    if uri.startswith(("http://", "https://")):  # a tracking server already serves the UI
-        return _show(client, uri.rstrip("/"), exp_id, what, args.no_browser)
-    try:
-        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-        with socket.socket(family) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
-            probe.bind((args.host, args.port))
-    except OSError as e:
-        print(f"harness: error: cannot serve on {args.host}:{args.port} ({e.strerror or e}): "
-              "choose another --port (or --host)", file=sys.stderr)
-        return 2
-    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(args.host, args.host)
-    base = f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{args.port}"
-    print(f"MLflow UI starting on {base} over {_redact(uri)} ...", flush=True)
-    # one worker is plenty for one person; the job runner serves GenAI judges only (7 more processes)
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION":
-           os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", args.host, "--port", str(args.port), "--workers", "1"]
-    # a process group of its own: Ctrl-C reaches this process, which then stops the whole server
-    server = subprocess.Popen(cmd, env=env, start_new_session=True)
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term)  # `kill` stops it as cleanly as Ctrl-C
-    try:
-        if not _wait_until_answering(server, base):
-            why = (f"did not answer in {UI_READY_SECONDS} s" if server.poll() is None
-                   else f"stopped (exit code {server.returncode}) before it answered")
-            print(f"harness: error: the MLflow UI server {why}: see its messages above", file=sys.stderr)
-            return 1
-        _show(client, base, exp_id, what, args.no_browser)
-        print("Ctrl-C stops the server", flush=True)
-        code = server.wait()
-        print(f"harness: error: the MLflow UI server stopped by itself (exit code {code})", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        _stop_server(server)
-        print("MLflow UI stopped", flush=True)
-        return 0
-    finally:
-        _stop_server(server)  # (a no-op once it is stopped)
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _ui_target(client, study: str | None, experiment: str | None, store: str) -> tuple[str | None, str]:
-    """The experiment id to open (None: the experiments list) and what it is; LookupError names the choices."""
-
-    def missing(kind: str, kinds: str, name: str, names, fix: str) -> LookupError:
-        names = sorted(n for n in set(names) if n)
-        more = f" and {len(names) - 20} more" if len(names) > 20 else ""
-        there = f"its {kinds}: {', '.join(names[:20])}{more}" if names else f"it has no {kinds} yet"
-        return LookupError(f"no {kind} {name!r} in {store}; {there} ({fix})")
-
-    if study:
-        ids = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(ids, "tags.run_kind = 'study'", max_results=1000) if ids else []
-        found = {r.data.tags.get("study"): r.info.experiment_id for r in runs}
-        if study not in found:
-            raise missing("study", "studies", study, found,
-                          "pick one with --study" if found else "`harness tune --study NAME` makes one")
-        return found[study], f"study {study}: its study run and trials"
-    if experiment:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None or exp.lifecycle_stage != "active":
-            raise missing("experiment", "experiments", experiment, [e.name for e in client.search_experiments()],
-                          "pick one with --experiment")
-        return exp.experiment_id, f"experiment {experiment}: its runs"
-    return None, "experiments"
-
-
-def _ui_url(base: str, exp_id: str | None) -> str:
-    return f"{base}/#/experiments/{exp_id}/runs?{UI_MODE}" if exp_id else f"{base}/#/experiments?{UI_MODE}"
-
-
-def _show(client, base: str, exp_id: str | None, what: str, no_browser: bool) -> int:
-    """Print the URL; open it where a browser can show it (a console one would take the terminal)."""
-    import webbrowser
-
-    url = _ui_url(base, exp_id)
-    print(f"{what}, in Model-training mode: {url}", flush=True)
-    if exp_id is None:  # the list's links drop the mode: give each experiment's own
-        print("(MLflow opens an experiment picked there on its GenAI overview until you switch it to "
-              "'Model training' once; the runs directly:)")
-        for exp in client.search_experiments(max_results=10, order_by=["last_update_time DESC"]):
-            print(f"  {exp.name}: {_ui_url(base, exp.experiment_id)}", flush=True)
-    graphical = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform in ("darwin", "win32")
-    if not no_browser and (graphical or os.environ.get("BROWSER")):
-        try:
-            webbrowser.open(url)
-        except webbrowser.Error:
-            pass
-    return 0
-
-
-def _wait_until_answering(server: subprocess.Popen, base: str) -> bool:
-    """Poll the server's /health until it answers; False if it exits first or takes too long."""
-    import time
-    import urllib.request
-
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
-    deadline = time.monotonic() + UI_READY_SECONDS
-    while server.poll() is None and time.monotonic() < deadline:
-        try:
-            with opener.open(f"{base}/health", timeout=2) as response:
-                if response.status == 200:
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.25)
-    return False
-
-
-def _stop_server(server: subprocess.Popen) -> None:
-    """Ctrl-C to the server's whole process group, as a terminal would; then SIGTERM, then SIGKILL.
-
-    Another Ctrl-C meanwhile is ignored: the stop takes 30 s at most and leaves no server behind.
-    """
-    import signal
-    import time
-
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        for sig, seconds in ((signal.SIGINT, 20), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(server.pid, sig)
-            except ProcessLookupError:
-                return
-            deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline:
-                server.poll()  # reap it, or the group never empties
-                try:
-                    os.killpg(server.pid, 0)
-                except ProcessLookupError:
-                    return
-                time.sleep(0.1)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    return serve(args.tracking_uri, args.study, args.experiment, args.host, args.port, args.no_browser)
 
 
 def cmd_tune(args) -> int:
-    from studies.driver import TuneOptions, tune
-    from studies.report import write_summary  # noqa: F401  (fail on a broken install before trials)
+    from studies.driver import tune
+    from studies.options import TuneOptions
 
     opts = TuneOptions(study=args.study, space=args.space, trials=args.trials, timeout=args.timeout,
                        storage=args.storage, sampler=args.sampler, pruner=args.pruner, seed=args.seed,
@@ -239,7 +103,8 @@ def cmd_tune(args) -> int:
 
 
 def _print_best(study, args) -> None:
-    from studies.driver import StudyError, best_trial
+    from studies.options import StudyError
+    from studies.results import best_trial
 
     try:
         best = best_trial(study)
@@ -258,7 +123,7 @@ def _print_trial(best) -> None:
 
 def cmd_best(args) -> int:
     from harness.tracking import client_for
-    from studies.driver import best_trial, load
+    from studies.results import best_trial, load
 
     study = load(args.study, args.storage)
     best = best_trial(study)  # none complete yet: one line and exit 2
@@ -283,7 +148,7 @@ def cmd_best(args) -> int:
 
 def cmd_compare(args) -> int:
     from harness.tracking import client_for
-    from studies.driver import load
+    from studies.results import load
     from studies.report import compare_table
 
     study = load(args.study, args.storage)
@@ -307,7 +172,8 @@ def cmd_compare(args) -> int:
 
 def cmd_report(args) -> int:
     from harness.tracking import client_for
-    from studies.driver import StudyError, load
+    from studies.options import StudyError
+    from studies.results import load
     from studies.report import write_summary
 
     study = load(args.study, args.storage)
@@ -346,7 +212,7 @@ def cmd_split_study(args) -> int:
 
     result = run_split_study(data_dir=args.data_dir, tracking_uri=args.tracking_uri, overrides=args.overrides,
                              config=args.config, classes_a=args.classes_a, class_seed=args.class_seed,
-                             depths=args.depths, progress=not args.quiet)
+                             depths=args.depths, progress=not args.quiet, profile=args.profile)
     print(f"A = {', '.join(result.classes_a)}\nB = {', '.join(result.classes_b)}")
     print(curves_markdown(result.curves))
     print(f"split study parent run {result.parent_run_id} in experiment '{result.experiment}'")
@@ -370,101 +236,123 @@ def cmd_dashboard(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="harness", description="Train, tune, transfer and analyse CNNs on CIFAR, every run tracked in MLflow.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+# ----------------------------------------------------------------------------
+# Parsers, one function a command
 
+
+def add_train(sub) -> None:
     p = sub.add_parser("train", help="train and track one run")
     add_config_args(p)
     add_tracking_arg(p)
     p.add_argument("--experiment", help="MLflow experiment name (default: <dataset>-train)")
     p.add_argument("--resume", metavar="RUN_ID",
                    help="continue a stopped run from its last checkpoint (its own config; --set is ignored)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_arg(p)
     p.set_defaults(func=cmd_train)
 
-    from studies.driver import OBJECTIVES, PRUNERS, SAMPLERS
+
+def add_tune(sub) -> None:
+    from studies.options import OBJECTIVES, PRUNERS, SAMPLERS  # (no Optuna in there)
 
     p = sub.add_parser("tune", help="run (or resume, or join) an Optuna study; trials nest under the study run")
     p.add_argument("--study", required=True, help="study name (also its MLflow experiment)")
     p.add_argument("--space", default="cnn", help="search space: a name in studies/spaces/ or a YAML file")
     p.add_argument("--trials", type=int, default=20,
                    help="the study's total of complete+pruned trials; run again to resume, raise to extend")
-    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
-    p.add_argument("--storage", help="Optuna storage URL (default: $HARNESS_STORAGE or sqlite:///mlruns/optuna.db; "
-                                     "postgresql://user@host/db for many machines)")
+    p.add_argument("--timeout", type=float, help="start no trial after this many seconds (those running finish)")
+    add_storage_arg(p)
     p.add_argument("--sampler", choices=SAMPLERS, default="tpe")
     p.add_argument("--pruner", choices=PRUNERS, default="hyperband")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--objectives", choices=OBJECTIVES, default="accuracy",
                    help="validation accuracy alone, or against parameter count / CPU latency (Pareto front)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (spread over its GPUs)")
     p.add_argument("--heartbeat", type=int, default=30, help="seconds between trial heartbeats")
     p.add_argument("--transfer", action="store_true", help="run the CIFAR-100 transfer study on the best trial")
     add_config_args(p)
     add_tracking_arg(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_arg(p)
     p.set_defaults(func=cmd_tune)
 
-    for name, func, text in (("best", cmd_best, "print a study's best trial and its run"),
-                             ("report", cmd_report, "refresh a study's summary on its MLflow run"),
-                             ("compare", cmd_compare, "table of a study's trial runs")):
+
+def add_study_lookups(sub) -> None:
+    for name, func, text in (("best", cmd_best, "print a study's best trial, its run and its champion model"),
+                             ("report", cmd_report, "refresh a study's summary on its MLflow run")):
         p = sub.add_parser(name, help=text)
         p.add_argument("--study", required=True)
-        p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///mlruns/optuna.db)")
+        add_storage_arg(p)
         add_tracking_arg(p)
         p.set_defaults(func=func)
-        if name == "compare":
-            p.add_argument("--sort", default="val_accuracy", help="column to sort by (best first)")
-            p.add_argument("--top", type=int, help="only the first N rows")
-            p.add_argument("--column", action="append", help="extra metric/param/tag column")
-            p.add_argument("--csv", metavar="FILE", help="write the table as CSV")
-            p.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
-            p.add_argument("--show", action="store_true", help="print the table even when writing a file")
 
+
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="table of a study's trial runs")
+    p.add_argument("--study", required=True)
+    add_storage_arg(p)
+    add_tracking_arg(p)
+    p.add_argument("--sort", default="val_accuracy", help="column to sort by (best first)")
+    p.add_argument("--top", type=int, help="only the first N rows")
+    p.add_argument("--column", action="append", help="extra metric/param/tag column")
+    p.add_argument("--csv", metavar="FILE", help="write the table as CSV")
+    p.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
+    p.add_argument("--show", action="store_true", help="print the table even when writing a file")
+    p.set_defaults(func=cmd_compare)
+
+
+def add_reproduce(sub) -> None:
     p = sub.add_parser("reproduce", help="retrain a run from its logged config and compare")
     p.add_argument("run_id")
     p.add_argument("--data-dir", metavar="DIR", help="data root, if not where the run found it")
     add_tracking_arg(p)
-    p.add_argument("--quiet", action="store_true")
+    add_quiet_arg(p)
     p.set_defaults(func=cmd_reproduce)
 
-    p = sub.add_parser("transfer", help="transfer study from a run or best:STUDY to a target dataset")
-    p.add_argument("--from", dest="source", required=True, help="RUN_ID or best:STUDY")
+
+def add_transfer(sub) -> None:
+    p = sub.add_parser("transfer", help="transfer study from a run, best:STUDY or models:/STUDY@champion")
+    p.add_argument("--from", dest="source", required=True, help="RUN_ID, best:STUDY or models:/NAME@ALIAS")
     p.add_argument("--target", default="cifar100", choices=("cifar100", "cifar10"))
     p.add_argument("--modes", help="comma list of probe,finetune,freeze,freeze_K,scratch")
-    p.add_argument("--storage", help="Optuna storage for best:STUDY")
+    add_storage_arg(p)
     p.add_argument("--data-dir", metavar="DIR")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     add_tracking_arg(p)
-    p.add_argument("--quiet", action="store_true")
+    add_quiet_arg(p)
     p.set_defaults(func=cmd_transfer)
 
+
+def add_split_study(sub) -> None:
     p = sub.add_parser("split-study", help="Yosinski et al. transfer by depth between two halves of CIFAR-10")
     p.add_argument("--classes-a", metavar="A,B,...", help="half A's classes, names or indices (default: seeded)")
     p.add_argument("--class-seed", type=int, default=0, help="seed of the default split into halves")
     p.add_argument("--depths", metavar="1,2,...", help="transfer depths (default: every stage)")
     add_config_args(p)
     add_tracking_arg(p)
-    p.add_argument("--quiet", action="store_true")
+    add_quiet_arg(p)
     p.set_defaults(func=cmd_split_study)
 
+
+def add_analyze(sub) -> None:
     p = sub.add_parser("analyze", help="feature-space analysis of a run's model, stage by stage")
     p.add_argument("run_id")
     p.add_argument("--data-dir", metavar="DIR")
     p.add_argument("--samples", type=int, help="seeded sample of N test images (default: all)")
     p.add_argument("--compare", metavar="RUN_ID", help="model to compare by CKA")
     add_tracking_arg(p)
-    p.add_argument("--quiet", action="store_true")
+    add_quiet_arg(p)
     p.set_defaults(func=cmd_analyze)
 
+
+def add_dashboard(sub) -> None:
     p = sub.add_parser("dashboard", help="optuna-dashboard on a study, read-only (safe while workers run it)")
     p.add_argument("--study", required=True)
-    p.add_argument("--storage", help="Optuna storage URL (default: $HARNESS_STORAGE or sqlite:///mlruns/optuna.db)")
+    add_storage_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to serve on (default: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="0: any free port")
     p.set_defaults(func=cmd_dashboard)
 
+
+def add_ui(sub) -> None:
     p = sub.add_parser("ui", help="start the MLflow UI on the tracking store and open a study's runs")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--study", metavar="NAME", help="open this study's experiment: its study run and trials")
@@ -474,6 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--no-browser", action="store_true", help="print the URL only")
     p.set_defaults(func=cmd_ui)
+
+
+COMMANDS = (add_train, add_tune, add_study_lookups, add_compare, add_reproduce, add_transfer, add_split_study,
+            add_analyze, add_dashboard, add_ui)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="harness", description="Train, tune, transfer and analyse CNNs on CIFAR, every run tracked in MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 

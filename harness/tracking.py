@@ -8,6 +8,7 @@ fluently for the moment it needs.
 """
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import re
@@ -58,6 +59,37 @@ def client_for(uri: str | None = None) -> MlflowClient:
     return MlflowClient(uri)
 
 
+@contextmanager
+def store_lock(url: str):
+    """Held while a process opens a store that may not exist yet.
+
+    Creating a fresh SQLite store from several processes at once fails ("table ... already
+    exists"), and MLflow's schema migrations run concurrently can leave the database half
+    migrated: workers on one machine take turns through a lock file beside the database.
+    """
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    path = Path(url.removeprefix("sqlite:///")).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def open_client(uri: str | None = None):
+    """The MLflow client, its store created (and migrated) by one process at a time."""
+    with store_lock(tracking_uri(uri)):
+        client = client_for(uri)
+        client.search_experiments(max_results=1)  # the store exists and is migrated from here on
+        if client.tracking_uri.startswith("sqlite:///"):
+            _sqlite_wal(client.tracking_uri)
+    return client
+
+
 NOTE_TAG = "mlflow.note.content"  # an experiment's (or run's) Markdown description in the MLflow UI
 
 
@@ -83,6 +115,11 @@ def experiment_id(client: MlflowClient, name: str, description: str | None = Non
         if client.get_experiment_by_name(name) is None:
             raise
         return experiment_id(client, name, description)
+
+
+def redact(url: str) -> str:
+    """A store's URL as it may be printed or logged: never with its password."""
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
 
 
 def git_commit() -> str:

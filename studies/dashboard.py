@@ -95,7 +95,9 @@ class _QuietHandler(WSGIRequestHandler):
 
 def open_dashboard(study: str, storage: str | None = None, host: str = "127.0.0.1", port: int = 8080):
     """(server, URL of the study's page, storage URL), not serving yet; a user's error is a StudyError."""
-    from studies.driver import DEFAULT_STORAGE, StudyError, _redact, storage_url
+    from harness.tracking import redact
+    from studies.options import DEFAULT_STORAGE, StudyError
+    from studies.study import storage_url
 
     try:
         import optuna_dashboard
@@ -110,10 +112,10 @@ def open_dashboard(study: str, storage: str | None = None, host: str = "127.0.0.
         ro = read_only_storage(url)
         names = {s.study_name: s._study_id for s in ro.get_all_studies()}
     except Exception as e:
-        raise StudyError(f"cannot read study storage {_redact(url)} ({error_line(e)}): check the --storage URL "
+        raise StudyError(f"cannot read study storage {redact(url)} ({error_line(e)}): check the --storage URL "
                          "and that the database server is running") from None
     if study not in names:
-        raise StudyError(f"study {study!r} not found in {_redact(url)}; studies there: "
+        raise StudyError(f"study {study!r} not found in {redact(url)}; studies there: "
                          f"{', '.join(names) or 'none'} (pass --storage if it lives elsewhere)")
     app = refuse_writes(optuna_dashboard.wsgi(ro))
     try:
@@ -125,11 +127,11 @@ def open_dashboard(study: str, storage: str | None = None, host: str = "127.0.0.
 
 def serve(study: str, storage: str | None = None, host: str = "127.0.0.1", port: int = 8080) -> None:
     """`harness dashboard`: serve until Ctrl-C."""
-    from studies.driver import _redact
+    from harness.tracking import redact
 
     server, page, url = open_dashboard(study, storage, host, port)
     print(f"optuna-dashboard (read-only) for study {study!r} on {page}", flush=True)
-    print(f"storage {_redact(url)}; each trial's note (Trials tab) links its MLflow run; Ctrl-C stops it",
+    print(f"storage {redact(url)}; each trial's note (Trials tab) links its MLflow run; Ctrl-C stops it",
           flush=True)
     try:
         server.serve_forever()

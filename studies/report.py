@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
 from harness.tracking import MODEL_URI_TAG, RunLogger, error_line
-from studies.driver import best_trial
+from studies.results import best_trial
 from studies.space import WIDTH_KEYS
 
 PLOTS = {

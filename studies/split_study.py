@@ -41,14 +41,15 @@ from harness.models import CNN, build_model
 from harness.tracking import RunLogger, client_for, experiment_id
 from harness.training import select_device
 from studies import library
-from studies.transfer import (CHILD_EVAL, ChildResult, TransferError, children_table, log_table, parent_run,
+from studies.transfer import (CHILD_EVAL, ChildResult, TransferError, children_table, log_summary_table, parent_run,
                               run_child)
 
 VARIANTS = ("AnB", "BnB", "AnB+", "BnB+")
-# On a CPU a small budget: 14 runs of the default 3-stage net in about 15 minutes on 2 cores
-# (4,000 training images of each half, 4 epochs); --set overrides it.
-CPU_BUDGET = {"epochs": 4, "patience": 0, "data": {"train_subset": 4000, "val_subset": 1000, "test_subset": None}}
-GPU_BUDGET = {"epochs": 15, "patience": 0}
+# By profile: on a CPU a small budget, 14 runs of the default 3-stage net in about 15 minutes on
+# 2 cores (4,000 training images of each half, 4 epochs); on a GPU 15 epochs. --set overrides it.
+SPLIT_BUDGETS = {"quick": {"epochs": 4, "patience": 0,
+                           "data": {"train_subset": 4000, "val_subset": 1000, "test_subset": None}},
+                 "full": {"epochs": 15, "patience": 0}}
 
 
 @dataclass
@@ -106,13 +107,15 @@ def select_classes(ds: Dataset, classes: list[int], name: str | None = None) -> 
     return out
 
 
-def base_config(config: str | None = None, data_dir: str | None = None,
-                overrides: list[str] | dict | None = None) -> C.Config:
-    """defaults < YAML (the default config) < the split study's budget for the device < overrides."""
-    cfg = C.load(library.config_path(config), None, data_dir)
+def split_config(config: str | None = None, data_dir: str | None = None,
+                 overrides: list[str] | dict | None = None, profile: str = "auto") -> C.Config:
+    """The config every split-study run shares: defaults < YAML (the default config, and its
+    profile) < the split study's budget for the profile < overrides."""
+    cfg = C.load(library.config_path(config), None, data_dir, profile)
     extra = (C.parse_overrides(list(overrides)) if not isinstance(overrides, dict) else overrides) if overrides else {}
     device = extra.get("device", cfg.device)
-    budget = CPU_BUDGET if select_device(device).type == "cpu" else GPU_BUDGET
+    select_device(device)  # a device this machine lacks: one line, here
+    budget = SPLIT_BUDGETS[C.pick_profile(profile, device)]
     return C.replace(cfg, C.merge(C.merge(C.merge(budget, CHILD_EVAL), {"name": "split"}), extra))
 
 
@@ -146,7 +149,8 @@ def split_description(experiment: str, dataset: str) -> str:
 def run_split_study(data_dir: str | None = None, tracking_uri: str | None = None,
                     overrides: list[str] | dict | None = None, config: str | None = None,
                     classes_a: list | str | None = None, class_seed: int = 0, depths: list[int] | str | None = None,
-                    variants=VARIANTS, experiment: str | None = None, progress: bool = True) -> SplitResult:
+                    variants=VARIANTS, experiment: str | None = None, progress: bool = True,
+                    profile: str = "auto") -> SplitResult:
     """Train baseA, baseB and AnB/BnB/AnB+/BnB+ at each depth under one parent run.
 
     `classes_a`: A's classes (indices or names, a list or "a,b,c"), B the rest; by default a
@@ -159,7 +163,7 @@ def run_split_study(data_dir: str | None = None, tracking_uri: str | None = None
         depths = [int(d) for d in depths.split(",") if d.strip()]
     if isinstance(variants, str):
         variants = [v.strip() for v in variants.split(",") if v.strip()]
-    cfg = base_config(config, data_dir, overrides)
+    cfg = split_config(config, data_dir, overrides, profile)
     ds = load_dataset(cfg.data)  # missing data: one line, before any run exists
     a, b = split_classes(len(ds.classes), class_seed, classes_a, ds.classes)
     ds_a, ds_b = select_classes(ds, a, f"{ds.name}-A"), select_classes(ds, b, f"{ds.name}-B")
@@ -266,7 +270,7 @@ def _log_summary(parent: RunLogger, table: pd.DataFrame, curves: pd.DataFrame, c
     for depth, row in curves.iterrows():  # the curves as metric histories, depth as the step
         parent.log_metrics({f"{metric_key(v)}_test_accuracy": row[v] for v in curves.columns
                             if v != "baseB" and np.isfinite(row[v])}, step=int(depth))
-    log_table(parent, table, "summary/split_study_runs")
+    log_summary_table(parent, table, "summary/split_study_runs")
     shown = curves.rename_axis("depth n").reset_index()
     parent.log_text(shown.to_csv(index=False), "summary/split_study.csv")
     parent.log_text(f"A = {', '.join(names_a)}; B = {', '.join(names_b)}; test accuracy on B\n\n"

@@ -55,10 +55,10 @@ BACKBONE_LR_SCALE = 0.1
 # The transfer budget, applied over the source's config and under --set overrides. On a CPU it
 # is small: 5,000 training images (50 a class on CIFAR-100), 3 epochs, so the 7 children of a
 # 3-stage network take minutes, not hours; on a GPU the full data. The full test set always.
-CPU_BUDGET = {"epochs": 3, "patience": 0,
-              "data": {"train_subset": 5000, "val_subset": 1000, "test_subset": None}}
-GPU_BUDGET = {"epochs": 15, "patience": 0,
-              "data": {"train_subset": None, "val_subset": None, "test_subset": None}}
+TRANSFER_BUDGETS = {  # by profile: quick on a CPU, full on a GPU (harness.config.pick_profile)
+    "quick": {"epochs": 3, "patience": 0, "data": {"train_subset": 5000, "val_subset": 1000, "test_subset": None}},
+    "full": {"epochs": 15, "patience": 0, "data": {"train_subset": None, "val_subset": None, "test_subset": None}},
+}
 # children skip the slow embedding projections (`harness analyze` draws them on demand)
 CHILD_EVAL = {"eval": {"tsne": False, "umap": False}}
 
@@ -117,9 +117,9 @@ def resolve_source(source: str, tracking_uri: str | None = None, storage: str | 
     if not study:
         raise TransferError("bad source 'best:': name the study, e.g. --from best:cifar10-cnn")
     try:
-        from studies.driver import best_run_id
+        from studies.results import best_run_id
     except ImportError:
-        raise TransferError(f"cannot resolve best:{study}: studies.driver.best_run_id is not available "
+        raise TransferError(f"cannot resolve best:{study}: studies.results.best_run_id is not available "
                             "in this install; pass the run id instead (--from RUN_ID)") from None
     return best_run_id(study, storage=storage, tracking_uri=tracking_uri), study
 
@@ -182,8 +182,8 @@ def target_config(source_cfg: C.Config, target: str, data_dir: str | None = None
     cfg = C.replace(source_cfg, C.merge({"name": f"transfer-{target}",
                                          "data": {"dataset": target, "label": label, "root": root}}, CHILD_EVAL))
     extra = _overrides(overrides)
-    device = extra.get("device", cfg.device)
-    budget = CPU_BUDGET if select_device(device).type == "cpu" else GPU_BUDGET
+    select_device(extra.get("device", cfg.device))  # a device this machine lacks: one line, here
+    budget = TRANSFER_BUDGETS[C.pick_profile("auto", extra.get("device", cfg.device))]
     return C.replace(cfg, C.merge(budget, extra))
 
 
@@ -298,7 +298,8 @@ def children_table(children: list[ChildResult], extra_tags: tuple[str, ...] = ()
     return pd.DataFrame(rows)
 
 
-def log_table(run: RunLogger, table: pd.DataFrame, stem: str) -> None:
+def log_summary_table(run: RunLogger, table: pd.DataFrame, stem: str) -> None:
+    """A study's table as CSV (to load) and Markdown (to read) on its parent run."""
     run.log_text(table.to_csv(index=False), f"{stem}.csv")
     run.log_text(table.to_markdown(index=False, floatfmt=".4f") + "\n", f"{stem}.md")
 
@@ -458,6 +459,6 @@ def _log_summary(parent: RunLogger, table: pd.DataFrame, children: list[ChildRes
                     key=lambda c: c.frozen_stages):  # a curve by depth in the UI's charts
         parent.log_metrics({f"freeze_{k}": v for k, v in c.metrics.items()
                             if k in ("test_accuracy", "test_coarse_accuracy")}, step=c.frozen_stages)
-    log_table(parent, table, "summary/transfer")
+    log_summary_table(parent, table, "summary/transfer")
     if figure is not None:
         parent.log_figure(figure, "summary/accuracy_by_frozen_depth.png")

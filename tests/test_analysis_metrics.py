@@ -215,6 +215,7 @@ def test_tsne_and_embedding_plot():
     check_figure(fig, 1)
 
 
+@pytest.mark.slow
 def test_umap_projection():
     pytest.importorskip("umap", reason="umap-learn failed to import")
     x, _ = blobs(n_per_class=12, spread=0.5)  # overlapping blobs: a connected kNN graph, no spectral warning

@@ -62,6 +62,7 @@ def _artifacts(client, run_id, path="analysis"):
     return set(out)
 
 
+@pytest.mark.slow
 def test_analyze_logs_stage_metrics_table_and_figures(store):
     client, run_id = store["client"], store["run_id"]
     result = analyze_run(run_id, store["uri"], progress=False, projections=("tsne",))
@@ -103,6 +104,7 @@ def test_analyze_logs_stage_metrics_table_and_figures(store):
     assert np.allclose(np.diag(m), 1.0) and np.allclose(m, m.T)
 
 
+@pytest.mark.slow
 def test_cka_with_itself_is_one_on_the_diagonal(store):
     client, run_id = store["client"], store["run_id"]
     exp = client.get_run(run_id).info.experiment_id
@@ -122,6 +124,7 @@ def test_cka_with_itself_is_one_on_the_diagonal(store):
     assert not client.get_metric_history(run_id, "analysis_cka_source")
 
 
+@pytest.mark.slow
 def test_source_run_tag_is_compared_automatically(store):
     client, fine_tuned = store["client"], store["fine_tuned"]
     result = analyze_run(fine_tuned, store["uri"], samples=100, progress=False, projections=())
@@ -138,6 +141,7 @@ def _one_line(e: pytest.ExceptionInfo) -> str:
     return msg
 
 
+@pytest.mark.slow
 def test_missing_run_fails_with_one_line(store):
     with pytest.raises(RunNotFound) as e:
         analyze_run("0123456789abcdef0123456789abcdef", store["uri"], progress=False)
@@ -147,18 +151,21 @@ def test_missing_run_fails_with_one_line(store):
     assert "not found" in _one_line(e)
 
 
+@pytest.mark.slow
 def test_run_without_model_fails_with_one_line(store):
     with pytest.raises(RunNotFound) as e:
         analyze_run(store["no_model"], store["uri"], progress=False)
     assert "no model checkpoint" in _one_line(e)
 
 
+@pytest.mark.slow
 def test_missing_dataset_fails_with_one_line(store, tmp_path):
     with pytest.raises(DatasetError) as e:
         analyze_run(store["run_id"], store["uri"], data_dir=str(tmp_path / "nowhere"), progress=False)
     assert "cifar10 not found" in _one_line(e)
 
 
+@pytest.mark.slow
 def test_bad_options_fail_with_one_line(store):
     from analysis.analyze import AnalysisError
 
@@ -190,6 +197,7 @@ def test_neighbours_exclude_the_query():
     assert 3 not in nb[0] and nb[0, 0] == 7 and 10 not in nb[1]
 
 
+@pytest.mark.slow
 def test_analyze_from_the_command_line(store, capsys):
     from harness.cli import main
 
@@ -202,6 +210,7 @@ def test_analyze_from_the_command_line(store, capsys):
     assert code == 2 and len(lines) == 1 and "no model checkpoint" in lines[0]
 
 
+@pytest.mark.slow
 def test_a_dead_network_is_analysed_with_its_projections_skipped(store):
     """Identical points crash scikit-learn's t-SNE (segfault): the plots are skipped and say why."""
     result = analyze_run(store["dead"], store["uri"], samples=60, progress=False, projections=("tsne", "umap"))
@@ -209,3 +218,22 @@ def test_a_dead_network_is_analysed_with_its_projections_skipped(store):
     assert "identical" in tags["analysis.tsne_skipped.embedding"]
     assert "identical" in tags["analysis.umap_skipped.stage1"]
     assert not any(a.startswith(("analysis/tsne/", "analysis/umap/")) for a in result.artifacts)
+
+
+def test_the_stage_table_is_computed_without_a_run_or_a_store():
+    """Pure: features in, one row of scores per stage out. A stage whose features are the class
+    (one-hot, a little noise) scores near 1 everywhere; one of pure noise near chance."""
+    from analysis.analyze import METRICS, cka_tables, stage_table
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 30)
+    separated = np.eye(4)[labels] * 5 + rng.normal(size=(120, 4)) * 0.1
+    feats = {"noise": rng.normal(size=(120, 8)), "classes": separated}
+    table = stage_table(feats, labels, n_classes=4, seed=0)
+    assert list(table["stage"]) == ["noise", "classes"] and list(table["dim"]) == [8, 4]
+    assert set(METRICS) <= set(table.columns)
+    good, bad = table.set_index("stage").loc["classes"], table.set_index("stage").loc["noise"]
+    assert good["knn1"] > 0.95 and good["probe"] > 0.95 and good["nmi"] > 0.9 and good["purity"] > 0.95
+    assert bad["knn1"] < 0.5 and bad["nmi"] < 0.2
+    cka, none = cka_tables(feats, None)
+    assert none is None and np.allclose(np.diag(cka.to_numpy()), 1.0)

@@ -133,6 +133,7 @@ def test_non_finite_loss_is_one_line(cifar10_root, tracking_uri, capsys):
     assert "non-finite training loss" in line and "lr=1e+30" in line
 
 
+@pytest.mark.slow
 def test_installed_console_script_reports_bad_input(tmp_path):
     script = Path(sys.executable).parent / "harness"
     assert script.exists(), f"console script missing: {script} (pip install -e .)"

@@ -29,7 +29,7 @@ from optuna_dashboard import get_note
 
 from harness.cli import main
 from studies.dashboard import mlflow_run_url, read_only_storage
-from studies.driver import storage_url
+from studies.study import storage_url
 
 STUDY = "live"
 TRIALS = 3
@@ -108,6 +108,7 @@ def live(tmp_path, cifar10_root, empty_mlflow_db):
                     p.kill()
 
 
+@pytest.mark.slow
 def test_dashboard_on_a_running_study(live):
     page = live["page"]
     base = page.split("/dashboard/")[0]

@@ -26,6 +26,9 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
+# real worker processes running whole studies, a minute or two a test: not in the fast subset
+pytestmark = pytest.mark.slow
+
 PG_ENV = "HARNESS_TEST_POSTGRES_URL"
 FIXED = ["epochs=2", "batch_size=32", "model.widths=[8,16]", "data.train_subset=200", "data.val_subset=100",
          "data.test_subset=100", "eval.tsne=false", "eval.umap=false", "eval.misclassified=4",
@@ -82,7 +85,7 @@ class Setup:
         return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in self.logs)
 
     def study(self, name: str) -> optuna.Study:
-        from studies.driver import storage_url  # postgresql:// with the driver we install
+        from studies.study import storage_url  # postgresql:// with the driver we install
 
         return optuna.load_study(study_name=name, storage=storage_url(self.storage))
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from mlflow import MlflowClient
 
 from harness.experiment import train_run
@@ -22,6 +23,7 @@ def artifacts(client: MlflowClient, run_id: str, folder: str = "") -> set[str]:
     return {a.path for a in client.list_artifacts(run_id, folder)}
 
 
+@pytest.mark.slow
 def test_a_finished_trial_is_evaluated_in_the_background(cifar10_root, tracking_uri, tiny_config):
     cfg = tiny_config(cifar10_root, eval=EVAL)
     client = client_for(tracking_uri)
@@ -49,6 +51,7 @@ f = open(sys.argv[1], "a"); fcntl.flock(f, fcntl.LOCK_EX); print("held", flush=T
 """
 
 
+@pytest.mark.slow
 def test_a_crash_loses_no_evaluation(cifar10_root, tracking_uri, tiny_config):
     cfg = tiny_config(cifar10_root, eval=EVAL)
     client = client_for(tracking_uri)

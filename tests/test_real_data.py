@@ -18,7 +18,7 @@ from studies.library import DEFAULT_CONFIG
 from harness.data import load_dataset
 from harness.experiment import run_experiment
 
-pytestmark = pytest.mark.real_data
+pytestmark = [pytest.mark.real_data, pytest.mark.slow]  # a minute and a half on 2 busy cores
 
 BOUND = 0.40
 

@@ -195,6 +195,7 @@ def test_unknown_profile_is_a_space_error():
         profile_settings(load_space("training"), "huge")
 
 
+@pytest.mark.slow
 def test_tune_with_a_bad_space_exits_2_with_one_line_and_creates_nothing(tmp_path):
     """Through the real command line: the check runs before any storage, run or trial exists."""
     bad = tmp_path / "bad.yaml"

@@ -114,6 +114,7 @@ def _snapshot(env: Env) -> dict:
             "study_runs": [r.info.run_id for r in env.runs(kind="study")]}
 
 
+@pytest.mark.slow
 def test_trials_are_nested_runs_with_their_state(env, built):
     study = env.study()
     parent = study.user_attrs["mlflow_parent_run_id"]
@@ -145,6 +146,7 @@ def test_trials_are_nested_runs_with_their_state(env, built):
                           TrialState.FAIL: "FAILED"}[t.state]
 
 
+@pytest.mark.slow
 def test_pruned_trial_keeps_its_metrics_up_to_the_pruning_point(env, built):
     trial = env.study().trials[4]
     assert trial.state == TrialState.PRUNED
@@ -162,6 +164,7 @@ def test_pruned_trial_keeps_its_metrics_up_to_the_pruning_point(env, built):
     assert trial.intermediate_values[1] < good.intermediate_values[1]
 
 
+@pytest.mark.slow
 def test_failing_trial_records_its_reason_on_both_sides_and_the_study_goes_on(env, built):
     trials = env.study().trials
     failed = trials[3]
@@ -177,6 +180,7 @@ def test_failing_trial_records_its_reason_on_both_sides_and_the_study_goes_on(en
     assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in built["after_2"]["trials"].values()) == 4
 
 
+@pytest.mark.slow
 def test_resuming_adds_trials_to_the_same_study_experiment_and_run(env, built):
     first, second, third = built["after_1"], built["after_2"], built["after_3"]
     assert len(first["trials"]) == 1 and len(second["trials"]) == 5 and len(third["trials"]) == 6
@@ -190,6 +194,7 @@ def test_resuming_adds_trials_to_the_same_study_experiment_and_run(env, built):
     assert [e.name for e in env.client().search_experiments()] .count(STUDY) == 1
 
 
+@pytest.mark.slow
 def test_set_takes_a_parameter_out_of_the_search(env, built):
     for t in env.study().trials:
         assert "epochs" not in t.params and "epochs" not in t.distributions
@@ -198,6 +203,7 @@ def test_set_takes_a_parameter_out_of_the_search(env, built):
         assert run.data.params["model.widths"] == "[8, 16]"
 
 
+@pytest.mark.slow
 def test_resuming_with_other_fixed_settings_is_refused(env, built, capsys):
     before = len(env.study().trials)
     code = env.tune(capsys, 7, fixed=[f for f in FIXED if not f.startswith("epochs")] + ["epochs=3"])
@@ -208,6 +214,7 @@ def test_resuming_with_other_fixed_settings_is_refused(env, built, capsys):
     assert len(env.study().trials) == before
 
 
+@pytest.mark.slow
 def test_summary_artifacts_on_the_study_run(env, built, capsys):
     study = env.study()
     parent = study.user_attrs["mlflow_parent_run_id"]
@@ -233,6 +240,7 @@ def test_summary_artifacts_on_the_study_run(env, built, capsys):
     assert code == 0 and f"summary of study {STUDY} refreshed" in out and f"'best_trial': {best.number}" in out
 
 
+@pytest.mark.slow
 def test_best_prints_the_best_trial_its_params_and_run(env, built, capsys):
     best = env.study().best_trial
     code, out, err = env.cli(capsys, "best", "--study", STUDY, "--storage", env.storage, "--tracking-uri", env.tracking)
@@ -248,6 +256,7 @@ def test_best_prints_the_best_trial_its_params_and_run(env, built, capsys):
     assert code == 2 and len(lines) == 1 and "study 'nope' not found" in lines[0] and STUDY in lines[0]
 
 
+@pytest.mark.slow
 def test_compare_writes_csv_and_markdown(env, built, capsys):
     csv, md = env.tmp / "trials.csv", env.tmp / "trials.md"
     code, out, err = env.cli(capsys, "compare", "--study", STUDY, "--storage", env.storage, "--tracking-uri",
@@ -281,6 +290,7 @@ def test_compare_writes_csv_and_markdown(env, built, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "bad --sort 'nonsense'" in err
 
 
+@pytest.mark.slow
 def test_reproduce_matches_the_trial_exactly(env, built, capsys):
     study = env.study()
     trial = study.trials[1]  # a complete trial, deterministic on the CPU
@@ -301,6 +311,7 @@ def test_reproduce_matches_the_trial_exactly(env, built, capsys):
     assert MLFLOW_PARENT_RUN_ID not in new.data.tags and "trial_number" not in new.data.tags
 
 
+@pytest.mark.slow
 def test_reproduce_of_an_unknown_run_is_one_clear_line(env, built, capsys):
     code, out, err = env.cli(capsys, "reproduce", "0123456789abcdef0123456789abcdef", "--tracking-uri",
                              env.tracking, "--quiet")
@@ -309,6 +320,7 @@ def test_reproduce_of_an_unknown_run_is_one_clear_line(env, built, capsys):
     assert "run 0123456789abcdef0123456789abcdef not found" in lines[0] and env.tracking in lines[0]
 
 
+@pytest.mark.slow
 def test_multi_objective_study_plots_the_pareto_front(env, capsys):
     space = env.tmp / "heads.yaml"
     space.write_text("params:\n  model.head_width: {type: categorical, choices: [0, 16, 64]}\n"
@@ -340,7 +352,7 @@ def test_multi_objective_study_plots_the_pareto_front(env, capsys):
 
 def test_a_trial_beyond_the_target_is_given_up():
     """Two workers that both see one trial left both ask for one; trial numbers decide which goes on."""
-    from studies.driver import is_surplus
+    from studies.worker import is_surplus
 
     study = optuna.create_study()
     first, second = study.ask(), study.ask()  # RUNNING, as two workers' trials
@@ -354,6 +366,7 @@ def test_a_trial_beyond_the_target_is_given_up():
     assert is_surplus(study, study.ask(), target=2)
 
 
+@pytest.mark.slow
 def test_tune_with_transfer_skips_it_with_one_line_when_the_target_is_missing(env, capsys):
     """The study stands; CIFAR-100 is absent from the generated data root, so the transfer is skipped."""
     env.tune(capsys, 1, study="then-transfer", extra=("--transfer",),
@@ -370,7 +383,7 @@ def test_tune_with_transfer_skips_it_with_one_line_when_the_target_is_missing(en
 def test_workers_with_one_seed_draw_their_own_values(sampler):
     """Two workers of one study, both given --seed 0, ask at once: different values; a new study
     with the same seed draws the first trial's values again (reproducible on one worker)."""
-    from studies.driver import make_sampler
+    from studies.study import make_sampler
 
     multi = sampler == "nsga2"
     dirs = ["maximize", "minimize"] if multi else ["maximize"]

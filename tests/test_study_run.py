@@ -31,7 +31,9 @@ from optuna.trial import TrialState
 from harness.checkpoints import load_run_model
 from harness.cli import main
 from harness.tracking import MODEL_URI_TAG, RunLogger, client_for
-from studies.driver import TuneOptions, best_trial, prepare
+from studies.options import TuneOptions
+from studies.results import best_trial
+from studies.study import prepare
 from studies.report import champion_version, model_name, update_study_run, write_summary
 
 STUDY = "live"
@@ -188,6 +190,7 @@ def best_run(env) -> str:
     return best_trial(env.study()).user_attrs["mlflow_run_id"]
 
 
+@pytest.mark.slow
 def test_a_real_study_keeps_its_row_live_and_registers_its_best_model(env):
     trials = env.study().trials
     assert all(t.state == TrialState.COMPLETE for t in trials)
@@ -209,6 +212,7 @@ def test_a_real_study_keeps_its_row_live_and_registers_its_best_model(env):
     assert run.data.tags["champion_model"] == f"models:/{STUDY}@champion"
 
 
+@pytest.mark.slow
 def test_the_champion_loads_with_mlflow_and_is_the_trials_network(env):
     mlflow.set_tracking_uri(env.tracking)
     model = mlflow.pytorch.load_model(f"models:/{STUDY}@champion")
@@ -218,6 +222,7 @@ def test_the_champion_loads_with_mlflow_and_is_the_trials_network(env):
         assert torch.equal(model.eval()(x), trained.eval()(x))
 
 
+@pytest.mark.slow
 def test_best_prints_the_champion_uri(env, capsys):
     champion = champion_version(env.client(), STUDY)
     code, out, err = env.cli(capsys, "best", "--study", STUDY, "--storage", env.storage, "--tracking-uri", env.tracking)
@@ -225,6 +230,7 @@ def test_best_prints_the_champion_uri(env, capsys):
     assert f"champion model: models:/{STUDY}@champion (version {champion.version}, run {champion.run_id})" in out
 
 
+@pytest.mark.slow
 def test_transfer_from_the_champion_uri(env, capsys):
     c100 = write_cifar100(env.tmp / "data", n_train=300, n_test=100, seed=3, num_fine=15, num_coarse=5).root
     base = ["--target", "cifar100", "--modes", "probe", "--data-dir", str(c100), "--tracking-uri", env.tracking,
@@ -242,6 +248,7 @@ def test_transfer_from_the_champion_uri(env, capsys):
         assert code == 2 and len(lines) == 1 and expected in lines[0], err
 
 
+@pytest.mark.slow
 def test_the_summary_has_self_contained_html_plots_holding_the_trials(env, capsys):
     code, out, err = env.cli(capsys, "report", "--study", STUDY, "--storage", env.storage,
                              "--tracking-uri", env.tracking)

@@ -364,7 +364,7 @@ def test_the_next_worker_ends_a_run_its_server_left_running_with_the_trials_reas
     """A trial that failed on an unreachable server could not end its run; reconciling ends it
     FAILED with the trial's reason (not as a lost heartbeat)."""
     from harness.tracking import RunLogger
-    from studies.driver import reconcile_runs
+    from studies.reconcile import reconcile_runs
 
     client = MlflowClient(tracking_uri)
     study = optuna.create_study(study_name="away", storage=f"sqlite:///{tmp_path / 'optuna.db'}")

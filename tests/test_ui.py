@@ -97,6 +97,7 @@ def test_port_in_use_is_one_line(store, capsys):
     assert f"cannot serve on 127.0.0.1:{port}" in line and "--port" in line
 
 
+@pytest.mark.slow
 def test_missing_study_from_the_installed_command(store, tmp_path):
     script = Path(sys.executable).parent / "harness"
     proc = subprocess.run([str(script), "ui", "--study", "missing", "--tracking-uri", store], capture_output=True,
@@ -218,6 +219,7 @@ def read_lines(stream, lines: queue.Queue) -> None:
     lines.put(None)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_ui_opens_the_study_runs_in_a_real_browser(study_store, chromium, tmp_path):
     client = MlflowClient(study_store)

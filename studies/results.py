@@ -1,0 +1,37 @@
+"""Looking a study up after (or while) it runs: the study, its best trial, that trial's run."""
+from __future__ import annotations
+
+import optuna
+from optuna.trial import TrialState
+
+from harness.tracking import redact
+from studies.options import StudyError
+from studies.study import storage_url
+
+
+def load(study_name: str, storage: str | None = None) -> optuna.Study:
+    url = storage_url(storage)
+    try:
+        return optuna.load_study(study_name=study_name, storage=url)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(url)]
+        raise StudyError(f"study {study_name!r} not found in {redact(url)}; studies there: "
+                         f"{', '.join(names) or 'none'} (pass --storage if it lives elsewhere)") from None
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """The best trial; for two objectives, the most accurate one on the Pareto front."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if not done:
+        raise StudyError(f"study {study.study_name} has no complete trial yet: run `harness tune` first")
+    if len(study.directions) == 1:
+        return study.best_trial
+    return max(study.best_trials, key=lambda t: t.values[0])
+
+
+def best_run_id(study_name: str, storage: str | None = None, tracking_uri: str | None = None) -> str:
+    trial = best_trial(load(study_name, storage))
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        raise StudyError(f"best trial {trial.number} of study {study_name} has no MLflow run id")
+    return run_id

@@ -1,0 +1,245 @@
+"""Opening a study: its storage, sampler and pruner, the trials' base config, and its study run.
+
+Where the stock Optuna + MLflow pairing breaks (see README, "Why not optuna-integration's
+MLflowCallback"): it nests through the fluent active run, which lives in one thread of one
+process. Here the study's parent run id is stored in the study itself (Optuna user attrs), so
+every worker, in any process on any machine, finds the one study run and nests its trial runs
+under it (studies/worker.py).
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import optuna
+
+from harness import config as C
+from harness.tracking import RunLogger, experiment_id, open_client, redact, store_lock
+from studies import library
+from studies.options import DEFAULT_STORAGE, OBJECTIVES, StudyError, TuneOptions
+from studies.space import Space, load_space, profile_settings, starting_point
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# a trial stopped or lost (SIGTERM, Ctrl-C, a dead worker) goes back in the queue, up to 3 times,
+# with its parameters and its last run id: the retry resumes from that run's checkpoint
+requeue = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+
+
+def storage_url(url: str | None) -> str:
+    url = url or os.environ.get("HARNESS_STORAGE") or DEFAULT_STORAGE
+    if url.startswith(("postgresql://", "postgres://")):
+        # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the driver we install is psycopg2
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            url = "postgresql+psycopg2://" + url.split("://", 1)[1]
+        else:
+            url = "postgresql://" + url.split("://", 1)[1]
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///")).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with store_lock(url), sqlite3.connect(path, timeout=60) as db:
+            db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer (persists in the file)
+    return url
+
+
+def open_storage(opts: TuneOptions) -> optuna.storages.RDBStorage:
+    url = storage_url(opts.storage)  # (an SQLite file in WAL mode)
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    for attempt in range(5):
+        try:
+            with store_lock(url):
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine, heartbeat_interval=opts.heartbeat, grace_period=3 * opts.heartbeat,
+                    heartbeat_stale_trial_callback=requeue)
+        except Exception as e:
+            # a database server's fresh schema created by two machines at once: the loser retries
+            concurrent = any(w in str(e) for w in ("already exists", "duplicate key", "UniqueViolation"))
+            if concurrent and attempt < 4:
+                time.sleep(0.5 + attempt)
+                continue
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise StudyError(f"cannot open study storage {redact(url)} ({type(e).__name__}: {first}): "
+                             "check the --storage URL and that the database server is running") from None
+
+
+class TrialSeeded(optuna.samplers.BaseSampler):
+    """Samples each trial with a fresh sampler seeded from (study seed, trial number).
+
+    Seeded once per process, the workers of a study (all given the same --seed) draw the same
+    values in lockstep, and a resumed study draws its first values again. The storage hands out
+    trial numbers atomically, so here every trial has a stream of its own, and one worker's study
+    still samples the same way every time. For samplers whose only state is their RNG (TPE,
+    random, NSGA-II: they read the history from the study); QMC is indexed by trial already.
+    """
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int):
+        self._make, self._seed = make, seed
+        self._inner = make(seed)
+
+    def before_trial(self, study, trial) -> None:
+        self._inner = self._make(int(np.random.SeedSequence([self._seed, trial.number]).generate_state(1)[0]))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+
+def make_sampler(name: str, seed: int, multi: bool) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return TrialSeeded(lambda s: optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True,
+                                                                seed=s), seed)
+    if name == "random":
+        return TrialSeeded(lambda s: optuna.samplers.RandomSampler(seed=s), seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed)
+    if name == "cmaes":  # its state (and RNG) lives in the study's trials
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    return TrialSeeded(lambda s: optuna.samplers.NSGAIISampler(seed=s), seed)
+
+
+def make_pruner(name: str, epochs: int, multi: bool) -> optuna.pruners.BasePruner:
+    if multi or name == "none":  # Optuna's pruners only apply to single-objective studies
+        return optuna.pruners.NopPruner()
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 2), reduction_factor=3)
+
+
+def base_config(opts: TuneOptions, space: Space) -> C.Config:
+    """Defaults < --config (or the space's config) < the space's profile < --set: what every trial shares."""
+    path = library.config_path(opts.config or space.config)
+    cfg = C.load(path, None, opts.data_dir, opts.profile)
+    profile = C.pick_profile(opts.profile, opts.device or cfg.device)
+    d = C.to_dict(cfg)
+    if space.profiles:
+        d = C.merge(d, profile_settings(space, profile))
+    if opts.overrides:
+        d = C.merge(d, C.parse_overrides(opts.overrides))
+    if opts.device:
+        d["device"] = opts.device
+    d["name"] = opts.study
+    return C.from_dict(d)
+
+
+def _comparable(cfg_dict: dict) -> dict:
+    """The parts of a base config that must agree between workers (not paths, devices, or how a
+    worker runs and watches its trials)."""
+    d = C.flatten(cfg_dict)
+    for key in ("data.root", "device", "compile", "checkpoint_every", "eval.system_metrics"):
+        d.pop(key, None)
+    return d
+
+
+def directions(objectives: str) -> list[str]:
+    if objectives not in OBJECTIVES:
+        raise StudyError(f"bad --objectives {objectives!r}: choose one of {', '.join(OBJECTIVES)}")
+    return ["maximize"] + (["minimize"] if "," in objectives else [])
+
+
+def open_study(opts: TuneOptions, storage, base: C.Config, client=None,
+               first_trial: dict | None = None) -> tuple[optuna.Study, str]:
+    """Create or join the study; exactly one study run exists for it, whoever starts first.
+
+    Creating the Optuna study is the atomic step: the worker that creates it also creates the
+    MLflow experiment and study run and stores the run id in the study; others wait for it.
+    `client` None: the creator opens the MLflow store only then, so that concurrent workers
+    never create a fresh store at the same time. A new study's first trial is `first_trial`
+    (the base config's own values, where the space allows them).
+    """
+    dirs = directions(opts.objectives)
+    multi = len(dirs) > 1
+    sampler = make_sampler(opts.sampler, opts.seed, multi)
+    pruner = make_pruner(opts.pruner, base.epochs, multi)
+    try:
+        study = optuna.create_study(study_name=opts.study, storage=storage, directions=dirs,
+                                    sampler=sampler, pruner=pruner)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=opts.study, storage=storage, sampler=sampler, pruner=pruner)
+        created = False
+    if [d.name.lower() for d in study.directions] != dirs:
+        raise StudyError(f"study {opts.study} was created with other objectives "
+                         f"({study.user_attrs.get('objectives')}): use the same --objectives or a new --study name")
+    if created:
+        client = client or open_client(opts.tracking_uri)
+        experiment_id(client, opts.study, description=study_description(opts.study))
+        run = RunLogger.start(client, opts.study, f"study-{opts.study}",
+                              tags={"study": opts.study, "run_kind": "study", "sampler": opts.sampler,
+                                    "pruner": opts.pruner, "objectives": opts.objectives,
+                                    "storage": redact(storage.url if hasattr(storage, "url") else str(storage))})
+        run.log_params({"space": opts.space, "trials": opts.trials, "sampler": opts.sampler,
+                        "pruner": opts.pruner, "seed": opts.seed, "objectives": opts.objectives})
+        run.log_text(C.to_yaml(base), "base_config.yaml")
+        study.set_user_attr("base_config", _comparable(C.to_dict(base)))
+        study.set_user_attr("space", opts.space)
+        study.set_user_attr("objectives", opts.objectives)
+        study.set_user_attr("mlflow_experiment", opts.study)
+        if first_trial:
+            study.enqueue_trial(first_trial, user_attrs={"first_trial": "the base config"})
+        study.set_user_attr("mlflow_parent_run_id", run.run_id)
+        return study, run.run_id
+    parent = _wait_for_parent(study)
+    stored, ours = study.user_attrs.get("base_config") or {}, _comparable(C.to_dict(base))
+    diff = [k for k in stored if k in ours and stored[k] != ours[k]]  # (keys newer than the study: defaults)
+    if diff:
+        raise StudyError(f"study {opts.study} was started with other fixed settings ({', '.join(diff[:5])}): "
+                         "run it with the same --profile/--set/--config, or use a new --study name")
+    return study, parent
+
+
+def study_description(name: str) -> str:
+    """The study experiment's description in the MLflow UI: what it holds and how to browse it."""
+    return "\n".join([  # one line a paragraph: the UI renders every newline as a break
+        f"**Optuna study `{name}`** (`harness tune --study {name}`): one study run, `study-{name}`, and one run "
+        "per trial, `trial-<n>`, nested under it.",
+        "",
+        f"- **Trials**: in the Runs table, expand `study-{name}` (+) to list them. Each is tagged `trial_number` "
+        "and `trial_state` (COMPLETE, PRUNED, FAIL) and holds the trial's parameters, per-epoch curves, test "
+        "metrics and figures; a pruned trial keeps its curves up to the pruning epoch.",
+        "- **Summary**: on the study run. Artifacts `summary/`: optimization history, parameter importances, "
+        "parallel coordinates and slice plots (PNG and interactive HTML; the Pareto front for two objectives) "
+        "and `trials.csv`; tags `best_trial` and `best_run_id` name the best trial and its run.",
+        f"- **Command line**: `harness compare --study {name}` (a table of the trials), `harness best --study "
+        f"{name}` (the best trial, its parameters and run), `harness report --study {name}` (refresh the "
+        f"summary), `harness ui --study {name}` (this page).",
+    ]) + "\n"
+
+
+def _wait_for_parent(study: optuna.Study, timeout: float = 120.0) -> str:
+    deadline = time.time() + timeout
+    while True:
+        attrs = optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs
+        if "mlflow_parent_run_id" in attrs:
+            return attrs["mlflow_parent_run_id"]
+        if time.time() > deadline:
+            raise StudyError(f"study {study.study_name} has no MLflow study run after {timeout:.0f} s: the worker "
+                             "that created it died while starting; delete the study (optuna delete-study) and retry")
+        time.sleep(0.5)
+
+
+def prepare(opts: TuneOptions) -> tuple[Space, C.Config, optuna.Study, str, object]:
+    """The space (less the --set keys), the trials' base config, the study, its run and the client."""
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    space = load_space(opts.space)
+    fixed = set(C.flatten(C.parse_overrides(opts.overrides))) if opts.overrides else set()
+    space = space.without(fixed)
+    base = base_config(opts, space)
+    storage = open_storage(opts)
+    # creates the MLflow store if this worker is first
+    study, parent = open_study(opts, storage, base, first_trial=starting_point(space, base))
+    return space, base, study, parent, open_client(opts.tracking_uri)

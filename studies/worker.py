@@ -1,0 +1,226 @@
+"""A worker's trial loop: ask Optuna for a trial, train it as an MLflow run nested under the
+study run, tell Optuna, and go on until the study has its trials.
+
+Failure handling: a trial that raises is FAIL with its reason on both sides (`fail_reason`,
+the run's `error` tag) and the loop goes on (three in a row stop it). Ctrl-C or SIGTERM end the
+trial FAIL and its run KILLED, and queue the trial again: the retry resumes from the run's last
+checkpoint. A worker killed outright is found by the next one (studies/reconcile.py).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
+
+from harness import config as C
+from harness.data import Dataset, load_dataset
+from harness.experiment import train_run
+from harness.interrupts import exit_code, stop_cleanly
+from harness.models import count_parameters
+from harness.tracking import RunLogger, error_line, last_try, server_unreachable
+from studies.options import StudyError, TuneOptions
+from studies.reconcile import finish_study_run, reconcile_runs
+from studies.report import update_study_run
+from studies.space import Space, sample
+from studies.study import prepare, requeue
+
+MAX_CONSECUTIVE_FAILURES = 3
+
+
+class SurplusTrial(Exception):
+    """A trial started after the study reached its target (two workers asked at once): given up."""
+
+
+class _QuietTrials(logging.Filter):
+    """Optuna logs every failed trial with its traceback; a given-up surplus trial is no failure,
+    and a stopped one (Ctrl-C, SIGTERM) is said once, in one line, by the command."""
+    numbers: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        m = re.match(r"Trial (\d+) failed", str(record.msg))
+        if m and record.exc_info and issubclass(record.exc_info[0], KeyboardInterrupt):
+            self.numbers.add(int(m.group(1)))
+        return not (m and int(m.group(1)) in self.numbers)
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_QuietTrials())
+
+
+def remaining(study: optuna.Study, target: int) -> int:
+    """Trials still to start: the target less those complete, pruned or running (fails don't count)."""
+    taken = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return target - sum(t.state in taken for t in study.get_trials(deepcopy=False))
+
+
+def is_surplus(study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
+    """Whether `trial` is beyond the study's target.
+
+    Checking `remaining` and then asking for a trial is not atomic: two workers can both see one
+    trial left and both start one. Trial numbers are given out atomically by the storage, so the
+    rule is: a trial goes ahead only while fewer than `target` trials numbered below it are
+    complete, pruned, running or waiting (a waiting one is re-queued and will run). At most
+    `target` trials ever go ahead, and one that fails leaves its place to the next.
+    """
+    taken = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    before = sum(t.number < trial.number and t.state in taken for t in study.get_trials(deepcopy=False))
+    return before >= target
+
+
+@dataclass
+class Worker:
+    """One worker's trial loop; `objective` is what Optuna calls."""
+    opts: TuneOptions
+    space: Space
+    base: C.Config
+    study: optuna.Study
+    parent_run_id: str
+    client: object
+    dataset: Dataset | None = None
+    finisher: object = None  # harness.finisher.Finisher: evaluates finished trials in the background
+    trial_id: int | None = None  # the trial in progress (to re-queue it when stopped)
+
+    def objective(self, trial: optuna.Trial):
+        if is_surplus(self.study, trial, self.opts.trials):
+            _QuietTrials.numbers.add(trial.number)
+            trial.set_user_attr("surplus", True)
+            trial.set_user_attr("fail_reason", f"surplus: the study reached its {self.opts.trials} trials "
+                                               "while this worker was starting one; given up without a run")
+            raise SurplusTrial(f"study {self.opts.study} already has its {self.opts.trials} trials")
+        try:  # before the run exists: a failure here (the tracking server away too) leaves no run behind
+            cfg = sample(self.space, trial, self.base)
+            if self.dataset is None or self.dataset.name != cfg.data.dataset:
+                self.dataset = load_dataset(cfg.data)
+            tags = {"study": self.opts.study, "run_kind": "trial", "trial_number": trial.number,
+                    "trial_state": "RUNNING"}
+            retry_of = trial.user_attrs.get("mlflow_run_id")  # a re-queued trial inherits the dead one's attrs
+            if retry_of:
+                tags["retry_of_run"] = retry_of
+            run = RunLogger.start(self.client, self.study.user_attrs.get("mlflow_experiment", self.opts.study),
+                                  f"trial-{trial.number}", tags=tags, parent_run_id=self.parent_run_id)
+        except BaseException as e:
+            trial.set_user_attr("fail_reason", error_line(e)[:1000])
+            raise
+        multi = len(self.study.directions) > 1
+
+        def report(m):
+            if multi:  # Optuna takes intermediate values (and prunes) in single-objective studies only
+                return
+            trial.report(m.val_accuracy, m.epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {m.epoch} (val accuracy {m.val_accuracy:.4f})")
+
+        run.finished_by = (optuna.TrialPruned,)
+        try:
+            with run:  # however the trial ends, so does its run (train_run ends it first once it runs)
+                trial.set_user_attr("mlflow_run_id", run.run_id)
+                self.trial_id = trial._trial_id
+                from studies.dashboard import note_run_link  # here: the CLI does not load it at start-up
+                note_run_link(trial, run)  # the trial's optuna-dashboard note links its run; never fails it
+                result = train_run(cfg, run, self.dataset, callbacks=[report], progress=self.opts.progress,
+                                   ok_exceptions=(optuna.TrialPruned,), finisher=self.finisher, resume_from=retry_of)
+        except optuna.TrialPruned:
+            run.set_tags({"trial_state": "PRUNED"})
+            raise
+        except BaseException as e:
+            trial.set_user_attr("fail_reason", error_line(e)[:1000])
+            with last_try(run.server_gone):  # its server away past the retries: the run stays RUNNING
+                run.set_tags({"trial_state": "FAIL"})
+            raise
+        run.set_tags({"trial_state": "COMPLETE"})
+        values = [result.fit.best_val_accuracy]
+        if self.opts.objectives == "accuracy,params":
+            values.append(float(count_parameters(result.model)))
+        elif self.opts.objectives == "accuracy,latency":
+            latency = measure_latency(result.model)
+            run.log_metrics({"latency_ms": latency})
+            values.append(latency)
+        return values if multi else values[0]
+
+    def run(self) -> None:
+        self.client.update_run(self.parent_run_id, status="RUNNING")
+        start = time.time()
+        failures = 0
+        last: dict = {}
+        while True:
+            # a worker that died (here or anywhere) has its trial failed and re-queued, its run ended
+            reconcile_runs(self.study, self.client)
+            if remaining(self.study, self.opts.trials) <= 0:
+                break
+            if self.opts.timeout and time.time() - start >= self.opts.timeout:
+                break
+            self.trial_id = None
+            try:
+                self.study.optimize(self.objective, n_trials=1, catch=(Exception,), gc_after_trial=True,
+                                    callbacks=[lambda s, t: last.update(trial=t)])
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trial is FAIL; queue it again to resume
+                if self.trial_id is not None:
+                    requeue(self.study, self.study._storage.get_trial(self.trial_id))
+                raise
+            update_study_run(self.study, self.client, self.parent_run_id)  # the study run's row, live
+            trial = last["trial"]
+            if trial.user_attrs.get("surplus"):
+                _QuietTrials.numbers.discard(trial.number)
+                break
+            failures = failures + 1 if trial.state == TrialState.FAIL else 0
+            if failures >= MAX_CONSECUTIVE_FAILURES:
+                reason = trial.user_attrs.get("fail_reason", "see the trial runs")
+                raise StudyError(f"{failures} trials in a row failed, the last with {reason}: "
+                                 "fix the cause and run the same command to resume")
+
+
+def measure_latency(model, batch: int = 1, repeats: int = 20) -> float:
+    """Milliseconds per image for a single-image forward pass on the CPU (the deployment case)."""
+    import torch
+
+    model = model.cpu().eval()
+    x = torch.zeros(batch, 3, 32, 32)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(x)
+    return (time.perf_counter() - start) / repeats / batch * 1000
+
+
+def worker_process(opts: TuneOptions, threads: int) -> None:
+    """A `--workers` process: stopped by the signals its parent forwards, then exits quietly."""
+    import torch
+
+    stop_cleanly()
+    torch.set_num_threads(threads)
+    try:
+        run_worker(opts)
+    except KeyboardInterrupt as e:
+        sys.exit(exit_code(e))
+
+
+def run_worker(opts: TuneOptions) -> Worker:
+    from harness.finisher import Finisher
+
+    space, base, study, parent, client = prepare(opts)
+    worker = Worker(opts, space, base, study, parent, client,
+                    finisher=Finisher(opts.tracking_uri, umap=base.eval.umap and base.eval.embedding_samples != 0))
+    gone, stopped = None, False
+    try:
+        worker.run()
+    except KeyboardInterrupt:
+        worker.finisher.close(wait=False)  # stop at once: its jobs stay in the spool for the next finisher
+        stopped = True
+        raise
+    except Exception as e:  # the tracking server outlasted the retries again, after a trial failed on it
+        if (gone := server_unreachable(e)) is None:
+            raise
+        raise StudyError(f"{gone}; runs it could not end stay RUNNING until a worker reaches it again: "
+                         "run the same command to resume once it answers") from None
+    finally:
+        worker.finisher.close()  # its last trials' evaluations (a killed finisher leaves them in the spool)
+        if gone is None:  # the study run can't be ended while its server is away
+            finish_study_run(study, client, parent, "KILLED" if stopped else "FINISHED")
+    return worker
