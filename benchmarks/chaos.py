@@ -374,7 +374,7 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
                            f"{str(t.user_attrs.get('mlflow_run_id'))[:8] if t else '-'})")
         elif t.state == TrialState.FAIL and r.info.status not in ("KILLED", "FAILED"):
             inconsistent.append(f"trial {n} FAIL, run {r.info.run_id[:8]} {r.info.status}")
-        elif t.state != TrialState.FAIL and r.data.tags.get("trial_state") != t.state.name:
+        elif r.data.tags.get("trial_state") != t.state.name:
             inconsistent.append(f"trial {n} {t.state.name}, run tagged {r.data.tags.get('trial_state')}")
     row("runs their trial does not point to", len(orphans), 0, detail="; ".join(orphans[:3]))
     row("trial and run states that disagree", len(inconsistent), 0, detail="; ".join(inconsistent[:3]))
@@ -495,7 +495,6 @@ def diagnose(chaos: Chaos) -> list[str]:
     from optuna.trial import TrialState
 
     trials = load_study(chaos).get_trials(deepcopy=False)
-    by_number = {t.number: t for t in trials}
     replaced = {(t.system_attrs.get("retry_history") or [None])[-1] for t in trials}
     lines = []
     for t in trials:
@@ -616,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlflow import MlflowClient
 
     tmp = Path(tempfile.mkdtemp(prefix="chaos-"))
-    drop = None
+    drop = chaos = None
     try:
         (tmp / "logs").mkdir()
         (tmp / "space.yaml").write_text(SPACE)
@@ -650,6 +649,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"chaos: the study could not be copied ({type(e).__name__}: {e})")
         return 0 if ok else 1
     finally:
+        for w in chaos.alive() if chaos is not None else ():  # stopped early (Ctrl-C, a timeout): no strays
+            os.killpg(w.pid, signal.SIGKILL)
+            w.proc.wait()
         if drop is not None:
             drop()
         if not a.keep:

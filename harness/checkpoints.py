@@ -9,8 +9,8 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from harness.errors import HarnessError
 from harness import config as C
+from harness.errors import HarnessError
 from harness.models import CNN, build_model
 
 

@@ -148,8 +148,8 @@ def cmd_best(args) -> int:
 
 def cmd_compare(args) -> int:
     from harness.tracking import client_for
-    from studies.results import load
     from studies.report import compare_table
+    from studies.results import load
 
     study = load(args.study, args.storage)
     try:
@@ -173,8 +173,8 @@ def cmd_compare(args) -> int:
 def cmd_report(args) -> int:
     from harness.tracking import client_for
     from studies.options import StudyError
-    from studies.results import load
     from studies.report import write_summary
+    from studies.results import load
 
     study = load(args.study, args.storage)
     parent = study.user_attrs.get("mlflow_parent_run_id")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
 from harness.errors import HarnessError
 
 DATA_DIR_ENV = "HARNESS_DATA_DIR"
@@ -171,7 +172,7 @@ def _coerce(key: str, value, hint):
         raise ConfigError(f"unsupported type for {key}")
     name = getattr(hint, "__name__", str(hint))
     if origin is list:
-        name = f"a list like [32, 64, 128]"
+        name = "a list like [32, 64, 128]"
     raise ConfigError(f"bad value {value!r} for {key}: expected {name}")
 
 

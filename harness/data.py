@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.errors import HarnessError
 from harness.config import DATA_DIR_ENV, DataConfig
+from harness.errors import HarnessError
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2023, 0.1994, 0.2010)

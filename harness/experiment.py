@@ -14,16 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from harness.embeddings import DegenerateEmbeddings, plot_embedding_2d, project_tsne, project_umap, sample_indices
 from harness import config as C
+from harness import resume
 from harness.data import MEAN, STD, Dataset, load_dataset, make_normalize, make_splits
+from harness.embeddings import DegenerateEmbeddings, plot_embedding_2d, project_tsne, project_umap, sample_indices
 from harness.evaluation import (EvalResult, class_samples_figure, classification_metrics, confusion_figure,
                                 metrics_dict, misclassified_figure, per_class_figure, predict)
 from harness.models import CNN, build_model, count_macs, count_parameters, whiten_stem
-from harness import resume
-from harness.tracking import RunLogger, client_for, error_line, experiment_id, git_commit
+from harness.tracking import RunLogger, client_for, experiment_id, git_commit
 from harness.training import Callback, FitResult, fit, seed_everything, select_device, use_bf16
-
 
 STEM_IMAGES = 2000  # training images whose patches set a whitening stem
 

@@ -48,7 +48,7 @@ def write_job(spool: Path, run: RunLogger, cfg: C.Config, model: torch.nn.Module
     tmp.mkdir()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "model.pt")
     device = next(model.parameters()).device
-    (tmp / "job.json").write_text(json.dumps({"run_id": run.run_id, "tracking_uri": uri,
+    (tmp / "job.json").write_text(json.dumps({"run_id": run.run_id, "tracking_uri": uri, "owner": os.getpid(),
                                               "device": str(device), "config": C.to_dict(cfg)}))
     final = spool / run.run_id
     os.replace(tmp, final)
@@ -121,18 +121,37 @@ def finish_job(job: Path, cache: _Cache) -> None:
         run.set_tags({"evaluation": "failed", "evaluation_error": error_line(e)[:5000]})
 
 
-def pending(spool: Path) -> list[Path]:
-    """The jobs waiting in (or being worked on from) `spool`."""
+def pending(spool: Path, owner: int | None = None) -> list[Path]:
+    """The jobs waiting in (or being worked on from) `spool`; with `owner`, only those that process
+    submitted, or whose submitter is gone (another live worker's jobs are its finisher's)."""
     if not spool.is_dir():
         return []
-    return sorted(p for p in spool.iterdir() if p.is_dir() and not p.name.startswith("."))
+    jobs = sorted(p for p in spool.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return jobs if owner is None else [job for job in jobs if _owned_by(job, owner)]
 
 
-def finish_pending(spool: Path, cache: _Cache | None = None) -> int:
-    """Finish every job in `spool` that no other process holds; returns how many."""
+def _owned_by(job: Path, owner: int) -> bool:
+    try:
+        submitter = json.loads((job / "job.json").read_text()).get("owner")
+    except (OSError, ValueError):
+        return False  # finished and removed meanwhile
+    if submitter in (None, owner):
+        return True
+    try:
+        os.kill(submitter, 0)
+    except ProcessLookupError:
+        return True  # its worker died: whoever comes next does it
+    except PermissionError:
+        pass
+    return False
+
+
+def finish_pending(spool: Path, cache: _Cache | None = None, owner: int | None = None) -> int:
+    """Finish every job in `spool` (see `pending` for `owner`) that no other process holds;
+    returns how many."""
     cache = cache or _Cache()
     done = 0
-    for job in pending(spool):
+    for job in pending(spool, owner):
         with _locked(job) as mine:
             if not mine:
                 continue
@@ -160,10 +179,10 @@ def _warm_up(umap: bool) -> None:
     """The one-off costs, paid while the first trial trains: imports, and UMAP's compilation."""
     import warnings
 
+    import mlflow.pytorch  # noqa: F401
     import numpy as np
 
     import harness.experiment  # noqa: F401  (matplotlib, seaborn, scikit-learn)
-    import mlflow.pytorch  # noqa: F401
     from harness.embeddings import project_umap
 
     if umap:
@@ -183,7 +202,8 @@ def _serve(uri: str, stop, parent: int, threads: int, umap: bool) -> None:
     _warm_up(umap)
     spool, cache = spool_dir(uri), _Cache()
     while True:
-        if finish_pending(spool, cache):
+        # asked to stop, it finishes its own worker's jobs (and orphans), not another live worker's
+        if finish_pending(spool, cache, owner=parent if stop.is_set() else None):
             continue
         if stop.is_set() or os.getppid() != parent:
             return
@@ -211,7 +231,7 @@ class Finisher:
         """Ask the finisher to stop once the spool is empty and `wait` for it; without `wait`, or
         with nothing to do, stop it now (a job it held stays in the spool for the next finisher)."""
         self._stop.set()
-        if wait and pending(self.spool):
+        if wait and pending(self.spool, owner=os.getpid()):
             self._process.join()
         elif self._process.is_alive():
             self._process.terminate()

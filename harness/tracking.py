@@ -9,7 +9,6 @@ fluently for the moment it needs.
 from __future__ import annotations
 
 import fcntl
-import io
 import os
 import re
 import subprocess
@@ -24,6 +23,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
 from harness.errors import HarnessError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -420,7 +420,10 @@ def use_http_retries(uri: str) -> None:
 def retry_budget() -> tuple[int, float]:
     """(retries, seconds) MLflow spends on a server that refuses connections before it gives up:
     urllib3 retries at once, then sleeps factor * 2**k s (at most 120) before retry k + 1."""
-    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    )
 
     retries, factor = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()
     return retries, float(sum(min(120, factor * 2 ** k) for k in range(1, retries)))
@@ -437,8 +440,9 @@ def server_unreachable(e: BaseException, seconds: float | None = None) -> Tracki
     server, the time and the retries instead. `seconds`: how long the call tried (default: the
     back-off of `retry_budget`).
     """
-    import requests
     from urllib.parse import urlsplit
+
+    import requests
 
     cause = e
     for _ in range(10):  # down the chain of MlflowExceptions to what requests raised

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from harness.errors import HarnessError
 from harness.config import Config, ConfigError
 from harness.data import Splits, augment, make_normalize
+from harness.errors import HarnessError
 from harness.evaluation import predict
 
 

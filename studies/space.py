@@ -22,8 +22,8 @@ from pathlib import Path
 import optuna
 import yaml
 
-from harness.errors import HarnessError
 from harness import config as C
+from harness.errors import HarnessError
 from studies import library
 
 WIDTH_KEYS = {"model.stages": 3, "model.base_width": 32, "model.width_multiplier": 2.0}

@@ -42,10 +42,10 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from harness.errors import HarnessError
 from harness import config as C
 from harness.checkpoints import get_run, load_run_model
 from harness.data import Dataset, load_dataset
+from harness.errors import HarnessError
 from harness.models import CNN
 from harness.tracking import RunLogger, client_for, error_line, experiment_id
 from harness.training import select_device

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 
 from harness import config as C
 from harness.data import Dataset, load_dataset
+from harness.errors import HarnessError
 from harness.experiment import train_run
 from harness.interrupts import exit_code, stop_cleanly
 from harness.models import count_parameters
@@ -38,14 +39,18 @@ class SurplusTrial(Exception):
 
 
 class _QuietTrials(logging.Filter):
-    """Optuna logs every failed trial with its traceback; a given-up surplus trial is no failure,
-    and a stopped one (Ctrl-C, SIGTERM) is said once, in one line, by the command."""
+    """Optuna logs every failed trial with its traceback. A given-up surplus trial is no failure,
+    and a stopped one (Ctrl-C, SIGTERM) is said once, in one line, by the command: both go unsaid.
+    A trial that failed for a reason the user can fix (a HarnessError: a non-finite loss, missing
+    data) keeps Optuna's one line, without the traceback; anything else, a bug, keeps it."""
     numbers: set[int] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
         m = re.match(r"Trial (\d+) failed", str(record.msg))
         if m and record.exc_info and issubclass(record.exc_info[0], KeyboardInterrupt):
             self.numbers.add(int(m.group(1)))
+        if m and record.exc_info and issubclass(record.exc_info[0], HarnessError):
+            record.exc_info = None
         return not (m and int(m.group(1)) in self.numbers)
 
 
@@ -120,7 +125,9 @@ class Worker:
             with run:  # however the trial ends, so does its run (train_run ends it first once it runs)
                 trial.set_user_attr("mlflow_run_id", run.run_id)
                 self.trial_id = trial._trial_id
-                from studies.dashboard import note_run_link  # here: the CLI does not load it at start-up
+                from studies.dashboard import (
+                    note_run_link,  # here: the CLI does not load it at start-up
+                )
                 note_run_link(trial, run)  # the trial's optuna-dashboard note links its run; never fails it
                 result = train_run(cfg, run, self.dataset, callbacks=[report], progress=self.opts.progress,
                                    ok_exceptions=(optuna.TrialPruned,), finisher=self.finisher, resume_from=retry_of)
@@ -190,7 +197,8 @@ def measure_latency(model, batch: int = 1, repeats: int = 20) -> float:
 
 
 def worker_process(opts: TuneOptions, threads: int) -> None:
-    """A `--workers` process: stopped by the signals its parent forwards, then exits quietly."""
+    """A `--workers` process: stopped by the signals its parent forwards, then exits quietly; a
+    reason to stop that the user can fix is one line, as from the command itself."""
     import torch
 
     stop_cleanly()
@@ -199,6 +207,9 @@ def worker_process(opts: TuneOptions, threads: int) -> None:
         run_worker(opts)
     except KeyboardInterrupt as e:
         sys.exit(exit_code(e))
+    except HarnessError as e:
+        print(f"harness: worker {os.getpid()}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def run_worker(opts: TuneOptions) -> Worker:

@@ -38,7 +38,9 @@ TINY = {
 
 def pytest_configure(config):
     config.addinivalue_line("markers", f"real_data: needs real CIFAR-10 under ${REAL_DATA_ENV}")
-    config.addinivalue_line("markers", "slow: takes more than about 20 s (deselect with -m 'not slow')")
+    # the fast inner loop is `pytest -m "not slow"` (under a minute on 2 idle cores); CI runs everything
+    config.addinivalue_line("markers", "slow: a study, worker, server, browser, subprocess or full-run test of "
+                                       "more than a few seconds (deselect with -m 'not slow')")
 
 
 # ----------------------------------------------------------------------------
@@ -247,3 +249,49 @@ def real_data_root() -> Path:
     if missing:
         pytest.skip(f"real-data test: {REAL_DATA_ENV}={value} lacks cifar-10-batches-py/{missing[0]}")
     return root
+
+
+# ----------------------------------------------------------------------------
+# Study trials and real processes
+
+
+# `--set` items of a study trial of a second or two on the generated data
+TINY_TRIAL = ["epochs=2", "batch_size=32", "model.widths=[8,16]", "data.train_subset=200", "data.val_subset=100",
+              "data.test_subset=100", "eval.tsne=false", "eval.umap=false", "eval.misclassified=4",
+              "eval.log_model=false", "data.download=false", "device=cpu", "precision=fp32", "patience=0"]
+
+
+def tiny_trial(*changes: str) -> list[str]:
+    """TINY_TRIAL with `key=value` items replacing (or adding to) its own: tiny_trial("epochs=4")."""
+    keys = {c.split("=", 1)[0] for c in changes}
+    return [s for s in TINY_TRIAL if s.split("=", 1)[0] not in keys] + list(changes)
+
+
+def as_sets(items: list[str]) -> list[str]:
+    """["epochs=1", ...] -> ["--set", "epochs=1", ...]"""
+    return [a for item in items for a in ("--set", item)]
+
+
+def harness_env() -> dict:
+    """A child `harness` process: one thread (float sums come out the same), no inherited run id."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def wait_until(condition, what: str, procs=(), logs=(), timeout: float = 300.0):
+    """Poll `condition` until it returns something true, and return that; fail, showing the
+    processes' output, if one of them ends first or `timeout` seconds pass (a bound, not a measure)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        if any(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.2)
+    for p in procs:
+        p.kill()
+    pytest.fail(f"no {what} (a process ended, or {timeout:.0f} s passed):\n" + "\n".join(f"--- {Path(log).name}\n{Path(log).read_text()[-3000:]}" for log in logs))

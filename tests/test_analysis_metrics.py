@@ -10,23 +10,11 @@ import torch
 from matplotlib.figure import Figure
 
 from analysis.cka import cka_matrix, linear_cka, plot_cka_heatmap
+from analysis.figures import (feature_maps_figure, filters_figure, image_grid, nearest_neighbours, neighbour_grid,
+                              stage_metrics_figure)
+from analysis.metrics import (cluster_scores, flatten_features, knn_accuracy, knn_accuracy_loo, linear_probe_accuracy,
+                              purity)
 from harness.embeddings import plot_embedding_2d, project_tsne, project_umap, sample_indices
-from analysis.figures import (
-    feature_maps_figure,
-    filters_figure,
-    image_grid,
-    nearest_neighbours,
-    neighbour_grid,
-    stage_metrics_figure,
-)
-from analysis.metrics import (
-    cluster_scores,
-    flatten_features,
-    knn_accuracy,
-    knn_accuracy_loo,
-    linear_probe_accuracy,
-    purity,
-)
 
 
 def blobs(n_per_class=60, n_classes=5, d=32, spread=10.0, seed=0):
@@ -191,10 +179,17 @@ def test_cka_matrix():
 # ---------------------------------------------------------------- projections and figures
 
 
-def test_tsne_and_embedding_plot():
+@pytest.mark.slow
+def test_tsne_projection_keeps_separate_clusters_apart():
     x, y = blobs(n_per_class=12)
     xy = project_tsne(x, seed=0)
     assert xy.shape == (len(x), 2) and np.isfinite(xy).all()
+    assert knn_accuracy_loo(xy, y, ks=(1,))[1] > 0.9  # the classes stay apart in the plane
+
+
+def test_embedding_plot_draws_each_class_in_its_own_colour():
+    x, y = blobs(n_per_class=12)
+    xy = x[:, :2]  # any 2-D points: what is drawn is what is given
     fig = plot_embedding_2d(xy, y, [f"c{i}" for i in range(5)], "t-SNE")
     ax = fig.axes[0]
     assert ax.get_title() == "t-SNE"

@@ -53,6 +53,7 @@ def test_train_succeeds_and_prints_the_run_id(cifar10_root, tracking_uri, capsys
     assert "test_accuracy" in run.data.metrics
 
 
+@pytest.mark.slow
 def test_data_root_and_store_from_the_environment(cifar10_root, tracking_uri, monkeypatch, capsys):
     monkeypatch.setenv(C.DATA_DIR_ENV, str(cifar10_root))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
@@ -64,6 +65,7 @@ def test_data_root_and_store_from_the_environment(cifar10_root, tracking_uri, mo
     assert MlflowClient(tracking_uri).get_experiment(run.info.experiment_id).name == "cifar10-train"
 
 
+@pytest.mark.slow
 def test_data_dir_option_beats_the_environment(cifar10_root, tracking_uri, tmp_path, monkeypatch, capsys):
     """The variable names a folder without data: alone it fails naming that folder; with
     --data-dir naming the data, the option wins and the run trains."""

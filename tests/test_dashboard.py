@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sqlite3
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import as_sets, harness_env, tiny_trial, wait_until
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from optuna_dashboard import get_note
@@ -33,10 +33,8 @@ from studies.study import storage_url
 
 STUDY = "live"
 TRIALS = 3
-# the tiny trials of test_studies, two epochs longer: each reports four intermediate values (writes)
-FIXED = ["epochs=4", "batch_size=32", "model.widths=[8,16]", "data.train_subset=200", "data.val_subset=100",
-         "data.test_subset=100", "eval.tsne=false", "eval.umap=false", "eval.misclassified=4",
-         "eval.log_model=false", "data.download=false", "device=cpu", "precision=fp32", "patience=0"]
+# tiny trials two epochs longer: each reports four intermediate values (writes)
+FIXED = tiny_trial("epochs=4")
 SPACE = """\
 params:
   lr: {type: float, low: 0.005, high: 0.05, log: true}
@@ -46,15 +44,9 @@ WAIT = 300  # seconds: only a bound on waiting, never a measure
 ERRORS = ("database is locked", "database table is locked", "Traceback")
 
 
-def _env() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_RUN_ID", None)
-    return env
-
-
 def _harness(args: list[str], log: Path, cwd: Path) -> subprocess.Popen:
     with open(log, "w") as out:  # the child keeps its own descriptor
-        return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], cwd=cwd, env=_env(), stdout=out,
+        return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], cwd=cwd, env=harness_env(), stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
@@ -62,18 +54,6 @@ def _get(url: str):
     with urllib.request.urlopen(url, timeout=30) as r:
         body = r.read()
         return r.status, r.headers.get("Content-Type", ""), body
-
-
-def _wait_for(predicate, what: str, procs: list[subprocess.Popen], logs: list[Path]):
-    deadline = time.time() + WAIT
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if any(p.poll() is not None for p in procs):
-            break
-        time.sleep(0.2)
-    pytest.fail(f"no {what}:\n" + "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in logs))
 
 
 @pytest.fixture
@@ -88,13 +68,13 @@ def live(tmp_path, cifar10_root, empty_mlflow_db):
         args = ["tune", "--study", STUDY, "--space", str(tmp_path / "space.yaml"), "--trials", str(trials),
                 "--storage", storage, "--tracking-uri", tracking, "--data-dir", str(cifar10_root),
                 "--sampler", "random", "--pruner", "none", "--heartbeat", "1", "--quiet"]
-        return args + [a for item in FIXED for a in ("--set", item)]
+        return args + as_sets(FIXED)
 
     assert main(tune(0)) == 0  # the study and its MLflow run, no trial yet
     logs = [tmp_path / "worker.log", tmp_path / "dashboard.log"]
     procs = [_harness(["dashboard", "--study", STUDY, "--storage", storage, "--port", "0"], logs[1], tmp_path)]
     try:
-        found = _wait_for(lambda: re.search(r"on (http://\S+)", logs[1].read_text()), "dashboard URL", procs, logs[1:])
+        found = wait_until(lambda: re.search(r"on (http://\S+)", logs[1].read_text()), "dashboard URL", procs, logs[1:])
         procs.append(_harness(tune(TRIALS), logs[0], tmp_path))  # the dashboard is up before the worker starts
         yield {"worker": procs[1], "dashboard": procs[0], "page": found.group(1), "storage": storage,
                "tracking": tracking, "logs": logs}

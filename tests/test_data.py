@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from harness.config import DATA_DIR_ENV, DataConfig
-from harness.data import (LAYOUTS, MEAN, STD, DatasetError, augment, digest, load_dataset, make_normalize,
-                          make_splits, split_indices)
+from harness.data import (LAYOUTS, MEAN, STD, DatasetError, augment, digest, load_dataset, make_normalize, make_splits,
+                          split_indices)
 
 
 def one_line_error(excinfo) -> str:

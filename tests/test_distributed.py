@@ -85,7 +85,9 @@ class Setup:
         return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in self.logs)
 
     def study(self, name: str) -> optuna.Study:
-        from studies.study import storage_url  # postgresql:// with the driver we install
+        from studies.study import (
+            storage_url,  # postgresql:// with the driver we install
+        )
 
         return optuna.load_study(study_name=name, storage=storage_url(self.storage))
 

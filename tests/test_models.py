@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from harness import config as C
-from studies.library import DEFAULT_CONFIG
 from harness.config import ModelConfig
 from harness.models import CNN, build_model, count_macs, count_parameters
+from studies.library import DEFAULT_CONFIG
 
 # A seeded sample of the family (every value of every option appears), plus the default network.
 OPTIONS = {

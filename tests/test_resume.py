@@ -55,6 +55,7 @@ def running_run_with_checkpoint(client: MlflowClient, uri: str, proc: subprocess
     pytest.fail(f"no run wrote a checkpoint:\n{finish(proc)[-3000:]}")
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_run_which_resume_then_finishes_as_if_never_stopped(tmp_path, cifar10_root, tracking_uri):
     client = MlflowClient(tracking_uri)
     whole = harness(tmp_path, tracking_uri, *train_args(cifar10_root))
@@ -84,6 +85,7 @@ def test_sigterm_stops_a_run_which_resume_then_finishes_as_if_never_stopped(tmp_
     assert not resume.path_for(tracking_uri, run_id).exists()  # a finished run keeps no checkpoint
 
 
+@pytest.mark.slow
 def test_resume_refuses_runs_it_cannot_continue_with_one_line(tmp_path, cifar10_root, tracking_uri, capsys):
     assert main(train_args(cifar10_root)[:-2] + ["--set", "epochs=1", "--tracking-uri", tracking_uri, "--quiet"]) == 0
     client = MlflowClient(tracking_uri)
@@ -100,6 +102,7 @@ def test_resume_refuses_runs_it_cannot_continue_with_one_line(tmp_path, cifar10_
     assert "left no checkpoint" in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_transfer_with_every_run_ended(tmp_path, cifar10_root, tracking_uri):
     from conftest import write_cifar100
 

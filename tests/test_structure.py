@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("harness", "studies", "analysis")
 COMPOSITION_ROOT = "harness.cli"
@@ -83,6 +85,7 @@ def imported_by(*argv: str) -> str:
     return "\n".join(line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line)
 
 
+@pytest.mark.slow
 def test_train_help_does_not_import_optuna_or_the_studies():
     modules = imported_by("train", "--help").split("\n")
     # (the parser's choices for `tune` come from studies/options.py, which imports nothing heavy)

@@ -32,9 +32,9 @@ from harness.checkpoints import load_run_model
 from harness.cli import main
 from harness.tracking import MODEL_URI_TAG, RunLogger, client_for
 from studies.options import TuneOptions
+from studies.report import champion_version, model_name, update_study_run, write_summary
 from studies.results import best_trial
 from studies.study import prepare
-from studies.report import champion_version, model_name, update_study_run, write_summary
 
 STUDY = "live"
 FIXED = ["epochs=2", "batch_size=32", "model.widths=[8,16]", "data.train_subset=200", "data.val_subset=100",

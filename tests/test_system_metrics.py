@@ -13,6 +13,9 @@ from mlflow import MlflowClient
 from harness.experiment import run_experiment
 from harness.training import NonFiniteLoss
 
+# every test is a real run with MLflow's monitor thread (3-8 s each): out of the fast subset
+pytestmark = pytest.mark.slow
+
 # what psutil gives on any machine (GPU ones are added where nvidia-ml-py finds a GPU)
 EXPECTED = {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
             "system/system_memory_usage_percentage"}

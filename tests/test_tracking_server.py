@@ -27,6 +27,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import wait_until
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -173,21 +174,6 @@ def harness(args: list[str], env: dict, log: Path) -> subprocess.Popen:
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-def wait_for(condition, what: str, procs: list[subprocess.Popen], logs: list[Path]):
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        for p, log in zip(procs, logs):
-            if p.poll() is not None:
-                pytest.fail(f"a process ended (code {p.returncode}) before {what}:\n{log.read_text()[-5000:]}")
-        time.sleep(0.2)
-    for p in procs:
-        p.kill()
-    pytest.fail(f"no {what} within {WAIT} s")
-
-
 def finish(proc: subprocess.Popen, log: Path) -> str:
     try:
         proc.wait(timeout=WAIT)
@@ -224,9 +210,9 @@ def test_a_run_outlasts_a_30_s_outage_of_its_tracking_server(server, cifar10_roo
         runs = client.search_runs([exp.experiment_id]) if exp else []
         return runs and client.get_metric_history(runs[0].info.run_id, "val_accuracy") and runs[0]
 
-    run = wait_for(training_run_past_epoch_1, "a training run past its first epoch", [train, uploads],
+    run = wait_until(training_run_past_epoch_1, "a training run past its first epoch", [train, uploads],
                    [train_log, uploads_log])
-    wait_for(ready.exists, "the uploads' run", [train, uploads], [train_log, uploads_log])
+    wait_until(ready.exists, "the uploads' run", [train, uploads], [train_log, uploads_log])
 
     server.stop()
     assert train.poll() is None, "the run ended before the server was stopped: give it more epochs"
@@ -285,7 +271,7 @@ def test_a_tracking_server_that_never_comes_back_fails_the_trial_with_one_line(s
         return next((t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs),
                     None)
 
-    trial = wait_for(trial_with_a_run, "a running trial with its run", [tune], [log])
+    trial = wait_until(trial_with_a_run, "a running trial with its run", [tune], [log])
     server.stop()  # for good
     stopped = time.monotonic()
     out = finish(tune, log)
@@ -332,7 +318,12 @@ def test_the_harness_retry_settings_apply_to_http_uris_only_and_never_override(m
 def test_mlflow_giving_up_on_a_server_reads_as_one_line_and_ending_the_run_does_not_wait(monkeypatch):
     from mlflow.exceptions import MlflowException
 
-    from harness.tracking import RunLogger, TrackingServerUnreachable, error_line, server_unreachable
+    from harness.tracking import (
+        RunLogger,
+        TrackingServerUnreachable,
+        error_line,
+        server_unreachable,
+    )
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # after 0 and 2 s
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")

@@ -65,6 +65,7 @@ def e2e(tmp_path_factory, cifar10_root, empty_mlflow_db):
             "tmp": tmp}
 
 
+@pytest.mark.slow
 def test_run_finished_in_the_dataset_experiment(e2e):
     run = e2e["run"]
     assert run.info.status == "FINISHED" and run.info.end_time is not None
@@ -74,6 +75,7 @@ def test_run_finished_in_the_dataset_experiment(e2e):
     assert run.info.artifact_uri.startswith(str(e2e["tmp"]))
 
 
+@pytest.mark.slow
 def test_params_are_the_flattened_config(e2e):
     params, cfg = e2e["run"].data.params, e2e["cfg"]
     flat = C.flatten(C.to_dict(cfg))
@@ -84,6 +86,7 @@ def test_params_are_the_flattened_config(e2e):
     assert int(params["macs_per_image"]) > 0
 
 
+@pytest.mark.slow
 def test_tags_identify_code_device_seed_config_and_data(e2e):
     tags, cfg = e2e["run"].data.tags, e2e["cfg"]
     commit = tags["git_commit"]
@@ -96,6 +99,7 @@ def test_tags_identify_code_device_seed_config_and_data(e2e):
     assert tags["stopped_early"] == "False"
 
 
+@pytest.mark.slow
 def test_per_epoch_metrics_history(e2e):
     client, run_id = e2e["client"], e2e["result"].run_id
     history = e2e["result"].fit.history
@@ -110,6 +114,7 @@ def test_per_epoch_metrics_history(e2e):
     assert metrics["train_seconds"] > 0 and metrics["tracking_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_test_metrics_with_per_class_values(e2e):
     metrics, result = e2e["run"].data.metrics, e2e["result"]
     for key in ("test_accuracy", "test_loss", "test_top5_accuracy", "test_macro_precision", "test_macro_recall",
@@ -123,6 +128,7 @@ def test_test_metrics_with_per_class_values(e2e):
     assert math.isfinite(metrics["test_loss"])
 
 
+@pytest.mark.slow
 def test_artifacts_figures_and_table(e2e, tmp_path):
     client, run_id = e2e["client"], e2e["result"].run_id
     paths = artifact_paths(client, run_id)
@@ -142,6 +148,7 @@ def test_artifacts_figures_and_table(e2e, tmp_path):
     assert C.from_dict(logged) == e2e["cfg"]
 
 
+@pytest.mark.slow
 def test_dataset_inputs_carry_our_digest(e2e):
     inputs = e2e["run"].inputs.dataset_inputs
     digest = e2e["run"].data.tags["dataset_digest"]
@@ -160,6 +167,7 @@ def _inputs(n: int = 16) -> torch.Tensor:
     return make_normalize("cpu")(ds_images)
 
 
+@pytest.mark.slow
 def test_logged_model_loads_and_predicts_like_the_trained_one(e2e):
     client_for(e2e["uri"])  # the fluent tracking URI that runs:/ resolves against
     run_id = e2e["result"].run_id
@@ -178,6 +186,7 @@ def test_logged_model_loads_and_predicts_like_the_trained_one(e2e):
     np.testing.assert_allclose(out, expected.numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip(e2e):
     cfg, model = load_run_model(e2e["client"], e2e["result"].run_id)
     assert cfg == e2e["cfg"]
@@ -192,6 +201,7 @@ def test_checkpoint_round_trip(e2e):
 # Other datasets and the ways a run ends early
 
 
+@pytest.mark.slow
 def test_cifar100_run_logs_coarse_accuracy(cifar100_root, tracking_uri, tiny_config):
     cfg = tiny_config(cifar100_root, "data.dataset=cifar100", eval={"misclassified": 2})
     result = run_experiment(cfg, tracking_uri, progress=False)

@@ -254,6 +254,7 @@ def test_host_reads_counts_what_makes_the_host_wait():
     assert reads.counts == {"item": 1, "__bool__": 1, "tolist": 1, "cpu": 1, "numpy": 1, "to": 1}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("progress, per_epoch", [(False, 2), (True, 4)])
 def test_an_epoch_reads_back_from_the_device_twice_not_per_step(cifar10_root, tiny_config, progress, per_epoch):
     # 110 steps an epoch: the training sums and the validation sums are read once each (progress

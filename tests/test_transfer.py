@@ -27,6 +27,10 @@ from harness.experiment import run_experiment
 from studies.split_study import run_split_study, select_classes, split_classes
 from studies.transfer import TransferError, expand_modes, run_transfer
 
+# nearly every test reads the module's transfer study (a source run and six children, ~50 s on 2 busy
+# cores): the whole module is out of the fast subset
+pytestmark = pytest.mark.slow
+
 # every transfer child trains one epoch (the CPU transfer budget would take 3 on 10,000 images);
 # the MLflow model is logged only where a test loads it
 CHILD = ["epochs=1"]
@@ -50,7 +54,6 @@ def env(tmp_path_factory, cifar10_root, empty_mlflow_db):
 # The transfer study
 
 
-@pytest.mark.slow
 def test_parent_and_children_tags_nesting_and_metrics(env):
     client, result, source = env["client"], env["result"], env["source"]
     assert not result.failed
@@ -94,7 +97,6 @@ def test_parent_and_children_tags_nesting_and_metrics(env):
     assert {"test_accuracy", "test_coarse_accuracy", "run_id", "source_dropout"} <= set(table.columns)
 
 
-@pytest.mark.slow
 def test_depth_figure_plots_each_childs_accuracy(env):
     """The summary figure shows the children's numbers: the freeze curve through freeze_k's accuracy at k,
     probe, fine-tune and scratch as horizontal lines at theirs; fine and coarse accuracy side by side."""
@@ -160,7 +162,6 @@ def _unchanged(before: dict, after: dict, prefix: str) -> bool:
     return all(torch.equal(before[k], after[k]) for k in keys)
 
 
-@pytest.mark.slow
 def test_frozen_stages_unchanged_others_changed(env):
     src = env["source"].model.cpu().state_dict()
     for k in range(3):
@@ -177,7 +178,6 @@ def test_frozen_stages_unchanged_others_changed(env):
     assert _changed(src, fine, "stages.stage1.") and _changed(src, fine, "embedding.")
 
 
-@pytest.mark.slow
 def test_new_head_has_target_classes(env):
     assert env["source"].model.num_classes == 10
     for c in env["result"].children:
@@ -238,7 +238,6 @@ def _one_line(excinfo) -> str:
     return msg
 
 
-@pytest.mark.slow
 def test_missing_source_run_fails_with_one_line(env):
     with pytest.raises(RunNotFound) as e:
         run_transfer("0123456789abcdef0123456789abcdef", "cifar100", data_dir=str(env["data"]),
@@ -246,7 +245,6 @@ def test_missing_source_run_fails_with_one_line(env):
     assert "not found" in _one_line(e)
 
 
-@pytest.mark.slow
 def test_source_without_model_fails_with_one_line(env):
     from harness.tracking import RunLogger
 
@@ -260,7 +258,6 @@ def test_source_without_model_fails_with_one_line(env):
     assert "no model checkpoint" in _one_line(e)
 
 
-@pytest.mark.slow
 def test_missing_target_data_fails_with_one_line_before_any_run(env, tmp_path):
     client = env["client"]
     before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
@@ -271,7 +268,6 @@ def test_missing_target_data_fails_with_one_line_before_any_run(env, tmp_path):
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == before
 
 
-@pytest.mark.slow
 def test_best_of_unknown_study_fails_with_one_line(env, tmp_path):
     from studies.options import StudyError
 
@@ -285,7 +281,6 @@ def test_best_of_unknown_study_fails_with_one_line(env, tmp_path):
     assert "studies there: none" in msg and "--storage" in msg
 
 
-@pytest.mark.slow
 def test_failing_child_is_recorded_and_the_study_goes_on(env, monkeypatch):
     import studies.transfer as T
 
@@ -314,7 +309,6 @@ def test_failing_child_is_recorded_and_the_study_goes_on(env, monkeypatch):
     assert _unchanged(env["source"].model.cpu().state_dict(), model.state_dict(), "stages.")
 
 
-@pytest.mark.slow
 def test_parent_fails_when_every_child_fails(env, monkeypatch):
     from harness.training import NonFiniteLoss
 
@@ -346,7 +340,6 @@ def test_split_classes():
         split_classes(4, classes_a=["x"], names=["a", "b", "c", "d"])
 
 
-@pytest.mark.slow
 def test_split_study_metrics_by_depth(env):
     result = run_split_study(data_dir=str(env["c10"]), tracking_uri=env["uri"],
                              overrides=C.to_dict(make_tiny_config(env["c10"])), progress=False)
@@ -372,7 +365,6 @@ def test_split_study_metrics_by_depth(env):
     assert {"summary/split_study.csv", "summary/split_study.md", "summary/split_study.png"} <= arts
 
 
-@pytest.mark.slow
 def test_select_classes_dataset(env):
     ds = load_dataset(C.DataConfig(root=str(env["c10"]), download=False))
     sub = select_classes(ds, [7, 2])
@@ -395,7 +387,6 @@ def _cli(capsys, *args) -> tuple[int, str, list[str]]:
     return code, out, err.strip().splitlines()
 
 
-@pytest.mark.slow
 def test_transfer_from_the_command_line(env, capsys):
     sets = [a for s in NO_MODEL for a in ("--set", s)]
     common = ["--target", "cifar100", "--data-dir", str(env["data"]), "--tracking-uri", env["uri"], "--quiet"]
@@ -406,7 +397,6 @@ def test_transfer_from_the_command_line(env, capsys):
     assert code == 2 and len(err) == 1 and "unknown transfer mode 'freeze_9'" in err[0]
 
 
-@pytest.mark.slow
 def test_split_study_from_the_command_line(env, capsys):
     tiny = ["epochs=1", "batch_size=32", "model.widths=[8,16]", "model.head_width=16", "data.download=false",
             "device=cpu", "precision=fp32", "eval.log_model=false", "data.test_subset=100"]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import optuna  # noqa: F401  (imported now: its log handler keeps the stream of the moment, not a test's capsys)
 import pytest
+from conftest import as_sets, tiny_trial
 from mlflow import MlflowClient
 
 from harness.cli import main
@@ -31,9 +32,7 @@ from harness.tracking import NOTE_TAG, RunLogger, client_for
 
 STUDY = "ui-study"
 TRIALS = 2
-FIXED = ["epochs=1", "batch_size=32", "model.widths=[8,16]", "data.train_subset=200", "data.val_subset=100",
-         "data.test_subset=100", "eval.tsne=false", "eval.umap=false", "eval.misclassified=4",
-         "eval.log_model=false", "data.download=false", "device=cpu", "precision=fp32", "patience=0"]
+FIXED = tiny_trial("epochs=1")
 SPACE = """\
 params:
   optimizer: {type: categorical, choices: [adamw, sgd]}
@@ -209,7 +208,7 @@ def study_store(tmp_path_factory, cifar10_root) -> str:
     args = ["tune", "--study", STUDY, "--space", str(space), "--trials", str(TRIALS), "--storage",
             f"sqlite:///{tmp / 'optuna.db'}", "--tracking-uri", uri, "--data-dir", str(cifar10_root),
             "--sampler", "random", "--pruner", "none", "--seed", "0", "--quiet"]
-    assert main([*args, *[a for item in FIXED for a in ("--set", item)]]) == 0
+    assert main([*args, *as_sets(FIXED)]) == 0
     return uri
 
 
