@@ -3,6 +3,7 @@
     python benchmarks/study_benchmarks.py pruning  --data-dir data   # Hyperband vs none: same trials, same time
     python benchmarks/study_benchmarks.py overhead --data-dir data   # tracking + storage share
     python benchmarks/study_benchmarks.py scaling  --data-dir data   # trials/hour, 1 vs 2 workers
+    python benchmarks/study_benchmarks.py extras   --data-dir data   # system metrics and the registry, per trial
 
 Each writes into a fresh temporary store and prints its figures side by side.
 """
@@ -108,15 +109,69 @@ def scaling(args) -> None:
     print(f"speed-up with 2 workers: {rows[0][1] / rows[1][1]:.2f}x")
 
 
+def extras(args) -> None:
+    """What system metrics and the champion registry add to a trial (issue 11)."""
+    import statistics
+
+    from harness import config as C
+    from harness.data import load_dataset
+    from harness.experiment import train_run
+    from harness.tracking import RunLogger, client_for
+    from studies.library import DEFAULT_CONFIG
+    from studies.report import settle_champion, update_study_run
+
+    budget = ["epochs=1", "data.train_subset=8000", "data.val_subset=2000", "data.test_subset=2000",
+              "eval.embedding_samples=500", "patience=0", f"data.root={args.data_dir}"]
+    with tempfile.TemporaryDirectory() as d:
+        # system metrics: the same run with the monitor on and off, alternated
+        client = client_for(f"sqlite:///{d}/mlruns/mlflow.db")
+        cfg = C.load(DEFAULT_CONFIG, budget)
+        ds = load_dataset(cfg.data)
+        walls: dict[bool, list[float]] = {True: [], False: []}
+        for i in range(2 * args.trials):
+            on = i % 2 == 0
+            run = RunLogger.start(client, "system-metrics", f"on-{i}" if on else f"off-{i}")
+            start = time.perf_counter()
+            train_run(C.replace(cfg, {"eval": {"system_metrics": on}}), run, ds, progress=False)
+            walls[on].append(time.perf_counter() - start)
+        on, off = statistics.median(walls[True]), statistics.median(walls[False])
+        print(f"system metrics, {args.trials} runs each of 1 epoch on 8,000 images (run wall, median): "
+              f"on {on:.2f} s, off {off:.2f} s, difference {on - off:+.2f} s ({(on - off) / off:+.1%})")
+
+        # the registry and the live study row, on a study whose trials log their models
+        opts = options(Path(d), "registry", args.data_dir, trials=args.trials, pruner="none", sampler="random",
+                       overrides=budget[:-1])
+        study = tune(opts)
+        client = MlflowClient(opts.tracking_uri)
+        parent = study.user_attrs["mlflow_parent_run_id"]
+        live = []
+        for _ in range(5):
+            start = time.perf_counter()
+            update_study_run(study, client, parent)
+            live.append(time.perf_counter() - start)
+        changes = len(client.search_model_versions(f"name = '{opts.study}'"))  # one version a change of champion
+        moves = []
+        others = [t for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+                  if t.number != study.best_trial.number]
+        for t in others + [study.best_trial]:  # the alias moved to each in turn, and back to the best
+            start = time.perf_counter()
+            settle_champion(client, study, t, parent)
+            moves.append(time.perf_counter() - start)
+        print(f"live study-run update (no champion change), median of 5: {statistics.median(live) * 1000:.0f} ms; "
+              f"registering a version and moving the alias, median of {len(moves)}: "
+              f"{statistics.median(moves) * 1000:.0f} ms (only when the best trial changes: "
+              f"{changes} times in this study's {args.trials} trials)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("which", choices=("pruning", "overhead", "scaling"))
+    parser.add_argument("which", choices=("pruning", "overhead", "scaling", "extras"))
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--trials", type=int, default=None)
     parser.add_argument("--seconds", type=float, default=240, help="pruning: the equal wall-time budget")
     args = parser.parse_args()
-    args.trials = args.trials or {"pruning": 12, "overhead": 3, "scaling": 12}[args.which]
-    {"pruning": pruning, "overhead": overhead, "scaling": scaling}[args.which](args)
+    args.trials = args.trials or {"pruning": 12, "overhead": 3, "scaling": 12, "extras": 4}[args.which]
+    {"pruning": pruning, "overhead": overhead, "scaling": scaling, "extras": extras}[args.which](args)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,8 @@ def cmd_tune(args) -> int:
                        storage=args.storage, sampler=args.sampler, pruner=args.pruner, seed=args.seed,
                        objectives=args.objectives, profile=args.profile, config=args.config,
                        overrides=args.overrides, data_dir=args.data_dir, tracking_uri=args.tracking_uri,
-                       workers=args.workers, heartbeat=args.heartbeat, progress=not args.quiet)
+                       workers=args.workers, heartbeat=args.heartbeat, evaluate=args.evaluate,
+                       progress=not args.quiet)
     study = tune(opts)
     _print_best(study, args)
     if args.transfer:
@@ -268,6 +269,9 @@ def add_tune(sub) -> None:
                    help="validation accuracy alone, or against parameter count / CPU latency (Pareto front)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (spread over its GPUs)")
     p.add_argument("--heartbeat", type=int, default=30, help="seconds between trial heartbeats")
+    p.add_argument("--evaluate", choices=("background", "inline"), default="background",
+                   help="a trial's test set, figures and model: by a background process while the next trial "
+                        "trains, or by the worker before it")
     p.add_argument("--transfer", action="store_true", help="run the CIFAR-100 transfer study on the best trial")
     add_config_args(p)
     add_tracking_arg(p)

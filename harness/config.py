@@ -63,6 +63,7 @@ class EvalConfig:
     tsne: bool = True
     umap: bool = True
     misclassified: int = 25  # most confidently misclassified images shown
+    figures: bool = True  # confusion matrices, per-class chart, mistakes and samples (metrics, tables either way)
     log_model: bool = True
     tta: bool = False  # validation and test logits averaged over each image and its mirror image
     system_metrics: bool = True  # CPU/GPU utilization and memory as system/... metrics (MLflow's monitor)

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from harness import config as C
@@ -62,8 +63,9 @@ def log_evaluation(run: RunLogger, cfg: C.Config, model: CNN, ds: Dataset, test_
     embedding plots, a look at the data, and the model itself. `test_x`, `test_y` on the model's device."""
     device = test_x.device
     test, metrics = log_test(run, cfg, model, test_x, test_y, ds, use_bf16(device, cfg.precision))
-    run.log_figure(class_samples_figure(ds.train_images, ds.train_labels, ds.classes, seed=cfg.seed),
-                   "data/train_samples.png")
+    if cfg.eval.figures:
+        run.log_figure(class_samples_figure(ds.train_images, ds.train_labels, ds.classes, seed=cfg.seed),
+                       "data/train_samples.png")
     if cfg.eval.log_model:
         log_model(run, cfg, model)
     return test, metrics
@@ -81,12 +83,16 @@ def log_test(run: RunLogger, cfg: C.Config, model: CNN, test_x: torch.Tensor, te
         to_coarse = ds.fine_to_coarse
         metrics[f"{prefix}coarse_accuracy"] = float(np.mean(to_coarse[result.predictions] == to_coarse[labels]))
     run.log_metrics(metrics)
-    run.log_figure(confusion_figure(result.confusion, ds.classes, normalize=False), "eval/confusion_counts.png")
-    run.log_figure(confusion_figure(result.confusion, ds.classes, normalize=True), "eval/confusion_normalized.png")
     run.log_table(result.per_class, "eval/per_class.csv")
-    run.log_figure(per_class_figure(result.per_class), "eval/per_class.png")
-    run.log_figure(misclassified_figure(test_x.cpu().numpy(), labels, result.predictions, result.confidence,
-                                        ds.classes, k=cfg.eval.misclassified), "eval/misclassified.png")
+    run.log_table(pd.DataFrame(result.confusion, index=ds.classes, columns=ds.classes).rename_axis("true"),
+                  "eval/confusion.csv")
+    if cfg.eval.figures:
+        run.log_figure(confusion_figure(result.confusion, ds.classes, normalize=False), "eval/confusion_counts.png")
+        run.log_figure(confusion_figure(result.confusion, ds.classes, normalize=True),
+                       "eval/confusion_normalized.png")
+        run.log_figure(per_class_figure(result.per_class), "eval/per_class.png")
+        run.log_figure(misclassified_figure(test_x.cpu().numpy(), labels, result.predictions, result.confidence,
+                                            ds.classes, k=cfg.eval.misclassified), "eval/misclassified.png")
     idx = sample_indices(len(labels), cfg.eval.embedding_samples, cfg.seed)
     emb = pred.embeddings.numpy()[idx]
     for name, enabled, project in (("tsne", cfg.eval.tsne, project_tsne), ("umap", cfg.eval.umap, project_umap)):

@@ -228,11 +228,14 @@ class Finisher:
         run.set_tags({"evaluation": "pending"})
 
     def close(self, wait: bool = True) -> None:
-        """Ask the finisher to stop once the spool is empty and `wait` for it; without `wait`, or
-        with nothing to do, stop it now (a job it held stays in the spool for the next finisher)."""
+        """Finish this worker's jobs and stop the finisher. With `wait`, the jobs it has not taken
+        are done here (a finisher still starting up is not waited for) and one it holds is waited
+        for; without, it stops now (a job it held stays in the spool for the next finisher)."""
         self._stop.set()
-        if wait and pending(self.spool, owner=os.getpid()):
-            self._process.join()
-        elif self._process.is_alive():
+        if wait:
+            finish_pending(self.spool, owner=os.getpid())
+            if pending(self.spool, owner=os.getpid()):
+                self._process.join()
+        if self._process.is_alive():
             self._process.terminate()
-            self._process.join()
+        self._process.join()

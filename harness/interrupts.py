@@ -7,6 +7,9 @@ KILLED with what it logged, a study's trial ends FAIL and is re-queued (it resum
 checkpoint), and the command exits 130 (Ctrl-C) or 143 (SIGTERM). A second signal, a second or
 more after the first, ends the process at once; one sooner is the same signal arriving twice
 (from a terminal's process group and from the parent that forwards it) and is ignored.
+
+`hold()` ... `release()` brackets a few steps that must not be cut in two (Optuna creating a trial
+and starting its heartbeat): a signal in between is raised at `release()`.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import time
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 DUPLICATE_SECONDS = 1.0
+_held: dict = {"on": False, "pending": None}  # per process, like the signal handlers themselves
 
 
 class Stopped(KeyboardInterrupt):
@@ -49,9 +53,12 @@ def stop_cleanly(on_signal=None):
         if first:
             os._exit(EXIT_CODES[signum])
         first["at"] = now
-        if signum == signal.SIGTERM:
-            raise Stopped("stopped by SIGTERM")
-        raise KeyboardInterrupt("interrupted by the user (Ctrl-C)")
+        stop = Stopped("stopped by SIGTERM") if signum == signal.SIGTERM else \
+            KeyboardInterrupt("interrupted by the user (Ctrl-C)")
+        if _held["on"]:
+            _held["pending"] = stop
+            return
+        raise stop
 
     before = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 
@@ -60,3 +67,16 @@ def stop_cleanly(on_signal=None):
             signal.signal(sig, old)
 
     return restore
+
+
+def hold() -> None:
+    """From here a first signal waits for `release()` (the handlers of `stop_cleanly` only)."""
+    _held.update(on=True, pending=None)
+
+
+def release() -> None:
+    """End a `hold()`: raise the stop that arrived meanwhile, if one did."""
+    stop, _held["pending"] = _held["pending"], None
+    _held["on"] = False
+    if stop is not None:
+        raise stop

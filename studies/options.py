@@ -36,5 +36,6 @@ class TuneOptions:
     tracking_uri: str | None = None
     workers: int = 1  # worker processes on this machine
     heartbeat: int = 30  # seconds between trial heartbeats; a trial silent for 3x is failed
+    evaluate: str = "background"  # a trial's evaluation: by the worker's finisher process, or inline
     progress: bool = True
     device: str | None = None  # this worker's device, over the config's (`--workers` spreads them over GPUs)

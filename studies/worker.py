@@ -22,7 +22,7 @@ from harness import config as C
 from harness.data import Dataset, load_dataset
 from harness.errors import HarnessError
 from harness.experiment import train_run
-from harness.interrupts import exit_code, stop_cleanly
+from harness.interrupts import exit_code, hold, release, stop_cleanly
 from harness.models import count_parameters
 from harness.tracking import RunLogger, error_line, last_try, server_unreachable
 from studies.options import StudyError, TuneOptions
@@ -91,6 +91,8 @@ class Worker:
     trial_id: int | None = None  # the trial in progress (to re-queue it when stopped)
 
     def objective(self, trial: optuna.Trial):
+        self.trial_id = trial._trial_id  # a stop from here on re-queues it: the one held since the ask goes now
+        release()
         if is_surplus(self.study, trial, self.opts.trials):
             _QuietTrials.numbers.add(trial.number)
             trial.set_user_attr("surplus", True)
@@ -124,7 +126,6 @@ class Worker:
         try:
             with run:  # however the trial ends, so does its run (train_run ends it first once it runs)
                 trial.set_user_attr("mlflow_run_id", run.run_id)
-                self.trial_id = trial._trial_id
                 from studies.dashboard import (
                     note_run_link,  # here: the CLI does not load it at start-up
                 )
@@ -162,6 +163,7 @@ class Worker:
             if self.opts.timeout and time.time() - start >= self.opts.timeout:
                 break
             self.trial_id = None
+            hold()  # a stop while Optuna creates the trial would leave it RUNNING without a heartbeat
             try:
                 self.study.optimize(self.objective, n_trials=1, catch=(Exception,), gc_after_trial=True,
                                     callbacks=[lambda s, t: last.update(trial=t)])
@@ -169,6 +171,8 @@ class Worker:
                 if self.trial_id is not None:
                     requeue(self.study, self.study._storage.get_trial(self.trial_id))
                 raise
+            finally:
+                release()  # (the objective released it already, unless Optuna failed before calling it)
             update_study_run(self.study, self.client, self.parent_run_id)  # the study run's row, live
             trial = last["trial"]
             if trial.user_attrs.get("surplus"):
@@ -216,13 +220,16 @@ def run_worker(opts: TuneOptions) -> Worker:
     from harness.finisher import Finisher
 
     space, base, study, parent, client = prepare(opts)
-    worker = Worker(opts, space, base, study, parent, client,
-                    finisher=Finisher(opts.tracking_uri, umap=base.eval.umap and base.eval.embedding_samples != 0))
+    finisher = None
+    if opts.evaluate == "background":
+        finisher = Finisher(opts.tracking_uri, umap=base.eval.umap and base.eval.embedding_samples != 0)
+    worker = Worker(opts, space, base, study, parent, client, finisher=finisher)
     gone, stopped = None, False
     try:
         worker.run()
     except KeyboardInterrupt:
-        worker.finisher.close(wait=False)  # stop at once: its jobs stay in the spool for the next finisher
+        if finisher is not None:
+            finisher.close(wait=False)  # stop at once: its jobs stay in the spool for the next finisher
         stopped = True
         raise
     except Exception as e:  # the tracking server outlasted the retries again, after a trial failed on it
@@ -231,7 +238,8 @@ def run_worker(opts: TuneOptions) -> Worker:
         raise StudyError(f"{gone}; runs it could not end stay RUNNING until a worker reaches it again: "
                          "run the same command to resume once it answers") from None
     finally:
-        worker.finisher.close()  # its last trials' evaluations (a killed finisher leaves them in the spool)
+        if finisher is not None:
+            finisher.close()  # its last trials' evaluations (a killed finisher leaves them in the spool)
         if gone is None:  # the study run can't be ended while its server is away
             finish_study_run(study, client, parent, "KILLED" if stopped else "FINISHED")
     return worker

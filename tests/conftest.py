@@ -257,7 +257,7 @@ def real_data_root() -> Path:
 
 # `--set` items of a study trial of a second or two on the generated data
 TINY_TRIAL = ["epochs=2", "batch_size=32", "model.widths=[8,16]", "data.train_subset=200", "data.val_subset=100",
-              "data.test_subset=100", "eval.tsne=false", "eval.umap=false", "eval.misclassified=4",
+              "data.test_subset=100", "eval.tsne=false", "eval.umap=false", "eval.figures=false",
               "eval.log_model=false", "data.download=false", "device=cpu", "precision=fp32", "patience=0"]
 
 

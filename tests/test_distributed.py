@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import optuna
 import pytest
 from mlflow import MlflowClient
+from conftest import TINY_TRIAL
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
@@ -30,9 +31,7 @@ from optuna.trial import TrialState
 pytestmark = pytest.mark.slow
 
 PG_ENV = "HARNESS_TEST_POSTGRES_URL"
-FIXED = ["epochs=2", "batch_size=32", "model.widths=[8,16]", "data.train_subset=200", "data.val_subset=100",
-         "data.test_subset=100", "eval.tsne=false", "eval.umap=false", "eval.misclassified=4",
-         "eval.log_model=false", "data.download=false", "device=cpu", "precision=fp32", "patience=0"]
+FIXED = TINY_TRIAL
 SPACE = """\
 params:
   lr: {type: float, low: 0.005, high: 0.05, log: true}

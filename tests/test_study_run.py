@@ -23,7 +23,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from conftest import new_tracking_uri, write_cifar100
+from conftest import new_tracking_uri, tiny_trial, write_cifar100
 from mlflow import MlflowClient
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
@@ -37,10 +37,7 @@ from studies.results import best_trial
 from studies.study import prepare
 
 STUDY = "live"
-FIXED = ["epochs=2", "batch_size=32", "model.widths=[8,16]", "data.train_subset=200", "data.val_subset=100",
-         "data.test_subset=100", "eval.tsne=false", "eval.umap=false", "eval.misclassified=4",
-         "eval.log_model=true", "data.download=false", "device=cpu", "precision=fp32", "deterministic=true",
-         "optimizer=adamw", "patience=0"]
+FIXED = tiny_trial("eval.log_model=true", "deterministic=true", "optimizer=adamw")
 SPACE = """\
 params:
   lr: {type: float, low: 1.0e-6, high: 0.05, log: true}

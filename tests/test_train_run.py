@@ -203,7 +203,7 @@ def test_checkpoint_round_trip(e2e):
 
 @pytest.mark.slow
 def test_cifar100_run_logs_coarse_accuracy(cifar100_root, tracking_uri, tiny_config):
-    cfg = tiny_config(cifar100_root, "data.dataset=cifar100", eval={"misclassified": 2})
+    cfg = tiny_config(cifar100_root, "data.dataset=cifar100", eval={"figures": False})  # 100-class figures: seconds
     result = run_experiment(cfg, tracking_uri, progress=False)
     run = MlflowClient(tracking_uri).get_run(result.run_id)
     assert run.info.status == "FINISHED"

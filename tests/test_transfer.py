@@ -5,9 +5,8 @@ and dropout 0.1) is trained once for the module, and one transfer study from it 
 CIFAR-100 is run once and read by most tests.
 
 The CIFAR-100 here has the real `cifar-100-python/` layout and fine + coarse labels but 15 fine
-classes in 5 superclasses rather than 100 in 20: every run draws per-class figures (confusion
-matrices, per-class bars, samples), which at 100 classes cost about ten seconds a run, and this
-module trains ten CIFAR-100 runs. The 100-class loader itself is tested in test_data.py.
+classes in 5 superclasses rather than 100 in 20 (this module trains ten CIFAR-100 runs); the
+100-class loader itself is tested in test_data.py.
 """
 from __future__ import annotations
 
@@ -31,9 +30,10 @@ from studies.transfer import TransferError, expand_modes, run_transfer
 # cores): the whole module is out of the fast subset
 pytestmark = pytest.mark.slow
 
-# every transfer child trains one epoch (the CPU transfer budget would take 3 on 10,000 images);
-# the MLflow model is logged only where a test loads it
-CHILD = ["epochs=1"]
+# every transfer child trains one epoch (the CPU transfer budget would take 3 on 10,000 images)
+# and draws no per-run figures (tests/test_train_run.py checks those); the MLflow model is logged
+# only where a test loads it
+CHILD = ["epochs=1", "eval.figures=false"]
 NO_MODEL = CHILD + ["eval.log_model=false"]
 
 

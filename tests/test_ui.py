@@ -7,23 +7,19 @@ first HTML. Where no Chromium can be had the browser test skips, saying so (`.ci
 """
 from __future__ import annotations
 
-import json
-import os
 import queue
 import re
-import select
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import optuna  # noqa: F401  (imported now: its log handler keeps the stream of the moment, not a test's capsys)
 import pytest
+from chrome import Chrome, find_chromium
 from conftest import as_sets, tiny_trial
 from mlflow import MlflowClient
 
@@ -38,11 +34,6 @@ params:
   optimizer: {type: categorical, choices: [adamw, sgd]}
   lr: {type: float, low: 0.005, high: 0.05, log: true}
 """
-BROWSERS = ("chromium", "chromium-browser", "google-chrome")
-# as root on a closed network: no sandbox, no GPU, and none of Chromium's own connections
-CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1400,1000"]
 
 
 def free_port() -> int:
@@ -111,91 +102,12 @@ def test_missing_study_from_the_installed_command(store, tmp_path):
 # The real thing, in a real browser
 
 
-class Chrome:
-    """Headless Chromium driven over the DevTools protocol on a pipe (fds 3 and 4, NUL-terminated JSON)."""
-
-    def __init__(self, executable: str, url: str):
-        self.profile = tempfile.mkdtemp(prefix="harness-chrome-")
-        to_chrome_r, self._out = os.pipe()
-        self._in, from_chrome_w = os.pipe()
-
-        def give_fds():  # in the child: our pipe ends as fds 3 (its input) and 4 (its output)
-            r, w = os.dup(to_chrome_r), os.dup(from_chrome_w)
-            os.dup2(r, 3)
-            os.dup2(w, 4)
-
-        self.proc = subprocess.Popen([executable, *CHROME_FLAGS, f"--user-data-dir={self.profile}",
-                                      "--remote-debugging-pipe", url],
-                                     preexec_fn=give_fds, close_fds=False, start_new_session=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.close(to_chrome_r)
-        os.close(from_chrome_w)
-        self._buffer, self._id, self._session = b"", 0, None
-        for _ in range(100):
-            pages = [t for t in self.send("Target.getTargets")["targetInfos"] if t["type"] == "page"]
-            if pages:
-                break
-            time.sleep(0.1)
-        self._session = self.send("Target.attachToTarget", {"targetId": pages[0]["targetId"], "flatten": True},
-                                  )["sessionId"]
-
-    def send(self, method: str, params: dict | None = None, timeout: float = 30) -> dict:
-        self._id += 1
-        message = {"id": self._id, "method": method, "params": params or {}}
-        if self._session:
-            message["sessionId"] = self._session
-        os.write(self._out, json.dumps(message).encode() + b"\0")
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\0" in self._buffer:
-                raw, self._buffer = self._buffer.split(b"\0", 1)
-                reply = json.loads(raw)
-                if reply.get("id") == self._id:
-                    assert "error" not in reply, reply
-                    return reply["result"]
-            ready, _, _ = select.select([self._in], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                raise TimeoutError(f"Chromium did not answer {method} in {timeout} s")
-            chunk = os.read(self._in, 1 << 20)
-            if not chunk:
-                raise EOFError("Chromium closed its DevTools pipe")
-            self._buffer += chunk
-
-    def js(self, expression: str):
-        return self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True})["result"].get("value")
-
-    def text(self) -> str:
-        return self.js("document.body ? document.body.innerText : ''") or ""
-
-    def wait_for_text(self, *needles: str, timeout: float = 90) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.text()
-            if all(n in text for n in needles):
-                return text
-            if time.monotonic() > deadline:
-                missing = [n for n in needles if n not in text]
-                raise AssertionError(f"{missing} not on the page after {timeout} s; it shows: {text[:2000]}")
-            time.sleep(0.25)
-
-    def close(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        for fd in (self._in, self._out):
-            os.close(fd)
-        shutil.rmtree(self.profile, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def chromium() -> str:
-    for name in BROWSERS:
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.skip("browser test: no Chromium on this machine (apt-get install chromium; .ci/run installs it)")
+    path = find_chromium()
+    if path is None:
+        pytest.skip("browser test: no Chromium on this machine (apt-get install chromium; .ci/run installs it)")
+    return path
 
 
 @pytest.fixture(scope="module")
