@@ -236,6 +236,7 @@ class Finisher:
             finish_pending(self.spool, owner=os.getpid())
             if pending(self.spool, owner=os.getpid()):
                 self._process.join()
-        if self._process.is_alive():
+        self._process.join(timeout=1)  # an idle finisher sees the stop within POLL_SECONDS
+        if self._process.is_alive():  # still starting up (or stopped without waiting)
             self._process.terminate()
-        self._process.join()
+            self._process.join()

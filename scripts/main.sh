@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: set up .venv, then run the default CIFAR-10 study; its best
-# trial feeds the CIFAR-100 transfer study. Extra arguments go to `harness tune`.
+# The main job on a fresh machine: set up .venv, then run the CIFAR-10 study around the fast recipe
+# (studies/spaces/fast.yaml); its best trial feeds the CIFAR-100 transfer study. Extra arguments
+# go to `harness tune`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
@@ -10,5 +11,5 @@ DATA_DIR=${HARNESS_DATA_DIR:-data}
 if [ ! -f "$DATA_DIR/cifar-10-batches-py/batches.meta" ] && [ -f ../shared/datasets/materialize.py ]; then
   .venv/bin/python ../shared/datasets/materialize.py --out "$DATA_DIR"
 fi
-exec .venv/bin/harness tune --study "${STUDY:-cifar10-cnn}" --space cnn --trials "${TRIALS:-16}" \
+exec .venv/bin/harness tune --study "${STUDY:-cifar10-cnn}" --space fast --trials "${TRIALS:-16}" \
   --data-dir "$DATA_DIR" --transfer "$@"

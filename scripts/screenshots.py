@@ -64,12 +64,19 @@ def runs_table(chromium: str, study: str, tracking: str, out: Path) -> None:
             raise SystemExit("harness ui printed no URL")
 
         def expand(browser: Chrome) -> None:
+            browser.js("""(() => {  // the MLflow Assistant side panel, closed: the table gets the width
+                const panel = [...document.querySelectorAll('*')].find(e => e.innerText === 'MLflow Assistant');
+                let box = panel;
+                while (box && !box.querySelector('button[aria-label*="lose"]')) box = box.parentElement;
+                const close = box && [...box.querySelectorAll('button[aria-label*="lose"]')].pop();
+                if (close) close.click();
+            })()""")
             browser.js(f"""(() => {{
                 const name = [...document.querySelectorAll('a')].find(a => a.innerText.trim() === 'study-{study}');
                 const button = name && name.closest('[role=gridcell]').querySelector('button');
                 if (button) button.click();
             }})()""")
-            browser.wait_for_text("trial-0", timeout=60)
+            browser.wait_for_text("trial-0", timeout=120)
 
         shoot(chromium, url, out / "runs-table.png", (f"study-{study}", "Run Name"), before=expand)
     finally:

@@ -119,7 +119,8 @@ class Worker:
             if multi:  # Optuna takes intermediate values (and prunes) in single-objective studies only
                 return
             trial.report(m.val_accuracy, m.epoch)
-            if trial.should_prune():
+            # (not after the last epoch: the trial has cost its whole budget, pruning would only hide it)
+            if m.epoch < cfg.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {m.epoch} (val accuracy {m.val_accuracy:.4f})")
 
         run.finished_by = (optuna.TrialPruned,)
@@ -238,7 +239,7 @@ def run_worker(opts: TuneOptions) -> Worker:
         raise StudyError(f"{gone}; runs it could not end stay RUNNING until a worker reaches it again: "
                          "run the same command to resume once it answers") from None
     finally:
-        if finisher is not None:
+        if finisher is not None and not stopped:
             finisher.close()  # its last trials' evaluations (a killed finisher leaves them in the spool)
         if gone is None:  # the study run can't be ended while its server is away
             finish_study_run(study, client, parent, "KILLED" if stopped else "FINISHED")

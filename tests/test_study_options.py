@@ -138,6 +138,20 @@ def test_the_default_hyperband_pruner_prunes_a_trial_that_learns_nothing(env, ca
     assert env.study_run("hb").data.metrics["trials_pruned"] == 1
 
 
+def test_a_trial_is_never_pruned_after_its_last_epoch(env, capsys):
+    """One-epoch trials: Hyperband's rung, epoch 1, is their last. The dead trial has spent its whole
+    budget by then: it completes with its poor value instead of being hidden as pruned."""
+    code, out, err = env.tune(capsys, "last", 1, fixed=ONE_EPOCH)
+    assert code == 0, err
+    for params in (GOOD, DEAD):
+        env.study("last").enqueue_trial(params)
+    code, out, err = env.tune(capsys, "last", 3, fixed=ONE_EPOCH)
+    assert code == 0, err
+    trials = env.study("last").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert trials[2].value < trials[0].value
+
+
 # ----------------------------------------------------------------------------
 # Failures and limits
 
@@ -263,6 +277,26 @@ def test_accuracy_and_latency_objectives_give_two_values_a_latency_metric_and_a_
         assert by_number.loc[t.number, "latency_ms"] == pytest.approx(t.values[1])
     best = max(study.best_trials, key=lambda t: t.values[0])  # printed: the most accurate on the front
     assert f"best trial {best.number}: objective {best.values[0]:.4f}, {best.values[1]:.4f}" in out
+
+
+# ----------------------------------------------------------------------------
+# --evaluate inline
+
+
+def test_evaluate_inline_evaluates_each_trial_before_its_run_ends(env, capsys):
+    """No finisher process: each trial's run ends with its test metrics, figures and tables."""
+    code, out, err = env.tune(capsys, "inline", 2, "--evaluate", "inline", "--pruner", "none",
+                             fixed=tiny_trial("eval.figures=true"))
+    assert code == 0, err
+    from harness.finisher import pending, spool_dir
+
+    for trial in env.study("inline").trials:
+        run = env.run_of(trial)
+        assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+        assert "evaluation" not in run.data.tags  # (pending/done: the background finisher's tags)
+        eval_files = {a.path for a in env.client().list_artifacts(run.info.run_id, "eval")}
+        assert {"eval/confusion.csv", "eval/confusion_normalized.png", "eval/per_class.csv"} <= eval_files
+    assert not pending(spool_dir(env.tracking))
 
 
 # ----------------------------------------------------------------------------
