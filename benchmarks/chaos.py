@@ -58,7 +58,8 @@ FIXED = ["batch_size=32", "model.widths=[8,16]", "data.train_subset=600", "data.
          "precision=fp32", "patience=0", "checkpoint_every=1"]
 STUDY = "chaos"
 LOCK_ERRORS = ("database is locked", "database table is locked")
-STOP_REASONS = ("Stopped", "KeyboardInterrupt")  # error_line of SIGTERM and Ctrl-C
+# error_line of SIGTERM and Ctrl-C, and studies/reconcile.py's reason for a trial killed as it started
+STOP_REASONS = ("Stopped", "KeyboardInterrupt", "its worker died as the trial started")
 STOP_HUNG = 90  # seconds a SIGTERMed worker gets before it counts as hung (and is SIGKILLed)
 MAX_RETRY = 3  # studies.study.requeue's max_retry
 

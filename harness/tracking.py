@@ -351,10 +351,13 @@ class RunLogger:
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         # requirements given, not inferred: inference reloads the model in a subprocess (~5 s a run)
         requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"]
-        with mlflow.start_run(run_id=self.run_id):
+        before = self.client.get_run(self.run_id).info
+        with mlflow.start_run(run_id=self.run_id):  # links the model to the run; reopens an ended run...
             info = mlflow.pytorch.log_model(model, name="model", input_example=input_example, metadata=metadata,
                                             pip_requirements=requirements,
                                             serialization_format="pickle")  # loads back as our CNN class
+        if before.status != "RUNNING":  # ...so a run a background finisher evaluates ends as it had, not now
+            self.client.set_terminated(self.run_id, before.status, before.end_time)
         # on the run, so that registering it (a study's champion) needs no search of logged models
         self.client.set_tag(self.run_id, MODEL_URI_TAG, info.model_uri)
         return info.model_uri

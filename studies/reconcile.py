@@ -7,6 +7,8 @@ then ends the run FAILED with the reason.
 """
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 import optuna
 from optuna.trial import TrialState
 
@@ -19,6 +21,7 @@ def reconcile_runs(study: optuna.Study, client) -> int:
     First fails the trials whose heartbeat stopped (the retry callback re-queues them).
     """
     optuna.storages.fail_stale_trials(study)
+    fail_silent_trials(study)
     exp = client.get_experiment_by_name(study.user_attrs.get("mlflow_experiment", study.study_name))
     if exp is None:
         return 0
@@ -43,3 +46,38 @@ def finish_study_run(study: optuna.Study, client, parent: str, status: str = "FI
     """The study run ends with the last worker: when no trial is running any more."""
     if not any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
         client.set_terminated(parent, status)
+
+
+def fail_silent_trials(study: optuna.Study) -> list[int]:
+    """Fail (and re-queue) RUNNING trials that never recorded a heartbeat and began longer ago than
+    the grace period: their worker was killed outright in the instant between Optuna creating the
+    trial and starting its heartbeat. Optuna's stale check skips trials without a heartbeat, so
+    they would stay RUNNING for good. Returns their numbers."""
+    import sqlalchemy
+
+    storage = getattr(study._storage, "_backend", study._storage)  # (under Optuna's cache)
+    interval = getattr(storage, "heartbeat_interval", None)
+    if interval is None:
+        return []
+    grace = timedelta(seconds=storage.grace_period or 2 * interval)
+    with storage.engine.connect() as conn:
+        ids = [row[0] for row in conn.execute(sqlalchemy.text(
+            "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+            "WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.trial_id IS NULL"), {"study": study._study_id})]
+    failed = []
+    for trial_id in ids:
+        trial = storage.get_trial(trial_id)
+        if trial.datetime_start is None or datetime.now() - trial.datetime_start < grace:
+            continue  # just created: its heartbeat is about to start
+        try:
+            storage.set_trial_user_attr(trial_id, "fail_reason", "its worker died as the trial started (no "
+                                                                 "heartbeat was ever recorded); re-queued")
+            if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker got there first
+        callback = storage.get_heartbeat_stale_trial_callback()
+        if callback is not None:
+            callback(study, storage.get_trial(trial_id))
+        failed.append(trial.number)
+    return failed

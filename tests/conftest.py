@@ -255,6 +255,15 @@ def real_data_root() -> Path:
 # Study trials and real processes
 
 
+# a study's search space of four parameters, one conditional
+TINY_SPACE = """\
+params:
+  optimizer: {type: categorical, choices: [adamw, sgd]}
+  lr: {type: float, low: 0.005, high: 0.05, log: true}
+  momentum: {type: float, low: 0.8, high: 0.95, if: {optimizer: sgd}}
+  model.dropout: {type: float, low: 0.0, high: 0.2}
+"""
+
 # `--set` items of a study trial of a second or two on the generated data
 TINY_TRIAL = ["epochs=2", "batch_size=32", "model.widths=[8,16]", "data.train_subset=200", "data.val_subset=100",
               "data.test_subset=100", "eval.tsne=false", "eval.umap=false", "eval.figures=false",

@@ -20,7 +20,7 @@ import optuna
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
-from conftest import tiny_trial
+from conftest import TINY_SPACE, tiny_trial
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
@@ -29,14 +29,7 @@ from harness.cli import main
 STUDY = "tiny"
 # the budget of every trial: a few hundred generated images, two small stages, two epochs
 FIXED = tiny_trial("deterministic=true")
-SPACE = """\
-params:
-  optimizer: {type: categorical, choices: [adamw, sgd]}
-  lr: {type: float, low: 0.005, high: 0.05, log: true}
-  momentum: {type: float, low: 0.8, high: 0.95, if: {optimizer: sgd}}
-  model.dropout: {type: float, low: 0.0, high: 0.2}
-  epochs: {type: int, low: 3, high: 6}      # fixed by --set epochs=2: out of the search
-"""
+SPACE = TINY_SPACE + "  epochs: {type: int, low: 3, high: 6}      # fixed by --set epochs=2: out of the search\n"
 GOOD = {"optimizer": "adamw", "lr": 0.01, "model.dropout": 0.0}
 
 

@@ -15,7 +15,7 @@ import re
 import optuna
 import pandas as pd
 import pytest
-from conftest import new_tracking_uri, tiny_trial
+from conftest import TINY_SPACE, new_tracking_uri, tiny_trial
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -35,13 +35,7 @@ model: {widths: [8, 16], head_width: 16, dropout: 0.0}
 # the budget of every trial, as in test_studies.py
 FIXED = [f for f in tiny_trial("deterministic=true") if not f.startswith("model.widths=")]  # the config's widths
 ONE_EPOCH = [f for f in FIXED if not f.startswith("epochs=")] + ["epochs=1"]
-SPACE = """\
-params:
-  optimizer: {type: categorical, choices: [adamw, sgd]}
-  lr: {type: float, low: 0.005, high: 0.05, log: true}
-  momentum: {type: float, low: 0.8, high: 0.95, if: {optimizer: sgd}}
-  model.dropout: {type: float, low: 0.0, high: 0.2}
-"""
+SPACE = TINY_SPACE
 GOOD = {"optimizer": "adamw", "lr": 0.01, "model.dropout": 0.0}  # = CONFIG's values: the first trial
 DEAD = {**GOOD, "lr": 1.0e-7}  # learns nothing: near chance after an epoch
 FAILING = {"optimizer": "sgd", "lr": 1.0e6, "momentum": 0.9, "model.dropout": 0.0}  # a non-finite loss in epoch 1
@@ -70,7 +64,8 @@ class Env:
     def args(self, study: str, trials: int, *extra: str, fixed=FIXED) -> list[str]:
         args = ["tune", "--study", study, "--space", str(self.space), "--config", str(self.config),
                 "--trials", str(trials), "--storage", self.storage, "--tracking-uri", self.tracking,
-                "--data-dir", str(self.data), "--seed", "0", "--quiet", *extra]
+                "--data-dir", str(self.data), "--seed", "0", "--quiet",
+                "--evaluate", "inline", *extra]  # (no finisher process to start for trials of a second)
         for item in fixed:
             args += ["--set", item]
         return args
@@ -285,8 +280,7 @@ def test_accuracy_and_latency_objectives_give_two_values_a_latency_metric_and_a_
 
 def test_evaluate_inline_evaluates_each_trial_before_its_run_ends(env, capsys):
     """No finisher process: each trial's run ends with its test metrics, figures and tables."""
-    code, out, err = env.tune(capsys, "inline", 2, "--evaluate", "inline", "--pruner", "none",
-                             fixed=tiny_trial("eval.figures=true"))
+    code, out, err = env.tune(capsys, "inline", 2, "--pruner", "none", fixed=tiny_trial("eval.figures=true"))
     assert code == 0, err
     from harness.finisher import pending, spool_dir
 

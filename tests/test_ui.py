@@ -119,7 +119,7 @@ def study_store(tmp_path_factory, cifar10_root) -> str:
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     args = ["tune", "--study", STUDY, "--space", str(space), "--trials", str(TRIALS), "--storage",
             f"sqlite:///{tmp / 'optuna.db'}", "--tracking-uri", uri, "--data-dir", str(cifar10_root),
-            "--sampler", "random", "--pruner", "none", "--seed", "0", "--quiet"]
+            "--sampler", "random", "--pruner", "none", "--seed", "0", "--quiet", "--evaluate", "inline"]
     assert main([*args, *as_sets(FIXED)]) == 0
     return uri
 
