@@ -365,11 +365,14 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
     row("killed trials neither re-queued nor out of retries", len(not_retried), 0, detail=str(not_retried[:10]))
 
     # runs: every trial run's trial exists and points back to it; a failed trial's run ended, not finished
-    orphans, inconsistent = [], []
+    orphans, inconsistent, unrecorded = [], [], []
     for r in trial_runs:
         n = int(r.data.tags.get("trial_number", -1))
         t = by_number.get(n)
-        if t is None or t.user_attrs.get("mlflow_run_id") != r.info.run_id:
+        if t is not None and t.state == TrialState.FAIL and r.info.status in ("KILLED", "FAILED") \
+                and t.user_attrs.get("mlflow_run_id") == r.data.tags.get("retry_of_run") != r.info.run_id:
+            unrecorded.append(n)  # a retry killed between creating its run and recording it on the trial
+        elif t is None or t.user_attrs.get("mlflow_run_id") != r.info.run_id:
             orphans.append(f"run {r.info.run_id[:8]} ({r.info.status}, trial {n} "
                            f"{t.state.name if t else 'missing'} points to "
                            f"{str(t.user_attrs.get('mlflow_run_id'))[:8] if t else '-'})")
@@ -393,7 +396,12 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
 
     # resumed trials: from the run they replace, their epochs all logged once
     resumed = [r for r in trial_runs if r.data.tags.get("resumed_from")]
-    bad_resume = [r.info.run_id[:8] for r in resumed if r.data.tags["resumed_from"] != r.data.tags.get("retry_of_run")]
+    def lineage(r) -> set:  # the runs of the trials this run's trial retries (it resumes the latest that left a checkpoint)
+        t = by_number.get(int(r.data.tags.get("trial_number", -1)))
+        return {by_number[n].user_attrs.get("mlflow_run_id") for n in (t.system_attrs.get("retry_history") or [])} \
+            if t else set()
+
+    bad_resume = [r.info.run_id[:8] for r in resumed if r.data.tags["resumed_from"] not in lineage(r)]
     gaps = []
     for t in done:
         r = run_by_id.get(t.user_attrs.get("mlflow_run_id"))
@@ -403,7 +411,7 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
         last = a.epochs if t.state == TrialState.COMPLETE else (steps[-1] if steps else 0)
         if steps != list(range(1, last + 1)):
             gaps.append(f"trial {t.number}{' (resumed)' if r.data.tags.get('resumed_from') else ''}: steps {steps}")
-    row("resumed runs not resuming the run they replace", len(bad_resume), 0, detail=", ".join(bad_resume[:5]))
+    row("resumed runs not resuming a run of their lineage", len(bad_resume), 0, detail=", ".join(bad_resume[:5]))
     row("final runs whose epochs are not 1..E, once each", len(gaps), 0, detail="; ".join(gaps[:3]))
 
     # background evaluation, checkpoints
@@ -459,7 +467,7 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
         "phases": Counter((w.signal, w.phase) for w in chaos.workers if w.signal),
         "stop_s": stops, "workers_started": len(chaos.workers),
         "lost": max(0, a.trials - len(done)), "duplicates": len(duplicates), "left_running": len(running) + len(left),
-        "checkpoints_left": len(leftover), "errors": errors,
+        "checkpoints_left": len(leftover), "errors": errors, "unrecorded": len(unrecorded),
     }
     return rows, more
 
@@ -543,7 +551,8 @@ def report(chaos: Chaos, figures: dict, rows, more) -> bool:
         ("SIGTERM to exit, median / max s",
          f"{statistics.median(stops):.1f} / {max(stops):.1f}" if stops else "-"),
         ("workers started (final ones)", f"{more['workers_started']} ({figures['final_workers']})"),
-        ("checkpoint files left", more["checkpoints_left"]),
+        ("checkpoint files left (of lineages out of retries)", more["checkpoints_left"]),
+        ("retry runs killed before their trial recorded them (linked by tag)", more["unrecorded"]),
         ("study created after s", f"{figures['created_s']:.0f}"),
         ("kill moments passed (no worker past start-up)", figures["skipped"]),
         ("kills over, s", f"{figures['chaos_s']:.0f}"),

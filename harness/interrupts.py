@@ -9,18 +9,23 @@ more after the first, ends the process at once; one sooner is the same signal ar
 (from a terminal's process group and from the parent that forwards it) and is ignored.
 
 `hold()` ... `release()` brackets a few steps that must not be cut in two (Optuna creating a trial
-and starting its heartbeat): a signal in between is raised at `release()`.
+and starting its heartbeat): a signal in between is raised at `release()`. A stop raised while
+Python runs a weakref callback or a `__del__` is printed and swallowed ("Exception ignored in"):
+`check()`, called at every epoch's end and before every trial, raises it again.
 """
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 DUPLICATE_SECONDS = 1.0
-_held: dict = {"on": False, "pending": None}  # per process, like the signal handlers themselves
+# per process, like the signal handlers themselves: a hold in force, the stop it holds back, and
+# the stop asked for (raised once more by `check` if it never reached the code)
+_held: dict = {"on": False, "pending": None, "asked": None}
 
 
 class Stopped(KeyboardInterrupt):
@@ -55,16 +60,26 @@ def stop_cleanly(on_signal=None):
         first["at"] = now
         stop = Stopped("stopped by SIGTERM") if signum == signal.SIGTERM else \
             KeyboardInterrupt("interrupted by the user (Ctrl-C)")
+        _held["asked"] = stop
         if _held["on"]:
             _held["pending"] = stop
             return
         raise stop
 
     before = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    hook = sys.unraisablehook
+
+    def quiet(unraisable) -> None:  # a stop swallowed by a finalizer: `check` raises it, nothing to print
+        if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and unraisable.exc_value is _held["asked"]):
+            hook(unraisable)
+
+    sys.unraisablehook = quiet
 
     def restore() -> None:
         for sig, old in before.items():
             signal.signal(sig, old)
+        sys.unraisablehook = hook
+        _held.update(on=False, pending=None, asked=None)
 
     return restore
 
@@ -79,4 +94,14 @@ def release() -> None:
     stop, _held["pending"] = _held["pending"], None
     _held["on"] = False
     if stop is not None:
+        _held["asked"] = None
+        raise stop
+
+
+def check() -> None:
+    """Raise the stop asked for, once, if it has not been raised where it can be caught (see above).
+
+    Called where no stop can be in flight: between epochs and between trials."""
+    stop, _held["asked"] = _held["asked"], None
+    if stop is not None and not _held["on"]:
         raise stop

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from harness import interrupts
 from harness.config import Config, ConfigError
 from harness.data import Splits, augment, make_normalize
 from harness.errors import HarnessError
@@ -286,6 +287,7 @@ def fit(model: torch.nn.Module, splits: Splits, cfg: Config, device: torch.devic
                 "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
                 "history": [vars(m) for m in result.history], "best_epoch": result.best_epoch,
                 "best_val_accuracy": result.best_val_accuracy, "best_state": _cpu(best_state)})
+        interrupts.check()  # a stop Python swallowed mid-epoch (see harness/interrupts.py) stops here
 
     model.load_state_dict(best_state)
     return result

@@ -22,7 +22,7 @@ from harness import config as C
 from harness.data import Dataset, load_dataset
 from harness.errors import HarnessError
 from harness.experiment import train_run
-from harness.interrupts import exit_code, hold, release, stop_cleanly
+from harness.interrupts import check, exit_code, hold, release, stop_cleanly
 from harness.models import count_parameters
 from harness.tracking import RunLogger, error_line, last_try, server_unreachable
 from studies.options import StudyError, TuneOptions
@@ -108,6 +108,7 @@ class Worker:
             retry_of = trial.user_attrs.get("mlflow_run_id")  # a re-queued trial inherits the dead one's attrs
             if retry_of:
                 tags["retry_of_run"] = retry_of
+                resume_from = self.lineage_checkpoint(trial, retry_of)
             run = RunLogger.start(self.client, self.study.user_attrs.get("mlflow_experiment", self.opts.study),
                                   f"trial-{trial.number}", tags=tags, parent_run_id=self.parent_run_id)
         except BaseException as e:
@@ -132,7 +133,8 @@ class Worker:
                 )
                 note_run_link(trial, run)  # the trial's optuna-dashboard note links its run; never fails it
                 result = train_run(cfg, run, self.dataset, callbacks=[report], progress=self.opts.progress,
-                                   ok_exceptions=(optuna.TrialPruned,), finisher=self.finisher, resume_from=retry_of)
+                                   ok_exceptions=(optuna.TrialPruned,), finisher=self.finisher,
+                                   resume_from=resume_from if retry_of else None)
         except optuna.TrialPruned:
             run.set_tags({"trial_state": "PRUNED"})
             raise
@@ -151,12 +153,26 @@ class Worker:
             values.append(latency)
         return values if multi else values[0]
 
+    def lineage_checkpoint(self, trial: optuna.Trial, retry_of: str) -> str:
+        """The run to resume from: the one this trial retries, or, where that one was stopped before it
+        took its predecessor's checkpoint over, the latest earlier run of the lineage that left one."""
+        from harness import resume
+
+        history = self.study._storage.get_trial_system_attrs(trial._trial_id).get("retry_history") or []
+        numbers = list(reversed(history))[1:]  # (the latest is retry_of's own trial)
+        runs = {t.number: t.user_attrs.get("mlflow_run_id") for t in self.study.get_trials(deepcopy=False)}
+        for run_id in [retry_of] + [runs.get(n) for n in numbers]:
+            if run_id and resume.path_for(self.client.tracking_uri, run_id).is_file():
+                return run_id
+        return retry_of
+
     def run(self) -> None:
         self.client.update_run(self.parent_run_id, status="RUNNING")
         start = time.time()
         failures = 0
         last: dict = {}
         while True:
+            check()  # a stop swallowed outside a trial (see harness/interrupts.py)
             # a worker that died (here or anywhere) has its trial failed and re-queued, its run ended
             reconcile_runs(self.study, self.client)
             if remaining(self.study, self.opts.trials) <= 0:

@@ -37,6 +37,9 @@ def test_a_finished_trial_is_evaluated_in_the_background(cifar10_root, tracking_
     finisher.close()  # ...but by the finisher, which ends once the spool is empty
     done = client.get_run(run.run_id)
     assert done.data.tags["evaluation"] == "done"
+    # logging the model reopens the run in MLflow: it ends as it was, its duration the trial's own
+    assert (done.info.status, done.info.end_time) == ("FINISHED", ended.info.end_time)
+    assert done.data.tags["model_uri"].startswith("models:/")
     assert {"test_accuracy", "test_macro_f1", "evaluation_seconds"} <= set(done.data.metrics)
     assert {"eval/confusion_counts.png", "eval/per_class.csv", "eval/misclassified.png"} <= artifacts(client, run.run_id, "eval")
     assert "embeddings/tsne.png" in artifacts(client, run.run_id, "embeddings")

@@ -1,13 +1,14 @@
-"""The signal handlers of harness/interrupts.py in this process: SIGTERM raises `Stopped`, and a
+"""The signal handlers of harness/interrupts.py in this process: SIGTERM raises `Stopped`; a
 signal between `hold()` and `release()` waits for `release()` (a worker holds it while Optuna
-creates a trial, so no trial is left RUNNING without a heartbeat)."""
+creates a trial, so no trial is left RUNNING without a heartbeat); a stop Python swallowed is
+raised again by `check()`."""
 import os
 import signal
 import time
 
 import pytest
 
-from harness.interrupts import Stopped, exit_code, hold, release, stop_cleanly
+from harness.interrupts import Stopped, check, exit_code, hold, release, stop_cleanly
 
 
 @pytest.fixture
@@ -43,3 +44,25 @@ def test_release_without_a_signal_raises_nothing(handlers):
     with pytest.raises(KeyboardInterrupt) as e:
         signal_self(signal.SIGINT)  # no longer held
     assert exit_code(e.value) == 130
+
+
+class Swallows:
+    def __del__(self):  # where Python prints an exception and goes on ("Exception ignored in")
+        signal_self(signal.SIGTERM)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_stop_swallowed_in_a_finalizer_is_raised_by_check(handlers):
+    obj = Swallows()
+    del obj  # the handler's Stopped is lost here (Python reports it as unraisable)...
+    with pytest.raises(Stopped):
+        check()  # ...and raised here, once
+    check()
+
+
+def test_check_after_a_stop_that_was_caught_raises_nothing_new_once_handlers_are_restored():
+    restore = stop_cleanly()
+    with pytest.raises(Stopped):
+        signal_self(signal.SIGTERM)
+    restore()
+    check()  # the stop was delivered; a later run in this process is not stopped by it
