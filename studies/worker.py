@@ -106,6 +106,7 @@ class Worker:
             tags = {"study": self.opts.study, "run_kind": "trial", "trial_number": trial.number,
                     "trial_state": "RUNNING"}
             retry_of = trial.user_attrs.get("mlflow_run_id")  # a re-queued trial inherits the dead one's attrs
+            resume_from = None
             if retry_of:
                 tags["retry_of_run"] = retry_of
                 resume_from = self.lineage_checkpoint(trial, retry_of)
@@ -134,7 +135,7 @@ class Worker:
                 note_run_link(trial, run)  # the trial's optuna-dashboard note links its run; never fails it
                 result = train_run(cfg, run, self.dataset, callbacks=[report], progress=self.opts.progress,
                                    ok_exceptions=(optuna.TrialPruned,), finisher=self.finisher,
-                                   resume_from=resume_from if retry_of else None)
+                                   resume_from=resume_from)
         except optuna.TrialPruned:
             run.set_tags({"trial_state": "PRUNED"})
             raise
