@@ -91,8 +91,17 @@ class Worker:
     trial_id: int | None = None  # the trial in progress (to re-queue it when stopped)
 
     def objective(self, trial: optuna.Trial):
+        """What Optuna calls. Signals are held (`hold`) from before Optuna creates the trial until this
+        starts, and again from its end until Optuna has recorded the trial's end (its `tell`): a stop
+        cut into either would leave the trial RUNNING or half told."""
         self.trial_id = trial._trial_id  # a stop from here on re-queues it: the one held since the ask goes now
         release()
+        try:
+            return self.train_trial(trial)
+        finally:
+            hold()  # until `optimize` returns (released in `run`)
+
+    def train_trial(self, trial: optuna.Trial):
         if is_surplus(self.study, trial, self.opts.trials):
             _QuietTrials.numbers.add(trial.number)
             trial.set_user_attr("surplus", True)
@@ -182,7 +191,7 @@ class Worker:
                 break
             self.trial_id = None
             hold()  # a stop while Optuna creates the trial would leave it RUNNING without a heartbeat
-            try:
+            try:  # (the objective releases the hold while it runs)
                 self.study.optimize(self.objective, n_trials=1, catch=(Exception,), gc_after_trial=True,
                                     callbacks=[lambda s, t: last.update(trial=t)])
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trial is FAIL; queue it again to resume
@@ -190,7 +199,7 @@ class Worker:
                     requeue(self.study, self.study._storage.get_trial(self.trial_id))
                 raise
             finally:
-                release()  # (the objective released it already, unless Optuna failed before calling it)
+                release()  # a stop held while Optuna told the trial's end is raised here
             update_study_run(self.study, self.client, self.parent_run_id)  # the study run's row, live
             trial = last["trial"]
             if trial.user_attrs.get("surplus"):
