@@ -426,9 +426,16 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
     # a checkpoint left behind is a bug where a later run of its lineage should have taken it over
     # (tag retry_of_run: it adopts the file) or its trial finished; one whose lineage ended (out of
     # retries, its retry given up as surplus) is only a file nobody removes
-    adopters = {r.data.tags.get("retry_of_run") for r in trial_runs}
+    # (a retry resumes from the latest checkpoint of its lineage: a file is explained when every later
+    # attempt of its lineage was stopped before taking it over and the lineage ran out of retries, or
+    # its last retry was given up as surplus)
     finals = {t.user_attrs.get("mlflow_run_id") for t in done}
-    unexplained = [p for p in leftover if p.stem in adopters or p.stem in finals]
+    run_of_number = {t.number: t.user_attrs.get("mlflow_run_id") for t in trials}
+    exhausted_lineages = [[run_of_number.get(n) for n in (t.system_attrs.get("retry_history") or []) + [t.number]]
+                          for t in fails
+                          if len(t.system_attrs.get("retry_history") or []) >= MAX_RETRY or t.user_attrs.get("surplus")]
+    dead_ends = {run for lineage in exhausted_lineages for run in lineage}
+    unexplained = [p for p in leftover if p.stem in finals or p.stem not in dead_ends]
     row("checkpoints a later run should have taken over", len(unexplained), 0,
         detail=", ".join(p.stem[:8] for p in unexplained[:5]))
 
