@@ -481,17 +481,10 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
 
 def no_heartbeat(chaos: Chaos, study) -> list[int]:
     """RUNNING trials with no heartbeat recorded: Optuna never finds them stale (its check skips them)."""
-    import sqlalchemy
+    from studies.reconcile import silent_trial_ids
 
-    engine = sqlalchemy.create_engine(storage_url(chaos.storage))
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(sqlalchemy.text(
-                "SELECT t.number FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
-                "WHERE t.study_id = :sid AND t.state = 'RUNNING' AND h.trial_id IS NULL"), {"sid": study._study_id})
-            return sorted(r[0] for r in rows)
-    finally:
-        engine.dispose()
+    numbers = {t._trial_id: t.number for t in study.get_trials(deepcopy=False)}
+    return sorted(numbers[i] for i in silent_trial_ids(study))
 
 
 def near_kills(chaos: Chaos, moment, label: str) -> str:

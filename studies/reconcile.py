@@ -53,19 +53,13 @@ def fail_silent_trials(study: optuna.Study) -> list[int]:
     the grace period: their worker was killed outright in the instant between Optuna creating the
     trial and starting its heartbeat. Optuna's stale check skips trials without a heartbeat, so
     they would stay RUNNING for good. Returns their numbers."""
-    import sqlalchemy
-
     storage = getattr(study._storage, "_backend", study._storage)  # (under Optuna's cache)
     interval = getattr(storage, "heartbeat_interval", None)
     if interval is None:
         return []
     grace = timedelta(seconds=storage.grace_period or 2 * interval)
-    with storage.engine.connect() as conn:
-        ids = [row[0] for row in conn.execute(sqlalchemy.text(
-            "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
-            "WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.trial_id IS NULL"), {"study": study._study_id})]
     failed = []
-    for trial_id in ids:
+    for trial_id in silent_trial_ids(study):
         trial = storage.get_trial(trial_id)
         if trial.datetime_start is None or datetime.now() - trial.datetime_start < grace:
             continue  # just created: its heartbeat is about to start
@@ -81,3 +75,14 @@ def fail_silent_trials(study: optuna.Study) -> list[int]:
             callback(study, storage.get_trial(trial_id))
         failed.append(trial.number)
     return failed
+
+
+def silent_trial_ids(study: optuna.Study) -> list[int]:
+    """The storage ids of the study's RUNNING trials with no heartbeat recorded (an RDB storage)."""
+    import sqlalchemy
+
+    storage = getattr(study._storage, "_backend", study._storage)
+    with storage.engine.connect() as conn:
+        return [row[0] for row in conn.execute(sqlalchemy.text(
+            "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+            "WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.trial_id IS NULL"), {"study": study._study_id})]
