@@ -213,6 +213,18 @@ def test_cifar100_run_logs_coarse_accuracy(cifar100_root, tracking_uri, tiny_con
     assert "test_f1_fine_99" in m and len(result.test.per_class) == 100
 
 
+def test_figures_off_keeps_the_metrics_and_tables(cifar10_root, tracking_uri, tiny_config, tmp_path):
+    cfg = tiny_config(cifar10_root, eval={"figures": False})
+    result = run_experiment(cfg, tracking_uri, progress=False)
+    client = MlflowClient(tracking_uri)
+    paths = artifact_paths(client, result.run_id)
+    assert {"eval/per_class.csv", "eval/confusion.csv"} <= set(paths)
+    assert not [p for p in paths if p.startswith(("eval/", "data/")) and p.endswith(".png")], paths
+    assert "test_accuracy" in client.get_run(result.run_id).data.metrics
+    confusion = pd.read_csv(download(client, result.run_id, "eval/confusion.csv", tmp_path), index_col=0)
+    assert confusion.to_numpy().sum() == len(result.test.predictions)  # every test image, true class by row
+
+
 def test_non_finite_loss_ends_the_run_failed_with_the_reason(cifar10_root, tracking_uri, tiny_config):
     cfg = tiny_config(cifar10_root, optimizer="sgd", lr=1e30, epochs=2)
     with pytest.raises(NonFiniteLoss):
