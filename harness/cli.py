@@ -85,14 +85,21 @@ def cmd_tune(args) -> int:
                        objectives=args.objectives, profile=args.profile, config=args.config,
                        overrides=args.overrides, data_dir=args.data_dir, tracking_uri=args.tracking_uri,
                        workers=args.workers, heartbeat=args.heartbeat, evaluate=args.evaluate,
-                       progress=not args.quiet)
+                       progress=not args.quiet, confirm_top=args.confirm_top, confirm_seeds=args.confirm_seeds)
     study = tune(opts)
-    _print_best(study, args)
+    _print_best(study)
+    source = f"best:{args.study}"
+    if args.confirm_top:
+        from studies.confirm import confirm
+
+        confirmed = confirm(opts)
+        _print_confirmation(confirmed, args.study)
+        source = confirmed.champion_run_id or source
     if args.transfer:
         from studies.transfer import run_transfer
 
         try:
-            result = run_transfer(f"best:{args.study}", data_dir=args.data_dir, tracking_uri=args.tracking_uri,
+            result = run_transfer(source, data_dir=args.data_dir, tracking_uri=args.tracking_uri,
                                   storage=args.storage, progress=not args.quiet)
             print(f"transfer study: parent run {result.parent_run_id} in experiment '{result.experiment}'")
         except HarnessError as e:  # the study stands; no transfer
@@ -103,7 +110,7 @@ def cmd_tune(args) -> int:
     return 0
 
 
-def _print_best(study, args) -> None:
+def _print_best(study) -> None:
     from studies.options import StudyError
     from studies.results import best_trial
 
@@ -112,14 +119,46 @@ def _print_best(study, args) -> None:
     except StudyError as e:  # no complete trial yet
         print(str(e))
         return
-    _print_trial(best)
+    _print_trial(best, study)
 
 
-def _print_trial(best) -> None:
+def _print_trial(best, study=None) -> None:
     values = ", ".join(f"{v:.4f}" for v in best.values)
-    print(f"best trial {best.number}: objective {values}; MLflow run {best.user_attrs.get('mlflow_run_id')}")
+    ci = best.user_attrs.get("val_ci")
+    interval = f" (95% interval {ci[0]:.4f}-{ci[1]:.4f})" if ci else ""
+    print(f"best trial {best.number}: objective {values}{interval}; MLflow run {best.user_attrs.get('mlflow_run_id')}")
     for k, v in best.params.items():
         print(f"  {k} = {v}")
+    if study is not None and ci:
+        from harness.uncertainty import overlaps
+
+        tied = [t.number for t in study.get_trials(deepcopy=False) if t.number != best.number
+                and t.user_attrs.get("val_ci") and t.state.name == "COMPLETE" and overlaps(t.user_attrs["val_ci"], ci)]
+        if tied:
+            print(f"  not told apart from it by one run each (overlapping 95% validation intervals): trial(s) "
+                  f"{', '.join(map(str, tied))}; `harness confirm --study {study.study_name}` retrains the top "
+                  "trials with new seeds")
+
+
+def _print_confirmation(result, study: str) -> None:
+    print(f"confirmation of study {study} ({int(result.table['n'].min())} new seeds per configuration):")
+    print(result.markdown())
+    if result.champion:
+        print(f"champion: {result.champion} (run {result.champion_run_id}, the best configuration's run nearest "
+              "its mean)")
+    print("on MLflow: the study run's confirmation/ artifacts (table.md, table.csv, runs.csv, means.png)")
+
+
+def cmd_confirm(args) -> int:
+    from studies.confirm import confirm
+    from studies.options import TuneOptions
+
+    opts = TuneOptions(study=args.study, storage=args.storage, tracking_uri=args.tracking_uri, data_dir=args.data_dir,
+                       overrides=args.overrides, workers=args.workers, heartbeat=args.heartbeat,
+                       evaluate=args.evaluate, timeout=args.timeout, progress=not args.quiet,
+                       confirm_top=args.top, confirm_seeds=args.seeds)
+    _print_confirmation(confirm(opts), args.study)
+    return 0
 
 
 def cmd_best(args) -> int:
@@ -128,7 +167,13 @@ def cmd_best(args) -> int:
 
     study = load(args.study, args.storage)
     best = best_trial(study)  # none complete yet: one line and exit 2
-    _print_trial(best)
+    _print_trial(best, study)
+    confirmed = study.user_attrs.get("confirmed_champion")
+    if confirmed:
+        lo, hi = confirmed["val_ci"]
+        print(f"confirmed best: trial {confirmed['trial']}, mean val accuracy {confirmed['val_mean']:.4f} "
+              f"[{lo:.4f}, {hi:.4f}] and test {confirmed['test_mean']:.4f} over n={confirmed['n']} seeds "
+              f"(run {confirmed['run_id']}; `harness confirm --study {args.study}` prints the table)")
     run_id = best.user_attrs.get("mlflow_run_id")
     if run_id:
         from harness.checkpoints import get_run
@@ -272,7 +317,11 @@ def add_tune(sub) -> None:
     p.add_argument("--evaluate", choices=("background", "inline"), default="background",
                    help="a trial's test set, figures and model: by a background process while the next trial "
                         "trains, or by the worker before it")
-    p.add_argument("--transfer", action="store_true", help="run the CIFAR-100 transfer study on the best trial")
+    p.add_argument("--confirm-top", type=int, default=0, metavar="K",
+                   help="after tuning, confirm the top K trials with new seeds (`harness confirm`); 0: off")
+    p.add_argument("--confirm-seeds", type=int, default=3, metavar="N", help="new seeds per confirmed trial")
+    p.add_argument("--transfer", action="store_true",
+                   help="run the CIFAR-100 transfer study on the best trial (the confirmed champion with --confirm-top)")
     add_config_args(p)
     add_tracking_arg(p)
     add_quiet_arg(p)
@@ -287,6 +336,25 @@ def add_study_lookups(sub) -> None:
         add_storage_arg(p)
         add_tracking_arg(p)
         p.set_defaults(func=func)
+
+
+def add_confirm(sub) -> None:
+    p = sub.add_parser("confirm", help="retrain a study's top trials with new seeds; means, intervals, tests")
+    p.add_argument("--study", required=True)
+    p.add_argument("--top", type=int, default=3, metavar="K", help="the K best trials (by validation accuracy)")
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="new seeds for each (model init, data order)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--timeout", type=float, help="start no run after this many seconds (run again to resume)")
+    p.add_argument("--heartbeat", type=int, default=30, help="seconds between run heartbeats")
+    p.add_argument("--evaluate", choices=("background", "inline"), default="background",
+                   help="each run's test set, figures and model: by a background process, or by the worker")
+    p.add_argument("--data-dir", metavar="DIR", help="data root, if not where the trials found it")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a setting of every run (e.g. eval.figures=false)")
+    add_storage_arg(p)
+    add_tracking_arg(p)
+    add_quiet_arg(p)
+    p.set_defaults(func=cmd_confirm)
 
 
 def add_compare(sub) -> None:
@@ -368,7 +436,7 @@ def add_ui(sub) -> None:
     p.set_defaults(func=cmd_ui)
 
 
-COMMANDS = (add_train, add_tune, add_study_lookups, add_compare, add_reproduce, add_transfer, add_split_study,
+COMMANDS = (add_train, add_tune, add_confirm, add_study_lookups, add_compare, add_reproduce, add_transfer, add_split_study,
             add_analyze, add_dashboard, add_ui)
 
 

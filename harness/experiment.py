@@ -23,6 +23,7 @@ from harness.evaluation import (EvalResult, class_samples_figure, classification
                                 metrics_dict, misclassified_figure, per_class_figure, predict)
 from harness.models import CNN, build_model, count_macs, count_parameters, whiten_stem
 from harness.tracking import RunLogger, client_for, experiment_id, git_commit
+from harness.uncertainty import interval_metrics
 from harness.training import Callback, FitResult, fit, seed_everything, select_device, use_bf16
 
 STEM_IMAGES = 2000  # training images whose patches set a whitening stem
@@ -35,6 +36,7 @@ class RunResult:
     test: EvalResult | None  # None when a finisher evaluates it in the background
     metrics: dict[str, float]
     model: CNN
+    val_images: int = 0  # the size of the validation set behind `fit.best_val_accuracy`
 
 
 def run_tags(cfg: C.Config, ds: Dataset, device: torch.device) -> dict[str, str]:
@@ -79,6 +81,7 @@ def log_test(run: RunLogger, cfg: C.Config, model: CNN, test_x: torch.Tensor, te
     labels = test_y.cpu().numpy()
     result = classification_metrics(pred.logits, test_y.cpu(), ds.classes)
     metrics = metrics_dict(result, prefix=prefix)
+    metrics.update(interval_metrics(f"{prefix}accuracy", metrics[f"{prefix}accuracy"], len(labels)))
     if ds.fine_to_coarse is not None and cfg.data.label == "fine":  # CIFAR-100: superclass accuracy too
         to_coarse = ds.fine_to_coarse
         metrics[f"{prefix}coarse_accuracy"] = float(np.mean(to_coarse[result.predictions] == to_coarse[labels]))
@@ -170,7 +173,9 @@ def train_run(cfg: C.Config, run: RunLogger, ds: Dataset | None = None, callback
             result = fit(model, splits, cfg, device, callbacks=[log_epoch, *callbacks], param_groups=param_groups,
                          progress=progress, checkpoint=checkpoint, resume=state)
             run.log_metrics({"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
-                             "epochs_trained": len(result.history), "train_seconds": time.perf_counter() - start})
+                             "epochs_trained": len(result.history), "train_seconds": time.perf_counter() - start,
+                             "val_images": len(splits.val_y),
+                             **interval_metrics("best_val_accuracy", result.best_val_accuracy, len(splits.val_y))})
             run.set_tags({"stopped_early": result.stopped_early})
             if finisher is not None:
                 finisher.submit(run, cfg, model)
@@ -184,7 +189,7 @@ def train_run(cfg: C.Config, run: RunLogger, ds: Dataset | None = None, callback
         resume.discard(own)  # pruned or failed: nothing to resume
         raise
     resume.discard(own)
-    return RunResult(run.run_id, result, test, metrics, model)
+    return RunResult(run.run_id, result, test, metrics, model, len(splits.val_y))
 
 
 def run_experiment(cfg: C.Config, tracking_uri: str | None = None, experiment: str | None = None,

@@ -21,7 +21,8 @@ from harness.interrupts import stop_cleanly
 from studies.options import StudyError, TuneOptions
 from studies.report import write_summary
 from studies.space import load_space
-from studies.study import directions, prepare
+from studies.plans import prepare_plan
+from studies.study import directions
 from studies.worker import run_worker, worker_process
 
 STOP_SECONDS = 30  # how long stopped workers get to end their runs before they are killed
@@ -52,12 +53,20 @@ def tune(opts: TuneOptions) -> optuna.Study:
     """Run the study with `opts.workers` processes here, then refresh its summary."""
     load_space(opts.space)  # a bad space fails here, before any worker or trial starts
     directions(opts.objectives)
+    study, client, parent = run_workers(opts)
+    drain(opts.tracking_uri)  # evaluations a killed worker or finisher left behind
+    write_summary(study, client, parent)
+    return study
+
+
+def run_workers(opts: TuneOptions) -> tuple[optuna.Study, object, str]:
+    """The study's trials, by one worker here or `opts.workers` processes; (study, client, study run)."""
     if opts.workers <= 1:
         worker = run_worker(opts)
         study, client, parent = worker.study, worker.client, worker.parent_run_id
     else:
         # the study, its run and both stores exist before any worker starts: they only join
-        _, base, study, parent, client = prepare(opts)
+        _, base, study, parent, client = prepare_plan(opts)
         ctx = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // opts.workers)
         gpus = gpu_count()
@@ -81,6 +90,4 @@ def tune(opts: TuneOptions) -> optuna.Study:
         if any(p.exitcode != 0 for p in procs):
             raise StudyError(f"{sum(p.exitcode != 0 for p in procs)} of {opts.workers} workers failed: "
                              "see their output above; run the same command to resume")
-    drain(opts.tracking_uri)  # evaluations a killed worker or finisher left behind
-    write_summary(study, client, parent)
-    return study
+    return study, client, parent

@@ -39,3 +39,6 @@ class TuneOptions:
     evaluate: str = "background"  # a trial's evaluation: by the worker's finisher process, or inline
     progress: bool = True
     device: str | None = None  # this worker's device, over the config's (`--workers` spreads them over GPUs)
+    confirms: str | None = None  # set: this is the confirmation study of that tuning study (studies/plans.py)
+    confirm_top: int = 0  # the top trials to confirm (0: none after tuning)
+    confirm_seeds: int = 3  # new seeds per confirmed trial

@@ -15,10 +15,11 @@ from optuna.trial import TrialState
 from harness.tracking import RunLogger
 
 
-def reconcile_runs(study: optuna.Study, client) -> int:
+def reconcile_runs(study: optuna.Study, client, run_kind: str = "trial") -> int:
     """End FAILED the runs of trials whose worker died: the trial is no longer RUNNING, its run is.
 
-    First fails the trials whose heartbeat stopped (the retry callback re-queues them).
+    First fails the trials whose heartbeat stopped (the retry callback re-queues them). `run_kind`:
+    the study's runs (a confirmation's share the experiment with its tuning study's).
     """
     optuna.storages.fail_stale_trials(study)
     fail_silent_trials(study)
@@ -27,7 +28,7 @@ def reconcile_runs(study: optuna.Study, client) -> int:
         return 0
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     reasons = {t.number: t.user_attrs.get("fail_reason") for t in study.get_trials(deepcopy=False)}
-    running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING' and tags.run_kind = 'trial'",
+    running = client.search_runs([exp.experiment_id], f"attributes.status = 'RUNNING' and tags.run_kind = '{run_kind}'",
                                  max_results=1000)
     ended = 0
     for run in running:

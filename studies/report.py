@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
 from harness.tracking import MODEL_URI_TAG, RunLogger, error_line
+from harness.uncertainty import overlaps
 from studies.results import best_trial
 from studies.space import WIDTH_KEYS
 
@@ -120,30 +121,38 @@ def settle_champion(client, study: optuna.Study, best: optuna.trial.FrozenTrial,
     """
     run_id = best.user_attrs["mlflow_run_id"]
     current = champion_version(client, study.study_name)
-    if current is not None and current.run_id == run_id:
-        return current, True
+    if study.user_attrs.get("confirmed_champion") or (current is not None and current.run_id == run_id):
+        return current, True  # (a confirmed champion is moved by the next confirmation only)
     run = client.get_run(run_id)
     uri = run.data.tags.get(MODEL_URI_TAG)
     if not uri:
         return current, run.data.params.get("eval.log_model") == "False"
-    name = model_name(study.study_name)
-    if current is None:
+    tags = {"study": study.study_name, "trial_number": str(best.number), "val_accuracy": f"{best.values[0]:.6g}"}
+    version = register_champion(client, study.study_name, run_id, uri, tags, parent_run_id,
+                                description=f"trial {best.number} of study {study.study_name}")
+    return version, True
+
+
+def register_champion(client, study_name: str, run_id: str, uri: str, tags: dict, parent_run_id: str,
+                      description: str):
+    """Register the model `uri` of `run_id` as a new version of the study's model and point the
+    `champion` alias at it; the study run names it (tags `champion_model`, `champion_version`)."""
+    name = model_name(study_name)
+    if champion_version(client, study_name) is None:
         try:
-            client.create_registered_model(name, tags={"study": study.study_name},
-                                           description=f"Best trials of Optuna study {study.study_name}; "
+            client.create_registered_model(name, tags={"study": study_name},
+                                           description=f"Best trials of Optuna study {study_name}; "
                                                        f"alias {CHAMPION}: the best so far")
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":  # (or another worker registered it first)
                 raise
     mlflow.set_tracking_uri(client.tracking_uri)  # MLflow's SQL registry resolves models:/<id> through it
-    version = client.create_model_version(
-        name, uri, run_id=run_id, model_id=uri.removeprefix("models:/"), await_creation_for=0,
-        tags={"study": study.study_name, "trial_number": str(best.number), "val_accuracy": f"{best.values[0]:.6g}"},
-        description=f"trial {best.number} of study {study.study_name}")
+    version = client.create_model_version(name, uri, run_id=run_id, model_id=uri.removeprefix("models:/"),
+                                          await_creation_for=0, tags=tags, description=description)
     client.set_registered_model_alias(name, CHAMPION, version.version)
-    client.log_batch(parent_run_id, tags=[RunTag("champion_model", champion_uri(study.study_name)),
+    client.log_batch(parent_run_id, tags=[RunTag("champion_model", champion_uri(study_name)),
                                           RunTag("champion_version", str(version.version))])
-    return version, True
+    return version
 
 
 def write_summary(study: optuna.Study, client, parent_run_id: str) -> dict:
@@ -155,6 +164,10 @@ def write_summary(study: optuna.Study, client, parent_run_id: str) -> dict:
     names = OBJECTIVE_NAMES.get(objectives, ["objective"])
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     run.log_table(trials_table(study), "summary/trials.csv")
+    ranked = compare_table(client, study)
+    if not ranked.empty:  # the trials with their intervals, those that cannot be told from the best marked
+        run.log_table(ranked, "summary/compare.csv")
+        run.log_text(ranked.to_markdown(index=False, floatfmt=".4f") + "\n", "summary/compare.md")
     if len(study.directions) == 1:
         for name, plot in PLOTS.items():
             if len(complete) < (2 if name == "param_importances" else 1):
@@ -212,7 +225,8 @@ def compare_table(client, study: optuna.Study, sort: str = "val_accuracy", colum
     if not parent or exp is None:
         return pd.DataFrame()
     mlflow.set_tracking_uri(client.tracking_uri)
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' "
+                                                                   "and tags.run_kind = 'trial'")
     if runs.empty:
         return runs
     table = pd.DataFrame({
@@ -221,7 +235,12 @@ def compare_table(client, study: optuna.Study, sort: str = "val_accuracy", colum
         # pruned trials never reach best_val_accuracy: show their last validation accuracy
         "val_accuracy": runs["metrics.best_val_accuracy"].fillna(runs["metrics.val_accuracy"])
         if "metrics.best_val_accuracy" in runs else runs.get("metrics.val_accuracy"),
+        "val_ci_low": runs.get("metrics.best_val_accuracy_ci_low"),
+        "val_ci_high": runs.get("metrics.best_val_accuracy_ci_high"),
+        "vs_best": "",
         "test_accuracy": runs.get("metrics.test_accuracy"),
+        "test_ci_low": runs.get("metrics.test_accuracy_ci_low"),
+        "test_ci_high": runs.get("metrics.test_accuracy_ci_high"),
         "epochs": runs.get("metrics.epochs_trained"),
         "params": runs.get("metrics.num_params").astype("Int64") if "metrics.num_params" in runs else None,
         "run_id": runs["run_id"],
@@ -236,8 +255,26 @@ def compare_table(client, study: optuna.Study, sort: str = "val_accuracy", colum
                 table[col] = runs[prefix + col]
     if sort not in table:
         raise ValueError(f"bad --sort {sort!r}: choose one of {', '.join(table.columns)}")
+    table["vs_best"] = mark_best(table)
     ascending = sort in ("trial", "params", "epochs")
     return table.sort_values(sort, ascending=ascending, na_position="last").reset_index(drop=True)
+
+
+def mark_best(table: pd.DataFrame) -> list[str]:
+    """`best` for the most accurate complete trial, `~best` for each whose 95% validation interval
+    overlaps the best's: single runs that cannot be told apart from it (a screen; `harness confirm`
+    tests it with seeds)."""
+    done = table[(table["state"] == "COMPLETE") & table["val_accuracy"].notna()]
+    if done.empty:
+        return [""] * len(table)
+    best = done["val_accuracy"].idxmax()
+    low, high = table.loc[best, "val_ci_low"], table.loc[best, "val_ci_high"]
+    marks = []
+    for i, row in table.iterrows():
+        ok = row["state"] == "COMPLETE" and pd.notna(row["val_ci_low"]) and pd.notna(low)
+        marks.append("best" if i == best else "~best" if ok and overlaps((row["val_ci_low"], row["val_ci_high"]),
+                                                                          (low, high)) else "")
+    return marks
 
 
 def _numeric(column: pd.Series) -> pd.Series:

@@ -18,18 +18,18 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import TrialState
 
-from harness import config as C
 from harness.data import Dataset, load_dataset
 from harness.errors import HarnessError
 from harness.experiment import train_run
 from harness.interrupts import check, exit_code, hold, release, stop_cleanly
 from harness.models import count_parameters
 from harness.tracking import RunLogger, error_line, last_try, server_unreachable
+from harness.uncertainty import accuracy_interval
 from studies.options import StudyError, TuneOptions
 from studies.reconcile import finish_study_run, reconcile_runs
+from studies.plans import Plan, prepare_plan
 from studies.report import update_study_run
-from studies.space import Space, sample
-from studies.study import prepare, requeue
+from studies.study import requeue
 
 MAX_CONSECUTIVE_FAILURES = 3
 
@@ -81,8 +81,7 @@ def is_surplus(study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
 class Worker:
     """One worker's trial loop; `objective` is what Optuna calls."""
     opts: TuneOptions
-    space: Space
-    base: C.Config
+    plan: Plan  # what each trial trains: a sampled config, or a top trial's again with a new seed
     study: optuna.Study
     parent_run_id: str
     client: object
@@ -102,25 +101,24 @@ class Worker:
             hold()  # until `optimize` returns (released in `run`)
 
     def train_trial(self, trial: optuna.Trial):
-        if is_surplus(self.study, trial, self.opts.trials):
+        if is_surplus(self.study, trial, self.opts.trials) or not self.plan.has_work(trial):
             _QuietTrials.numbers.add(trial.number)
             trial.set_user_attr("surplus", True)
             trial.set_user_attr("fail_reason", f"surplus: the study reached its {self.opts.trials} trials "
                                                "while this worker was starting one; given up without a run")
             raise SurplusTrial(f"study {self.opts.study} already has its {self.opts.trials} trials")
         try:  # before the run exists: a failure here (the tracking server away too) leaves no run behind
-            cfg = sample(self.space, trial, self.base)
+            cfg = self.plan.config(trial)
             if self.dataset is None or self.dataset.name != cfg.data.dataset:
                 self.dataset = load_dataset(cfg.data)
-            tags = {"study": self.opts.study, "run_kind": "trial", "trial_number": trial.number,
-                    "trial_state": "RUNNING"}
+            tags = {**self.plan.tags(trial), "trial_number": trial.number, "trial_state": "RUNNING"}
             retry_of = trial.user_attrs.get("mlflow_run_id")  # a re-queued trial inherits the dead one's attrs
             resume_from = None
             if retry_of:
                 tags["retry_of_run"] = retry_of
                 resume_from = self.lineage_checkpoint(trial, retry_of)
             run = RunLogger.start(self.client, self.study.user_attrs.get("mlflow_experiment", self.opts.study),
-                                  f"trial-{trial.number}", tags=tags, parent_run_id=self.parent_run_id)
+                                  self.plan.run_name(trial), tags=tags, parent_run_id=self.parent_run_id)
         except BaseException as e:
             trial.set_user_attr("fail_reason", error_line(e)[:1000])
             raise
@@ -155,6 +153,7 @@ class Worker:
             raise
         run.set_tags({"trial_state": "COMPLETE"})
         values = [result.fit.best_val_accuracy]
+        trial.set_user_attr("val_ci", list(accuracy_interval(values[0], result.val_images)))
         if self.opts.objectives == "accuracy,params":
             values.append(float(count_parameters(result.model)))
         elif self.opts.objectives == "accuracy,latency":
@@ -184,7 +183,7 @@ class Worker:
         while True:
             check()  # a stop swallowed outside a trial (see harness/interrupts.py)
             # a worker that died (here or anywhere) has its trial failed and re-queued, its run ended
-            reconcile_runs(self.study, self.client)
+            reconcile_runs(self.study, self.client, self.plan.run_kind)
             if remaining(self.study, self.opts.trials) <= 0:
                 break
             if self.opts.timeout and time.time() - start >= self.opts.timeout:
@@ -200,7 +199,8 @@ class Worker:
                 raise
             finally:
                 release()  # a stop held while Optuna told the trial's end is raised here
-            update_study_run(self.study, self.client, self.parent_run_id)  # the study run's row, live
+            if self.plan.run_kind == "trial":  # the study run's row, live (a confirmation reports at its end)
+                update_study_run(self.study, self.client, self.parent_run_id)
             trial = last["trial"]
             if trial.user_attrs.get("surplus"):
                 _QuietTrials.numbers.discard(trial.number)
@@ -246,11 +246,11 @@ def worker_process(opts: TuneOptions, threads: int) -> None:
 def run_worker(opts: TuneOptions) -> Worker:
     from harness.finisher import Finisher
 
-    space, base, study, parent, client = prepare(opts)
+    plan, base, study, parent, client = prepare_plan(opts)
     finisher = None
     if opts.evaluate == "background":
         finisher = Finisher(opts.tracking_uri, umap=base.eval.umap and base.eval.embedding_samples != 0)
-    worker = Worker(opts, space, base, study, parent, client, finisher=finisher)
+    worker = Worker(opts, plan, study, parent, client, finisher=finisher)
     gone, stopped = None, False
     try:
         worker.run()

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -34,7 +34,7 @@ from studies.study import storage_url
 STUDY = "live"
 TRIALS = 3
 # tiny trials two epochs longer, on four times the images: each reports four intermediate values
-# (writes) and stays RUNNING for seconds, long enough for the dashboard to be read meanwhile
+# (writes) while the dashboard is read
 FIXED = tiny_trial("epochs=4", "data.train_subset=800")
 SPACE = """\
 params:
@@ -89,6 +89,28 @@ def live(tmp_path, cifar10_root, empty_mlflow_db):
                     p.kill()
 
 
+def _read_dashboard(base: str, page: str, study_id: int) -> dict:
+    """The study's page, the study list and the study's detail, as a browser would read them."""
+    status, kind, body = _get(page)
+    assert status == 200 and kind.startswith("text/html") and b"<html" in body.lower()
+    status, _, body = _get(f"{base}/api/studies")
+    assert status == 200
+    assert STUDY in [s["study_name"] for s in json.loads(body)["study_summaries"]]
+    status, _, body = _get(f"{base}/api/studies/{study_id}")
+    assert status == 200
+    detail = json.loads(body)
+    assert detail["name"] == STUDY
+    return detail
+
+
+def _shown_running(base: str, page: str, study_id: int) -> set[int]:
+    return {t["number"] for t in _read_dashboard(base, page, study_id)["trials"] if t["state"] == "Running"}
+
+
+def _running_numbers(study: optuna.Study) -> set[int]:
+    return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+
+
 @pytest.mark.slow
 def test_dashboard_on_a_running_study(live):
     page = live["page"]
@@ -98,23 +120,30 @@ def test_dashboard_on_a_running_study(live):
     study_id = {s["study_name"]: s["study_id"] for s in summaries}[STUDY]
     assert page == f"{base}/dashboard/studies/{study_id}"  # the study's own page
     worker = live["worker"]
-    rounds, running_seen = 0, 0
+    # The dashboard must show a trial while it runs. No race with the trial's length: once the
+    # storage shows a RUNNING trial, the worker is frozen (SIGSTOP) so the trial stays RUNNING
+    # however long the reads take, the dashboard is read until it shows it (its trial cache lives
+    # 2 s), and the worker goes on (SIGCONT).
+    # A trial that ended between the storage's answer and the freeze is simply waited for again.
+    study = optuna.load_study(study_name=STUDY, storage=live["storage"])
+    rounds, running_seen = 0, set()
     while worker.poll() is None:
-        status, kind, body = _get(page)
-        assert status == 200 and kind.startswith("text/html") and b"<html" in body.lower()
-        status, _, body = _get(f"{base}/api/studies")
-        assert status == 200
-        assert STUDY in [s["study_name"] for s in json.loads(body)["study_summaries"]]
-        status, _, body = _get(f"{base}/api/studies/{study_id}")
-        assert status == 200
-        detail = json.loads(body)
-        assert detail["name"] == STUDY
-        running_seen += any(t["state"] == "Running" for t in detail["trials"])
+        _read_dashboard(base, page, study_id)  # reads beside a worker that writes
         rounds += 1
-        time.sleep(0.5)
+        if running_seen or not _running_numbers(study):
+            continue
+        worker.send_signal(signal.SIGSTOP)
+        try:
+            frozen = _running_numbers(study)
+            if frozen:  # optuna-dashboard reads a study's trials again once its cache is 2 s old
+                wait_until(lambda: _shown_running(base, page, study_id) == frozen,
+                           f"trial(s) {sorted(frozen)} shown running", timeout=60)
+                running_seen = frozen
+        finally:
+            worker.send_signal(signal.SIGCONT)
     log = live["logs"][0].read_text()
     assert worker.returncode == 0, log[-5000:]
-    assert rounds >= 3 and running_seen >= 1, f"the worker ended after {rounds} reads of the dashboard"
+    assert running_seen, f"no trial was seen RUNNING in the storage in {rounds} reads while the worker ran"
     assert not any(e in log for e in ERRORS), log[-5000:]
 
     # a request that would write is refused, and the dashboard is still up

@@ -1,0 +1,164 @@
+"""`harness confirm`: the top trials retrained with new seeds, on real stores in a temporary folder.
+
+One tuning study is built for the module, its trials fixed so the answer is known:
+
+    trial 0  lr 0.05   (the base config itself: a study's first trial)
+    trial 1  lr 0.05   the same configuration again: only seeds can tell them apart, and none does
+    trial 2  lr 1e-6   a network that learns nothing: clearly worse
+
+Its confirmation (top 3 x 3 seeds) must call 0 and 1 not distinguishable, 2 worse, and move the
+study's champion to trial 0 or 1.
+"""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import optuna
+import pandas as pd
+import pytest
+from conftest import as_sets, harness_env, tiny_trial, wait_until
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from harness.cli import main
+from studies.plans import confirmation_name
+from studies.report import champion_version
+
+SPACE = """\
+params:
+  lr: {type: categorical, choices: [0.05, 1.0e-6]}
+"""
+FIXED = tiny_trial("eval.log_model=true")
+
+
+class Env:
+    def __init__(self, tmp, data):
+        self.tmp, self.data = tmp, data
+        self.storage, self.tracking = f"sqlite:///{tmp / 'optuna.db'}", f"sqlite:///{tmp / 'mlflow.db'}"
+        (tmp / "space.yaml").write_text(SPACE)
+
+    def stores(self) -> list[str]:
+        return ["--storage", self.storage, "--tracking-uri", self.tracking]
+
+    def tune(self, study: str, trials: int) -> int:
+        return main(["tune", "--study", study, "--space", str(self.tmp / "space.yaml"), "--trials", str(trials),
+                     "--data-dir", str(self.data), "--sampler", "random", "--pruner", "none", "--quiet",
+                     "--evaluate", "inline", *self.stores(), *as_sets(FIXED)])
+
+    def confirm_args(self, study: str, top: int, seeds: int) -> list[str]:
+        return ["confirm", "--study", study, "--top", str(top), "--seeds", str(seeds), "--quiet",
+                "--data-dir", str(self.data), "--heartbeat", "1", *self.stores()]
+
+    def make_study(self, study: str) -> None:
+        assert self.tune(study, 0) == 0  # the study, its run and its first trial (the base config)
+        tuning = optuna.load_study(study_name=study, storage=self.storage)
+        tuning.enqueue_trial({"lr": 0.05})
+        tuning.enqueue_trial({"lr": 1e-6})
+        assert self.tune(study, 3) == 0
+
+    def confirmation_runs(self, study: str) -> list:
+        client = MlflowClient(self.tracking)
+        exp = client.get_experiment_by_name(study)
+        return client.search_runs([exp.experiment_id], "tags.run_kind = 'confirmation'", max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, cifar10_root):
+    return Env(tmp_path_factory.mktemp("confirm"), cifar10_root)
+
+
+@pytest.fixture(scope="module")
+def confirmed(env):
+    env.make_study("known")
+    code = main(env.confirm_args("known", 3, 3) + ["--evaluate", "inline"])
+    return code
+
+
+@pytest.mark.slow
+def test_confirmation_tells_seeds_from_configurations(env, confirmed, capsys):
+    assert confirmed == 0
+    tuning = optuna.load_study(study_name="known", storage=env.storage)
+    assert [t.params["lr"] for t in tuning.trials] == [0.05, 0.05, 1e-6]
+    runs = env.confirmation_runs("known")
+    assert len(runs) == 9 and {r.info.status for r in runs} == {"FINISHED"}
+    parent = tuning.user_attrs["mlflow_parent_run_id"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent}  # nested in the study's tree
+    pairs = {(int(r.data.tags["confirms_trial"]), int(r.data.tags["seed"])) for r in runs}
+    assert pairs == {(t, s) for t in (0, 1, 2) for s in (1, 2, 3)}  # new seeds: the trials ran seed 0
+
+    client = MlflowClient(env.tracking)
+    table = pd.read_csv(client.download_artifacts(parent, "confirmation/table.csv", str(env.tmp)))
+    assert table["trial"].tolist()[:2] in ([0, 1], [1, 0]) and table["trial"].tolist()[2] == 2
+    assert table["verdict"].tolist() == ["best", "not distinguishable", "worse"]
+    assert table.loc[2, "p_vs_best"] < 0.05 and table.loc[1, "p_vs_best"] >= 0.05
+    assert (table["n"] == 3).all() and (table["val_ci_low"] <= table["val_mean"]).all()
+    assert table.loc[0, "val_mean"] - table.loc[2, "val_mean"] > 0.3
+    md = client.download_artifacts(parent, "confirmation/table.md", str(env.tmp))
+    assert "not distinguishable at n=3" in open(md).read()
+    artifacts = {f.path for f in client.list_artifacts(parent, "confirmation")}
+    assert {"confirmation/means.png", "confirmation/runs.csv"} <= artifacts
+
+    # the champion: a confirmation run of the best mean's configuration, tagged with its mean and n
+    version = champion_version(client, "known")
+    best_runs = {r.info.run_id for r in runs if int(r.data.tags["confirms_trial"]) == table.loc[0, "trial"]}
+    assert version.run_id in best_runs
+    assert version.tags["n"] == "3" and float(version.tags["val_accuracy_mean"]) == pytest.approx(
+        table.loc[0, "val_mean"], abs=1e-5)
+    assert tuning.user_attrs["confirmed_champion"]["run_id"] == version.run_id
+
+    # the printed output says it plainly; `harness best` names the confirmed result
+    capsys.readouterr()
+    assert main(["best", "--study", "known", *env.stores()]) == 0
+    out = capsys.readouterr().out
+    assert f"confirmed best: trial {table.loc[0, 'trial']}" in out and "n=3" in out
+
+
+@pytest.mark.slow
+def test_confirmation_resumes_as_it_was(env, confirmed, capsys):
+    """Run again, the confirmation runs nothing more and prints the same table."""
+    before = len(env.confirmation_runs("known"))
+    assert main(env.confirm_args("known", 3, 3)) == 0
+    out = capsys.readouterr().out
+    assert "not distinguishable at n=3" in out and "champion: models:/known@champion" in out
+    assert len(env.confirmation_runs("known")) == before
+    # another plan for the same study: refused in one line, before any run
+    assert main(env.confirm_args("known", 2, 3)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "confirmed before" in err and "--top 3 --seeds 3" in err and "\n" not in err
+
+
+def test_confirm_needs_two_seeds_and_a_study(env, capsys):
+    assert main(env.confirm_args("known", 3, 1)) == 2
+    assert "--seeds >= 2" in capsys.readouterr().err
+    assert main(env.confirm_args("nope", 3, 3)) == 2
+    assert "study 'nope' not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_stopped_confirmation_resumes_to_exactly_k_times_n_runs(env, tmp_path):
+    env.make_study("stopped")
+    log = tmp_path / "confirm.log"
+    args = [sys.executable, "-m", "harness.cli", *env.confirm_args("stopped", 2, 3)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, env=harness_env(), stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    storage = env.storage
+
+    def complete() -> int:
+        try:
+            study = optuna.load_study(study_name=confirmation_name("stopped"), storage=storage)
+        except KeyError:
+            return 0
+        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    wait_until(lambda: complete() >= 2, "two finished confirmation runs", [proc], [log])
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
+    assert complete() < 6
+    assert main(env.confirm_args("stopped", 2, 3)) == 0  # the same command resumes it
+    finished = [r for r in env.confirmation_runs("stopped") if r.info.status == "FINISHED"]
+    pairs = sorted((int(r.data.tags["confirms_trial"]), int(r.data.tags["seed"])) for r in finished)
+    assert pairs == sorted((t, s) for t in (0, 1) for s in (1, 2, 3))  # exactly K x N, each once
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in env.confirmation_runs("stopped"))
