@@ -234,11 +234,30 @@ def cmd_report(args) -> int:
 def cmd_reproduce(args) -> int:
     from harness.experiment import reproduce
 
+    if args.seeds:
+        return _reproduce_seeds(args)
+
     result, diffs = reproduce(args.run_id, args.tracking_uri, args.data_dir, progress=not args.quiet)
     print(f"reproduced {args.run_id} as run {result.run_id}")
     print(f"{'metric':<24}{'original':>12}{'reproduced':>12}{'difference':>12}")
     for k, (a, b) in diffs.items():
         print(f"{k:<24}{a:>12.6f}{b:>12.6f}{b - a:>+12.6f}")
+    return 0
+
+
+def _reproduce_seeds(args) -> int:
+    from harness.reproduce import reproduce_seeds
+
+    if args.seeds < 2:
+        raise C.ConfigError(f"--seeds {args.seeds}: a distribution needs at least 2 seeds")
+    report = reproduce_seeds(args.run_id, args.seeds, args.tracking_uri, args.data_dir, progress=not args.quiet)
+    print(f"reproduced {args.run_id} with {args.seeds} new seeds: runs {', '.join(report.runs['run_id'])}")
+    print(report.table.to_markdown(index=False, floatfmt=".4f"))
+    for row in report.table.itertuples():
+        if row.original_inside is not None:
+            where = "inside" if row.original_inside else "OUTSIDE"
+            print(f"{row.metric}: the original {row.original:.4f} lies {where} the 95% prediction interval "
+                  f"[{row.predict_low:.4f}, {row.predict_high:.4f}] of its config's seeds")
     return 0
 
 
@@ -374,6 +393,8 @@ def add_compare(sub) -> None:
 def add_reproduce(sub) -> None:
     p = sub.add_parser("reproduce", help="retrain a run from its logged config and compare")
     p.add_argument("run_id")
+    p.add_argument("--seeds", type=int, metavar="N",
+                   help="retrain with N new seeds instead: the distribution, and whether the run lies inside it")
     p.add_argument("--data-dir", metavar="DIR", help="data root, if not where the run found it")
     add_tracking_arg(p)
     add_quiet_arg(p)

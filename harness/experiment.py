@@ -219,11 +219,11 @@ def train_description(experiment: str) -> str:
 
 
 def reproduce(run_id: str, tracking_uri: str | None = None, data_dir: str | None = None,
-              progress: bool = True) -> tuple[RunResult, dict[str, tuple[float, float]]]:
-    """Retrain a run from its logged config and seed into a new run tagged `reproduces`.
+              progress: bool = True, seed: int | None = None) -> tuple[RunResult, dict[str, tuple[float, float]]]:
+    """Retrain a run from its logged config and seed (or `seed`) into a new run tagged `reproduces`.
 
     Returns the new run and, per test metric, (original, reproduced). With `deterministic`
-    on the CPU the two match exactly.
+    on the CPU and the run's own seed the two match exactly.
     """
     from harness.checkpoints import get_run, load_run_config
 
@@ -233,6 +233,8 @@ def reproduce(run_id: str, tracking_uri: str | None = None, data_dir: str | None
     cfg = load_run_config(client, run_id)
     if data_dir:
         cfg = C.replace(cfg, {"data": {"root": data_dir}})
+    if seed is not None:
+        cfg = C.replace(cfg, {"seed": seed})
     ds = load_dataset(cfg.data)
     tags = {"reproduces": run_id}
     if original.data.tags.get("dataset_digest") not in (None, ds.digest):
@@ -240,7 +242,8 @@ def reproduce(run_id: str, tracking_uri: str | None = None, data_dir: str | None
     exp_name = client.get_experiment(original.info.experiment_id).name
     if "run_kind" not in original.data.tags and "mlflow.parentRunId" not in original.data.tags:  # a train run
         experiment_id(client, exp_name, description=train_description(exp_name))
-    run = RunLogger.start(client, exp_name, f"reproduce-{original.info.run_name}", tags=tags)
+    name = f"reproduce-{original.info.run_name}" + (f"-seed{seed}" if seed is not None else "")
+    run = RunLogger.start(client, exp_name, name, tags=tags)
     result = train_run(cfg, run, ds, progress=progress)
     diffs = {k: (original.data.metrics[k], v) for k, v in result.metrics.items()
              if k in original.data.metrics and not k.startswith(("test_precision_", "test_recall_", "test_f1_"))}

@@ -162,3 +162,22 @@ def test_a_stopped_confirmation_resumes_to_exactly_k_times_n_runs(env, tmp_path)
     pairs = sorted((int(r.data.tags["confirms_trial"]), int(r.data.tags["seed"])) for r in finished)
     assert pairs == sorted((t, s) for t in (0, 1) for s in (1, 2, 3))  # exactly K x N, each once
     assert all(r.info.status in ("FINISHED", "KILLED") for r in env.confirmation_runs("stopped"))
+
+
+@pytest.mark.slow
+def test_reproduce_with_seeds_reports_the_distribution(env, confirmed, capsys):
+    tuning = optuna.load_study(study_name="known", storage=env.storage)
+    run_id = tuning.trials[0].user_attrs["mlflow_run_id"]
+    capsys.readouterr()
+    assert main(["reproduce", run_id, "--seeds", "2", "--quiet", "--data-dir", str(env.data),
+                 "--tracking-uri", env.tracking]) == 0
+    out = capsys.readouterr().out
+    client = MlflowClient(env.tracking)
+    exp = client.get_run(run_id).info.experiment_id
+    copies = client.search_runs([exp], f"tags.reproduces = '{run_id}'")
+    assert sorted(r.data.tags["seed"] for r in copies) == ["1", "2"] and all(
+        r.info.status == "FINISHED" for r in copies)
+    assert "best_val_accuracy" in out and "predict_low" in out
+    assert "95% prediction interval" in out and ("inside" in out or "OUTSIDE" in out)
+    assert main(["reproduce", run_id, "--seeds", "1", "--tracking-uri", env.tracking]) == 2
+    assert "at least 2 seeds" in capsys.readouterr().err
