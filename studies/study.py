@@ -31,6 +31,7 @@ requeue = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
 
 
 def storage_url(url: str | None) -> str:
+    """The storage URL as given, or from $HARNESS_STORAGE, or the default; creates nothing."""
     url = url or os.environ.get("HARNESS_STORAGE") or DEFAULT_STORAGE
     if url.startswith(("postgresql://", "postgres://")):
         # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the driver we install is psycopg2
@@ -40,6 +41,12 @@ def storage_url(url: str | None) -> str:
             url = "postgresql+psycopg2://" + url.split("://", 1)[1]
         else:
             url = "postgresql://" + url.split("://", 1)[1]
+    return url
+
+
+def writable_storage(url: str | None) -> str:
+    """`storage_url`, its SQLite file (and folder) created in WAL mode: for the commands that write."""
+    url = storage_url(url)
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///")).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,8 +55,17 @@ def storage_url(url: str | None) -> str:
     return url
 
 
+def existing_storage(url: str | None, study: str) -> str:
+    """`storage_url` for the commands that only read: a missing SQLite file is one line, not created."""
+    url = storage_url(url)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).expanduser().is_file():
+        raise StudyError(f"no study storage at {url.removeprefix('sqlite:///')}: run `harness tune --study {study}` "
+                         "first, or pass --storage")
+    return url
+
+
 def open_storage(opts: TuneOptions) -> optuna.storages.RDBStorage:
-    url = storage_url(opts.storage)  # (an SQLite file in WAL mode)
+    url = writable_storage(opts.storage)  # (an SQLite file in WAL mode)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(5):
         try:
