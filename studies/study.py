@@ -12,6 +12,7 @@ import os
 import sqlite3
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -167,15 +168,38 @@ def directions(objectives: str) -> list[str]:
     return ["maximize"] + (["minimize"] if "," in objectives else [])
 
 
+def space_definition(space: Space) -> dict:
+    """What a space samples, parameter by parameter: what a study's trials must keep sampling."""
+    return {p.name: {k: v for k, v in asdict(p).items() if k != "name"} for p in space.params}
+
+
+def _check_space(study: optuna.Study, name: str, defined: dict | None) -> None:
+    """Refuse a study joined with another search space, before any trial: Optuna would fail its trials
+    ("does not support dynamic value space"). By the parameters stored with the study, else by name."""
+    attrs = study.user_attrs
+    made_with = attrs.get("space")
+    if defined is not None and "space_params" in attrs:
+        differ = sorted(k for k in {*attrs["space_params"], *defined}
+                        if attrs["space_params"].get(k) != defined.get(k))
+        how = f"which defines other parameters ({', '.join(differ[:5])})"
+    else:
+        differ = made_with is not None and made_with != name
+        how = "(compared by name: the study stores no parameters)"
+    if differ:
+        raise StudyError(f"study {study.study_name} was made with search space {made_with!r} {how}: "
+                         f"run it with --space {made_with}, or use a new --study name for --space {name}")
+
+
 def open_study(opts: TuneOptions, storage, base: C.Config, client=None,
-               first_trial: dict | None = None) -> tuple[optuna.Study, str]:
+               first_trial: dict | None = None, space: Space | None = None) -> tuple[optuna.Study, str]:
     """Create or join the study; exactly one study run exists for it, whoever starts first.
 
     Creating the Optuna study is the atomic step: the worker that creates it also creates the
     MLflow experiment and study run and stores the run id in the study; others wait for it.
     `client` None: the creator opens the MLflow store only then, so that concurrent workers
     never create a fresh store at the same time. A new study's first trial is `first_trial`
-    (the base config's own values, where the space allows them).
+    (the base config's own values, where the space allows them). `space`: the whole space as
+    loaded, stored with a new study and compared with a joined one's.
     """
     dirs = directions(opts.objectives)
     multi = len(dirs) > 1
@@ -203,6 +227,8 @@ def open_study(opts: TuneOptions, storage, base: C.Config, client=None,
         run.log_text(C.to_yaml(base), "base_config.yaml")
         study.set_user_attr("base_config", _comparable(C.to_dict(base)))
         study.set_user_attr("space", opts.space)
+        if space is not None:
+            study.set_user_attr("space_params", space_definition(space))
         study.set_user_attr("objectives", opts.objectives)
         study.set_user_attr("mlflow_experiment", opts.study)
         if first_trial:
@@ -210,6 +236,7 @@ def open_study(opts: TuneOptions, storage, base: C.Config, client=None,
         study.set_user_attr("mlflow_parent_run_id", run.run_id)
         return study, run.run_id
     parent = _wait_for_parent(study)
+    _check_space(study, opts.space, space_definition(space) if space is not None else None)
     stored, ours = study.user_attrs.get("base_config") or {}, _comparable(C.to_dict(base))
     diff = [k for k in stored if k in ours and stored[k] != ours[k]]  # (keys newer than the study: defaults)
     if diff:
@@ -251,11 +278,11 @@ def _wait_for_parent(study: optuna.Study, timeout: float = 120.0) -> str:
 def prepare(opts: TuneOptions) -> tuple[Space, C.Config, optuna.Study, str, object]:
     """The space (less the --set keys), the trials' base config, the study, its run and the client."""
     os.environ.pop("MLFLOW_RUN_ID", None)
-    space = load_space(opts.space)
+    whole = load_space(opts.space)
     fixed = set(C.flatten(C.parse_overrides(opts.overrides))) if opts.overrides else set()
-    space = space.without(fixed)
+    space = whole.without(fixed)
     base = base_config(opts, space)
     storage = open_storage(opts)
     # creates the MLflow store if this worker is first
-    study, parent = open_study(opts, storage, base, first_trial=starting_point(space, base))
+    study, parent = open_study(opts, storage, base, first_trial=starting_point(space, base), space=whole)
     return space, base, study, parent, open_client(opts.tracking_uri)

@@ -360,6 +360,18 @@ def test_a_trial_beyond_the_target_is_given_up():
     assert is_surplus(study, study.ask(), target=2)
 
 
+def test_a_study_that_stores_no_space_parameters_is_compared_by_space_name():
+    """Studies made before the space's parameters were stored: the name decides."""
+    from studies.options import StudyError
+    from studies.study import _check_space
+
+    study = optuna.create_study()
+    study.set_user_attr("space", "training")
+    _check_space(study, "training", {"lr": {"type": "float"}})
+    with pytest.raises(StudyError, match="made with search space 'training' \\(compared by name.*--space training"):
+        _check_space(study, "cnn", {"lr": {"type": "float"}})
+
+
 @pytest.mark.slow
 def test_tune_with_transfer_skips_it_with_one_line_when_the_target_is_missing(env, capsys):
     """The study stands; CIFAR-100 is absent from the generated data root, so the transfer is skipped."""
