@@ -116,25 +116,37 @@ class TrialSeeded(optuna.samplers.BaseSampler):
         self._inner.after_trial(study, trial, state, values)
 
 
-def make_sampler(name: str, seed: int, multi: bool) -> optuna.samplers.BaseSampler:
-    if name == "tpe":
-        return TrialSeeded(lambda s: optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True,
-                                                                seed=s), seed)
-    if name == "random":
-        return TrialSeeded(lambda s: optuna.samplers.RandomSampler(seed=s), seed)
-    if name == "qmc":
-        return optuna.samplers.QMCSampler(seed=seed)
-    if name == "cmaes":  # its state (and RNG) lives in the study's trials
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    return TrialSeeded(lambda s: optuna.samplers.NSGAIISampler(seed=s), seed)
+def _seeded(make: Callable[[int], optuna.samplers.BaseSampler]) -> Callable[[int], optuna.samplers.BaseSampler]:
+    return lambda seed: TrialSeeded(make, seed)
+
+
+# name -> sampler from a seed; the names (studies/options.py SAMPLERS) feed the command line
+SAMPLER_FACTORIES: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
+    "tpe": _seeded(lambda s: optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=s)),
+    "random": _seeded(lambda s: optuna.samplers.RandomSampler(seed=s)),
+    "qmc": lambda seed: optuna.samplers.QMCSampler(seed=seed),  # indexed by trial already
+    # its state (and RNG) lives in the study's trials
+    "cmaes": lambda seed: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
+    "nsga2": _seeded(lambda s: optuna.samplers.NSGAIISampler(seed=s)),
+}
+# name -> pruner from the trials' epochs; the names: studies/options.py PRUNERS
+PRUNER_FACTORIES: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
+    "hyperband": lambda epochs: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 2),
+                                                               reduction_factor=3),
+    "median": lambda epochs: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+    "none": lambda epochs: optuna.pruners.NopPruner(),
+}
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    return C.pick(SAMPLER_FACTORIES, "sampler", name)(seed)
 
 
 def make_pruner(name: str, epochs: int, multi: bool) -> optuna.pruners.BasePruner:
-    if multi or name == "none":  # Optuna's pruners only apply to single-objective studies
+    make = C.pick(PRUNER_FACTORIES, "pruner", name)
+    if multi:  # Optuna's pruners only apply to single-objective studies
         return optuna.pruners.NopPruner()
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 2), reduction_factor=3)
+    return make(epochs)
 
 
 def base_config(opts: TuneOptions, space: Space) -> C.Config:
@@ -203,7 +215,7 @@ def open_study(opts: TuneOptions, storage, base: C.Config, client=None,
     """
     dirs = directions(opts.objectives)
     multi = len(dirs) > 1
-    sampler = make_sampler(opts.sampler, opts.seed, multi)
+    sampler = make_sampler(opts.sampler, opts.seed)
     pruner = make_pruner(opts.pruner, base.epochs, multi)
     try:
         study = optuna.create_study(study_name=opts.study, storage=storage, directions=dirs,
