@@ -25,10 +25,19 @@ from studies import library
 from studies.options import DEFAULT_STORAGE, OBJECTIVES, StudyError, TuneOptions
 from studies.space import Space, load_space, profile_settings, starting_point
 
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-# a trial stopped or lost (SIGTERM, Ctrl-C, a dead worker) goes back in the queue, up to 3 times,
-# with its parameters and its last run id: the retry resumes from that run's checkpoint
-requeue = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+
+
+def quiet_experimental() -> None:
+    """No ExperimentalWarning from the Optuna features a study uses (heartbeats, retries, TPE's options):
+    installed when a study opens, not on import; the same filter twice is one (warnings dedupes)."""
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A trial stopped or lost (SIGTERM, Ctrl-C, a dead worker) goes back in the queue, up to 3 times,
+    with its parameters and its last run id: the retry resumes from that run's checkpoint."""
+    quiet_experimental()
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)(study, trial)
 
 
 def storage_url(url: str | None) -> str:
@@ -290,6 +299,7 @@ def _wait_for_parent(study: optuna.Study, timeout: float = 120.0) -> str:
 def prepare(opts: TuneOptions) -> tuple[Space, C.Config, optuna.Study, str, object]:
     """The space (less the --set keys), the trials' base config, the study, its run and the client."""
     os.environ.pop("MLFLOW_RUN_ID", None)
+    quiet_experimental()
     whole = load_space(opts.space)
     fixed = set(C.flatten(C.parse_overrides(opts.overrides))) if opts.overrides else set()
     space = whole.without(fixed)
