@@ -26,7 +26,6 @@ from studies.options import DEFAULT_STORAGE, OBJECTIVES, StudyError, TuneOptions
 from studies.space import Space, load_space, profile_settings, starting_point
 
 
-
 def quiet_experimental() -> None:
     """No ExperimentalWarning from the Optuna features a study uses (heartbeats, retries, TPE's options):
     installed when a study opens, not on import; the same filter twice is one (warnings dedupes)."""
@@ -126,6 +125,7 @@ class TrialSeeded(optuna.samplers.BaseSampler):
 
 
 def _seeded(make: Callable[[int], optuna.samplers.BaseSampler]) -> Callable[[int], optuna.samplers.BaseSampler]:
+    """A sampler whose only state is its RNG, seeded per trial (`TrialSeeded`)."""
     return lambda seed: TrialSeeded(make, seed)
 
 
