@@ -217,6 +217,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from harness.finisher import drain
     from harness.tracking import client_for
     from studies.options import StudyError
     from studies.report import write_summary
@@ -226,6 +227,8 @@ def cmd_report(args) -> int:
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if not parent:
         raise StudyError(f"study {args.study} has no MLflow study run: it was not made by `harness tune`")
+    if done := drain(args.tracking_uri):  # evaluations a killed worker or finisher left behind
+        print(f"finished {done} trial evaluation{'s' if done > 1 else ''} left in the spool")
     summary = write_summary(study, client_for(args.tracking_uri), parent)
     print(f"summary of study {args.study} refreshed on its MLflow run: {summary}")
     return 0

@@ -112,6 +112,14 @@ CHOICES = {
 }
 
 
+def pick(table: dict, kind: str, name: str):
+    """`table[name]`, a registry's entry; an unknown name is one line listing the known ones."""
+    try:
+        return table[name]
+    except KeyError:
+        raise ConfigError(f"unknown {kind} {name!r}: choose one of {', '.join(table)}") from None
+
+
 def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 

@@ -135,7 +135,8 @@ def _timed(method):
     """Adds the call's wall time to the logger's `seconds`: the tracking overhead of a run.
 
     A call MLflow gave up on (its tracking server away past the retries) raises one line, and
-    the logger's later calls (ending the run) try once instead of waiting the retries out again.
+    the logger's later calls (ending the run) first try the server once (`probe_server`) instead
+    of waiting the retries out again.
     """
     import functools
     import time
@@ -144,8 +145,9 @@ def _timed(method):
     def wrapper(self, *args, **kwargs):
         start = time.perf_counter()
         try:
-            with single_try(self.server_gone):
-                return retry_locked(method, self, *args, **kwargs)
+            if self.server_gone:
+                probe_server(self.client)
+            return retry_locked(method, self, *args, **kwargs)
         except Exception as e:
             gone = server_unreachable(e, time.perf_counter() - start)
             if gone is None:
@@ -388,7 +390,11 @@ class RunLogger:
             if reason:
                 reason = reason.strip().splitlines()[-1] if reason.strip() else reason
                 self.set_tags({"error": reason[:5000], "mlflow.note.content": f"{status}: {reason}"[:5000]})
-            self.client.set_terminated(self.run_id, status)
+            self._terminate(status)
+
+    @_timed
+    def _terminate(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
 
 
 def error_line(e: BaseException) -> str:
@@ -471,32 +477,27 @@ def server_unreachable(e: BaseException, seconds: float | None = None) -> Tracki
                                      f"(MLflow gave up after {retries} retr{'y' if retries == 1 else 'ies'}): {text}")
 
 
-@contextmanager
-def single_try(active: bool = True):
-    """MLflow's HTTP calls inside (when `active`) make one try, without retries: what follows a
-    server that just outlasted them (ending the run) must not wait them out once more."""
-    name, old = "MLFLOW_HTTP_REQUEST_MAX_RETRIES", os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
-    if active:
-        os.environ[name] = "0"
-    try:
-        yield
-    finally:
-        if active and old is None:
-            os.environ.pop(name, None)
-        elif active:
-            os.environ[name] = old
+def probe_server(client: MlflowClient) -> None:
+    """One request to the client's tracking server, without retries; raises MLflow's error while it is
+    away. Called before each call that follows a server that outlasted the retries, so that the call
+    (ending the run) does not wait them out once more. A per-call argument, not the process's
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES: other threads (system metrics) keep their retries."""
+    from mlflow.utils.rest_utils import http_request
+
+    store = client._tracking_client.store  # (MLflow has no public handle on a client's REST credentials)
+    if hasattr(store, "get_host_creds"):  # a tracking server (RestStore)
+        http_request(store.get_host_creds(), "/health", "GET", max_retries=0, raise_on_status=True)
 
 
 @contextmanager
 def last_try(active: bool = True):
-    """After the server outlasted the retries (`active`): one try, and a server still away is let be
-    (what the calls inside wanted to write is lost) rather than waited for again."""
-    with single_try(active):
-        try:
-            yield
-        except Exception as e:
-            if not active or server_unreachable(e) is None:
-                raise
+    """After the server outlasted the retries (`active`): the logger's calls inside try once (`probe_server`),
+    and a server still away is let be (what they wanted to write is lost) rather than waited for again."""
+    try:
+        yield
+    except Exception as e:
+        if not active or server_unreachable(e) is None:
+            raise
 
 
 def _param_value(v) -> str:

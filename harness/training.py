@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness import interrupts
-from harness.config import Config, ConfigError
+from harness.config import Config, ConfigError, pick
 from harness.data import Splits, augment, make_normalize
 from harness.errors import HarnessError
 from harness.evaluation import predict
@@ -111,40 +111,58 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def _sgd(groups: list[dict], cfg: Config, fused) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused,
+                           nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+
+
+# name -> optimizer from (param groups, config, fused); the names: config.CHOICES["optimizer"]
+OPTIMIZERS = {
+    "sgd": _sgd,
+    "adam": lambda groups, cfg, fused: torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                        fused=fused),
+    "adamw": lambda groups, cfg, fused: torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                          fused=fused),
+}
+
+
 def build_optimizer(param_groups: list[dict], cfg: Config) -> torch.optim.Optimizer:
     """`param_groups` may carry an `lr_scale` (transfer: a smaller rate for the backbone).
 
     On CUDA the fused implementations update every parameter in one kernel (and Adam keeps its
     step count on the device), instead of a launch per parameter group of tensors."""
+    make = pick(OPTIMIZERS, "optimizer", cfg.optimizer)
     groups = [{"params": list(g["params"]), "lr": cfg.lr * g.get("lr_scale", 1.0)} for g in param_groups]
     fused = all(p.is_cuda for g in groups for p in g["params"]) or None
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused,
-                               nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return make(groups, cfg, fused)
+
+
+def _one_cycle(opt: torch.optim.Optimizer, cfg: Config, total: int, linear: bool = False):
+    # linear: airbench's triangle, from lr/5 up to lr and down to lr/15. OneCycleLR divides by
+    # zero on a handful of steps: give tiny runs a slightly longer cycle
+    shape = {"anneal_strategy": "linear", "div_factor": 5.0, "final_div_factor": 3.0} if linear else {}
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                               total_steps=max(total, 8), pct_start=cfg.warmup, **shape)
+
+
+# name -> (scheduler from (optimizer, config, total steps), whether it steps every batch);
+# the names: config.CHOICES["schedule"]
+SCHEDULES = {
+    "onecycle": (_one_cycle, True),
+    "linear": (lambda opt, cfg, total: _one_cycle(opt, cfg, total, linear=True), True),
+    "cosine": (lambda opt, cfg, total: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total), True),
+    "step": (lambda opt, cfg, total: torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size,
+                                                                      gamma=cfg.gamma), False),
+    "plateau": (lambda opt, cfg, total: torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="max", factor=cfg.gamma, patience=cfg.lr_patience), False),
+    "none": (lambda opt, cfg, total: None, False),
+}
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: Config, steps_per_epoch: int):
     """Returns (scheduler, per_batch): one-cycle, linear and cosine step every batch, the rest every epoch."""
-    total = cfg.epochs * steps_per_epoch
-    max_lr = [g["lr"] for g in opt.param_groups]
-    if cfg.schedule in ("onecycle", "linear"):
-        # linear: airbench's triangle, from lr/5 up to lr and down to lr/15. OneCycleLR divides by
-        # zero on a handful of steps: give tiny runs a slightly longer cycle
-        shape = {"anneal_strategy": "linear", "div_factor": 5.0, "final_div_factor": 3.0} \
-            if cfg.schedule == "linear" else {}
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=max(total, 8),
-                                                   pct_start=cfg.warmup, **shape), True
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total), True
-    if cfg.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma), False
-    if cfg.schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", factor=cfg.gamma,
-                                                          patience=cfg.lr_patience), False
-    return None, False
+    make, per_batch = pick(SCHEDULES, "schedule", cfg.schedule)
+    return make(opt, cfg, cfg.epochs * steps_per_epoch), per_batch
 
 
 class Lookahead:

@@ -8,8 +8,8 @@ a read left in progress makes another connection's commit fail in rollback-journ
 in WAL mode. And the dashboard is not only a reader: its pages create, rename and delete studies,
 tell trials, edit notes and migrate the schema (a button), each taking the workers' write lock.
 
-So: the storage is in WAL mode (`storage_url`, as for `harness tune`: readers and the writer
-never block each other); the dashboard's connections are read-only (SQLite `mode=ro`, PostgreSQL
+So: the storage is in WAL mode (`harness tune` opens it so: readers and the writer never block
+each other); the dashboard's connections are read-only (SQLite `mode=ro`, PostgreSQL
 `default_transaction_read_only`) and wait out a busy database for 60 s, as the workers do; and
 requests that would write are answered 405 before they reach the storage.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 from pathlib import Path
 from socketserver import ThreadingMixIn
@@ -96,18 +95,14 @@ class _QuietHandler(WSGIRequestHandler):
 def open_dashboard(study: str, storage: str | None = None, host: str = "127.0.0.1", port: int = 8080):
     """(server, URL of the study's page, storage URL), not serving yet; a user's error is a StudyError."""
     from harness.tracking import redact
-    from studies.options import DEFAULT_STORAGE, StudyError
-    from studies.study import storage_url
+    from studies.options import StudyError
+    from studies.study import existing_storage
 
     try:
         import optuna_dashboard
     except ImportError:
         raise StudyError(f"optuna-dashboard is not installed: {INSTALL}") from None
-    raw = storage or os.environ.get("HARNESS_STORAGE") or DEFAULT_STORAGE
-    if raw.startswith("sqlite:///") and not Path(raw.removeprefix("sqlite:///")).expanduser().is_file():
-        raise StudyError(f"no study storage at {raw.removeprefix('sqlite:///')}: run `harness tune --study {study}` "
-                         "first, or pass --storage")
-    url = storage_url(raw)  # the same resolution as `harness tune`, and WAL mode for SQLite
+    url = existing_storage(storage, study)  # the same resolution as `harness tune`; creates nothing
     try:
         ro = read_only_storage(url)
         names = {s.study_name: s._study_id for s in ro.get_all_studies()}

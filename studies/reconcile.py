@@ -8,6 +8,7 @@ then ends the run FAILED with the reason.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -49,11 +50,11 @@ def finish_study_run(study: optuna.Study, client, parent: str, status: str = "FI
         client.set_terminated(parent, status)
 
 
-def fail_silent_trials(study: optuna.Study) -> list[int]:
+def fail_silent_trials(study: optuna.Study, now: Callable[[], datetime] = datetime.now) -> list[int]:
     """Fail (and re-queue) RUNNING trials that never recorded a heartbeat and began longer ago than
     the grace period: their worker was killed outright in the instant between Optuna creating the
     trial and starting its heartbeat. Optuna's stale check skips trials without a heartbeat, so
-    they would stay RUNNING for good. Returns their numbers."""
+    they would stay RUNNING for good. Returns their numbers. `now`: the clock (Optuna's local time)."""
     storage = getattr(study._storage, "_backend", study._storage)  # (under Optuna's cache)
     interval = getattr(storage, "heartbeat_interval", None)
     if interval is None:
@@ -62,7 +63,7 @@ def fail_silent_trials(study: optuna.Study) -> list[int]:
     failed = []
     for trial_id in silent_trial_ids(study):
         trial = storage.get_trial(trial_id)
-        if trial.datetime_start is None or datetime.now() - trial.datetime_start < grace:
+        if trial.datetime_start is None or now() - trial.datetime_start < grace:
             continue  # just created: its heartbeat is about to start
         try:
             storage.set_trial_user_attr(trial_id, "fail_reason", "its worker died as the trial started (no "

@@ -42,11 +42,6 @@ OBJECTIVE_NAMES = {"accuracy": ["val_accuracy"], "accuracy,params": ["val_accura
 CHAMPION = "champion"  # the registry alias of a study's best model
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
-# study run id -> the best trial's run whose champion this process has settled: the registry is
-# asked again only when the best trial changes
-_settled: dict[str, str] = {}
-
-
 def _figure(axes):
     """Optuna's matplotlib plots return an Axes or an array of them."""
     return axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
@@ -75,12 +70,14 @@ def champion_version(client, study_name: str):
         return None
 
 
-def update_study_run(study: optuna.Study, client, parent_run_id: str, recheck: bool = False) -> dict:
+def update_study_run(study: optuna.Study, client, parent_run_id: str, recheck: bool = False,
+                     settled: dict | None = None) -> dict:
     """The study run's live state: trial counts, best value, trial and run, and the champion model.
 
     Cheap enough for every trial: one read of the trials (and Optuna's best-trial query) and one
-    batched MLflow call; the registry is asked only when the best trial changed since this process
-    last looked, or with `recheck` (which also heals a champion two workers moved out of order).
+    batched MLflow call; the registry is asked only when the best trial changed since the caller
+    last looked (`settled`, the caller's own: study run id -> the best trial's run whose champion is
+    settled; None: always), or with `recheck` (which also heals a champion two workers moved out of order).
     Metrics are logged at step = trials finished, so the study run charts the study's progress.
     A registry call that fails prints one line and the study goes on (the next update tries again).
     """
@@ -97,15 +94,16 @@ def update_study_run(study: optuna.Study, client, parent_run_id: str, recheck: b
         metrics.append(Metric("best_val_accuracy", best.values[0], now, step))
         tags = [RunTag("best_trial", str(best.number)), RunTag("best_run_id", str(run_id))]
     client.log_batch(parent_run_id, metrics=metrics, tags=tags)
-    if run_id and (recheck or _settled.get(parent_run_id) != run_id):
+    settled = {} if settled is None else settled
+    if run_id and (recheck or settled.get(parent_run_id) != run_id):
         try:
-            version, settled = settle_champion(client, study, best, parent_run_id)
+            version, done = settle_champion(client, study, best, parent_run_id)
         except MlflowException as e:
             print(f"harness: champion model of study {study.study_name} not registered: {error_line(e)}",
                   file=sys.stderr)
             return summary  # (asked again after the next trial)
-        if settled:
-            _settled[parent_run_id] = run_id
+        if done:
+            settled[parent_run_id] = run_id
         if version is not None:
             summary["champion"] = f"{champion_uri(study.study_name)} (version {version.version})"
     return summary

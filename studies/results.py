@@ -6,11 +6,11 @@ from optuna.trial import TrialState
 
 from harness.tracking import redact
 from studies.options import StudyError
-from studies.study import storage_url
+from studies.study import existing_storage
 
 
 def load(study_name: str, storage: str | None = None) -> optuna.Study:
-    url = storage_url(storage)
+    url = existing_storage(storage, study_name)
     try:
         return optuna.load_study(study_name=study_name, storage=url)
     except KeyError:

@@ -12,6 +12,7 @@ import os
 import sqlite3
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -24,13 +25,22 @@ from studies import library
 from studies.options import DEFAULT_STORAGE, OBJECTIVES, StudyError, TuneOptions
 from studies.space import Space, load_space, profile_settings, starting_point
 
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-# a trial stopped or lost (SIGTERM, Ctrl-C, a dead worker) goes back in the queue, up to 3 times,
-# with its parameters and its last run id: the retry resumes from that run's checkpoint
-requeue = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+
+def quiet_experimental() -> None:
+    """No ExperimentalWarning from the Optuna features a study uses (heartbeats, retries, TPE's options):
+    installed when a study opens, not on import; the same filter twice is one (warnings dedupes)."""
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A trial stopped or lost (SIGTERM, Ctrl-C, a dead worker) goes back in the queue, up to 3 times,
+    with its parameters and its last run id: the retry resumes from that run's checkpoint."""
+    quiet_experimental()
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)(study, trial)
 
 
 def storage_url(url: str | None) -> str:
+    """The storage URL as given, or from $HARNESS_STORAGE, or the default; creates nothing."""
     url = url or os.environ.get("HARNESS_STORAGE") or DEFAULT_STORAGE
     if url.startswith(("postgresql://", "postgres://")):
         # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; the driver we install is psycopg2
@@ -40,6 +50,12 @@ def storage_url(url: str | None) -> str:
             url = "postgresql+psycopg2://" + url.split("://", 1)[1]
         else:
             url = "postgresql://" + url.split("://", 1)[1]
+    return url
+
+
+def writable_storage(url: str | None) -> str:
+    """`storage_url`, its SQLite file (and folder) created in WAL mode: for the commands that write."""
+    url = storage_url(url)
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///")).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,8 +64,17 @@ def storage_url(url: str | None) -> str:
     return url
 
 
+def existing_storage(url: str | None, study: str) -> str:
+    """`storage_url` for the commands that only read: a missing SQLite file is one line, not created."""
+    url = storage_url(url)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).expanduser().is_file():
+        raise StudyError(f"no study storage at {url.removeprefix('sqlite:///')}: run `harness tune --study {study}` "
+                         "first, or pass --storage")
+    return url
+
+
 def open_storage(opts: TuneOptions) -> optuna.storages.RDBStorage:
-    url = storage_url(opts.storage)  # (an SQLite file in WAL mode)
+    url = writable_storage(opts.storage)  # (an SQLite file in WAL mode)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(5):
         try:
@@ -99,25 +124,38 @@ class TrialSeeded(optuna.samplers.BaseSampler):
         self._inner.after_trial(study, trial, state, values)
 
 
-def make_sampler(name: str, seed: int, multi: bool) -> optuna.samplers.BaseSampler:
-    if name == "tpe":
-        return TrialSeeded(lambda s: optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True,
-                                                                seed=s), seed)
-    if name == "random":
-        return TrialSeeded(lambda s: optuna.samplers.RandomSampler(seed=s), seed)
-    if name == "qmc":
-        return optuna.samplers.QMCSampler(seed=seed)
-    if name == "cmaes":  # its state (and RNG) lives in the study's trials
-        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    return TrialSeeded(lambda s: optuna.samplers.NSGAIISampler(seed=s), seed)
+def _seeded(make: Callable[[int], optuna.samplers.BaseSampler]) -> Callable[[int], optuna.samplers.BaseSampler]:
+    """A sampler whose only state is its RNG, seeded per trial (`TrialSeeded`)."""
+    return lambda seed: TrialSeeded(make, seed)
+
+
+# name -> sampler from a seed; the names (studies/options.py SAMPLERS) feed the command line
+SAMPLER_FACTORIES: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
+    "tpe": _seeded(lambda s: optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=s)),
+    "random": _seeded(lambda s: optuna.samplers.RandomSampler(seed=s)),
+    "qmc": lambda seed: optuna.samplers.QMCSampler(seed=seed),  # indexed by trial already
+    # its state (and RNG) lives in the study's trials
+    "cmaes": lambda seed: optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False),
+    "nsga2": _seeded(lambda s: optuna.samplers.NSGAIISampler(seed=s)),
+}
+# name -> pruner from the trials' epochs; the names: studies/options.py PRUNERS
+PRUNER_FACTORIES: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
+    "hyperband": lambda epochs: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 2),
+                                                               reduction_factor=3),
+    "median": lambda epochs: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+    "none": lambda epochs: optuna.pruners.NopPruner(),
+}
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    return C.pick(SAMPLER_FACTORIES, "sampler", name)(seed)
 
 
 def make_pruner(name: str, epochs: int, multi: bool) -> optuna.pruners.BasePruner:
-    if multi or name == "none":  # Optuna's pruners only apply to single-objective studies
+    make = C.pick(PRUNER_FACTORIES, "pruner", name)
+    if multi:  # Optuna's pruners only apply to single-objective studies
         return optuna.pruners.NopPruner()
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-    return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 2), reduction_factor=3)
+    return make(epochs)
 
 
 def base_config(opts: TuneOptions, space: Space) -> C.Config:
@@ -151,19 +189,42 @@ def directions(objectives: str) -> list[str]:
     return ["maximize"] + (["minimize"] if "," in objectives else [])
 
 
+def space_definition(space: Space) -> dict:
+    """What a space samples, parameter by parameter: what a study's trials must keep sampling."""
+    return {p.name: {k: v for k, v in asdict(p).items() if k != "name"} for p in space.params}
+
+
+def _check_space(study: optuna.Study, name: str, defined: dict | None) -> None:
+    """Refuse a study joined with another search space, before any trial: Optuna would fail its trials
+    ("does not support dynamic value space"). By the parameters stored with the study, else by name."""
+    attrs = study.user_attrs
+    made_with = attrs.get("space")
+    if defined is not None and "space_params" in attrs:
+        differ = sorted(k for k in {*attrs["space_params"], *defined}
+                        if attrs["space_params"].get(k) != defined.get(k))
+        how = f"which defines other parameters ({', '.join(differ[:5])})"
+    else:
+        differ = made_with is not None and made_with != name
+        how = "(compared by name: the study stores no parameters)"
+    if differ:
+        raise StudyError(f"study {study.study_name} was made with search space {made_with!r} {how}: "
+                         f"run it with --space {made_with}, or use a new --study name for --space {name}")
+
+
 def open_study(opts: TuneOptions, storage, base: C.Config, client=None,
-               first_trial: dict | None = None) -> tuple[optuna.Study, str]:
+               first_trial: dict | None = None, space: Space | None = None) -> tuple[optuna.Study, str]:
     """Create or join the study; exactly one study run exists for it, whoever starts first.
 
     Creating the Optuna study is the atomic step: the worker that creates it also creates the
     MLflow experiment and study run and stores the run id in the study; others wait for it.
     `client` None: the creator opens the MLflow store only then, so that concurrent workers
     never create a fresh store at the same time. A new study's first trial is `first_trial`
-    (the base config's own values, where the space allows them).
+    (the base config's own values, where the space allows them). `space`: the whole space as
+    loaded, stored with a new study and compared with a joined one's.
     """
     dirs = directions(opts.objectives)
     multi = len(dirs) > 1
-    sampler = make_sampler(opts.sampler, opts.seed, multi)
+    sampler = make_sampler(opts.sampler, opts.seed)
     pruner = make_pruner(opts.pruner, base.epochs, multi)
     try:
         study = optuna.create_study(study_name=opts.study, storage=storage, directions=dirs,
@@ -187,6 +248,8 @@ def open_study(opts: TuneOptions, storage, base: C.Config, client=None,
         run.log_text(C.to_yaml(base), "base_config.yaml")
         study.set_user_attr("base_config", _comparable(C.to_dict(base)))
         study.set_user_attr("space", opts.space)
+        if space is not None:
+            study.set_user_attr("space_params", space_definition(space))
         study.set_user_attr("objectives", opts.objectives)
         study.set_user_attr("mlflow_experiment", opts.study)
         if first_trial:
@@ -194,6 +257,7 @@ def open_study(opts: TuneOptions, storage, base: C.Config, client=None,
         study.set_user_attr("mlflow_parent_run_id", run.run_id)
         return study, run.run_id
     parent = _wait_for_parent(study)
+    _check_space(study, opts.space, space_definition(space) if space is not None else None)
     stored, ours = study.user_attrs.get("base_config") or {}, _comparable(C.to_dict(base))
     diff = [k for k in stored if k in ours and stored[k] != ours[k]]  # (keys newer than the study: defaults)
     if diff:
@@ -235,11 +299,12 @@ def _wait_for_parent(study: optuna.Study, timeout: float = 120.0) -> str:
 def prepare(opts: TuneOptions) -> tuple[Space, C.Config, optuna.Study, str, object]:
     """The space (less the --set keys), the trials' base config, the study, its run and the client."""
     os.environ.pop("MLFLOW_RUN_ID", None)
-    space = load_space(opts.space)
+    quiet_experimental()
+    whole = load_space(opts.space)
     fixed = set(C.flatten(C.parse_overrides(opts.overrides))) if opts.overrides else set()
-    space = space.without(fixed)
+    space = whole.without(fixed)
     base = base_config(opts, space)
     storage = open_storage(opts)
     # creates the MLflow store if this worker is first
-    study, parent = open_study(opts, storage, base, first_trial=starting_point(space, base))
+    study, parent = open_study(opts, storage, base, first_trial=starting_point(space, base), space=whole)
     return space, base, study, parent, open_client(opts.tracking_uri)

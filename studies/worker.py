@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import optuna
 from optuna.trial import TrialState
@@ -54,7 +54,11 @@ class _QuietTrials(logging.Filter):
         return not (m and int(m.group(1)) in self.numbers)
 
 
-logging.getLogger("optuna.study._optimize").addFilter(_QuietTrials())
+def quiet_trial_logs() -> None:
+    """`_QuietTrials` on Optuna's trial log, once: installed when a worker starts, not on import."""
+    logger = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _QuietTrials) for f in logger.filters):
+        logger.addFilter(_QuietTrials())
 
 
 def remaining(study: optuna.Study, target: int) -> int:
@@ -88,6 +92,7 @@ class Worker:
     dataset: Dataset | None = None
     finisher: object = None  # harness.finisher.Finisher: evaluates finished trials in the background
     trial_id: int | None = None  # the trial in progress (to re-queue it when stopped)
+    settled: dict = field(default_factory=dict)  # the champion this worker settled (update_study_run)
 
     def objective(self, trial: optuna.Trial):
         """What Optuna calls. Signals are held (`hold`) from before Optuna creates the trial until this
@@ -200,7 +205,7 @@ class Worker:
             finally:
                 release()  # a stop held while Optuna told the trial's end is raised here
             if self.plan.run_kind == "trial":  # the study run's row, live (a confirmation reports at its end)
-                update_study_run(self.study, self.client, self.parent_run_id)
+                update_study_run(self.study, self.client, self.parent_run_id, settled=self.settled)
             trial = last["trial"]
             if trial.user_attrs.get("surplus"):
                 _QuietTrials.numbers.discard(trial.number)
@@ -246,6 +251,7 @@ def worker_process(opts: TuneOptions, threads: int) -> None:
 def run_worker(opts: TuneOptions) -> Worker:
     from harness.finisher import Finisher
 
+    quiet_trial_logs()
     plan, base, study, parent, client = prepare_plan(opts)
     finisher = None
     if opts.evaluate == "background":

@@ -160,3 +160,14 @@ def test_bad_command_line_is_one_line(argv, expected, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0] and "--help" in lines[0], err
     assert out == ""
+
+
+@pytest.mark.parametrize("command", ["best", "compare", "report", "dashboard"])
+def test_a_read_only_command_leaves_an_empty_folder_as_it_found_it(command, tmp_path, monkeypatch, capsys):
+    for var in ("HARNESS_STORAGE", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    assert main([command, "--study", "typo"]) == 2
+    assert "no study storage at mlruns/optuna.db" in error_line(capsys)
+    assert sorted(tmp_path.rglob("*")) == before == []

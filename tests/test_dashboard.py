@@ -29,7 +29,7 @@ from optuna_dashboard import get_note
 
 from harness.cli import main
 from studies.dashboard import mlflow_run_url, read_only_storage
-from studies.study import storage_url
+from studies.study import storage_url, writable_storage
 
 STUDY = "live"
 TRIALS = 3
@@ -196,7 +196,7 @@ def test_a_dashboard_read_blocks_no_worker_write(tmp_path):
 
     # ours: the storage in WAL mode (as `harness tune` and `harness dashboard` open it), the
     # dashboard's connection read-only: the commit goes through while the read is in progress
-    url = storage_url(f"sqlite:///{tmp_path / 'ours.db'}")
+    url = writable_storage(f"sqlite:///{tmp_path / 'ours.db'}")
     opened = []
 
     def dashboard_connection():

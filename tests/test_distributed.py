@@ -235,6 +235,20 @@ def _running_trial_with_run(setup: Setup, name: str, proc: subprocess.Popen) -> 
     pytest.fail(f"no trial was seen running within {WAIT} s:\n{setup.output()[-5000:]}")
 
 
+def _wait_until_stale(setup: Setup, name: str, trial: optuna.trial.FrozenTrial) -> None:
+    """Until Optuna reads the dead worker's trial as stale (its heartbeat older than the workers' grace
+    period of 3 heartbeats, by the database's clock), as the next worker will."""
+    from conftest import wait_until
+
+    from studies.study import storage_url
+
+    storage = optuna.storages.RDBStorage(storage_url(setup.storage), heartbeat_interval=1, grace_period=3)
+    study_id = storage.get_study_id_from_name(name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+    wait_until(lambda: trial_id in storage._get_stale_trial_ids(study_id), f"stale trial {trial.number}",
+               timeout=WAIT)
+
+
 # trials of a few seconds: the test sees one running well before it ends
 SLOW = [f for f in FIXED if not f.startswith("epochs=")] + ["epochs=5"]
 
@@ -256,7 +270,7 @@ def test_sigkilled_worker_trial_is_failed_retried_and_its_run_ended(tmp_path, sh
     dead_run = dead.user_attrs["mlflow_run_id"]
     assert setup.study("killed").trials[dead.number].state == TrialState.RUNNING  # nobody knows yet
     assert setup.client().get_run(dead_run).info.status == "RUNNING"
-    time.sleep(4.5)  # past the grace period (3 heartbeats of 1 s) so the trial reads as stale
+    _wait_until_stale(setup, "killed", dead)  # past the grace period (3 heartbeats of 1 s)
     _resume(setup, "killed", 1)
 
     study = setup.study("killed")
@@ -361,7 +375,7 @@ def test_a_sigkilled_trial_resumes_from_its_last_checkpoint_and_ends_as_if_never
     assert checkpoint.exists(), "the trial ended before its first checkpoint: make RESUMABLE longer"
     epoch = resume.load(checkpoint)["epoch"]
     assert 1 <= epoch < 6
-    time.sleep(4.5)  # past the heartbeat's grace period: the trial reads as lost, and is re-queued
+    _wait_until_stale(setup, "resume", dead)  # past the heartbeat's grace period: it reads as lost, is re-queued
     resumed = setup.start(setup.args("resume", 1, fixed=RESUMABLE))
     _wait([resumed], setup)
     assert resumed.returncode == 0, setup.output()[-5000:]

@@ -99,3 +99,28 @@ def test_a_failed_evaluation_is_recorded_on_the_run(cifar10_root, tracking_uri, 
     tags = client.get_run(run.run_id).data.tags
     assert tags["evaluation"] == "failed" and tags["evaluation_error"].startswith("UnpicklingError")
     assert not job.exists()
+
+
+def test_report_finishes_the_evaluations_left_behind(cifar10_root, tracking_uri, tiny_config, tmp_path, capsys):
+    """A trial's job left in the spool by a killed finisher: `harness report` does it before the summary."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from harness.cli import main
+
+    cfg = tiny_config(cifar10_root)
+    client = client_for(tracking_uri)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="left", storage=storage, direction="maximize")
+    parent = RunLogger.start(client, "left", "study-left", tags={"run_kind": "study"})
+    study.set_user_attr("mlflow_parent_run_id", parent.run_id)
+    run = RunLogger.start(client, "left", "trial-0", tags={"run_kind": "trial"}, parent_run_id=parent.run_id)
+    job = write_job(spool_dir(tracking_uri), run, cfg, build_model(cfg.model, 10), tracking_uri)
+    study.add_trial(optuna.trial.create_trial(value=0.5, params={"lr": 0.01},
+                                              distributions={"lr": FloatDistribution(1e-3, 0.1, log=True)},
+                                              user_attrs={"mlflow_run_id": run.run_id}))
+    assert main(["report", "--study", "left", "--storage", storage, "--tracking-uri", tracking_uri]) == 0
+    assert "finished 1 trial evaluation left in the spool" in capsys.readouterr().out
+    got = client.get_run(run.run_id).data
+    assert got.tags["evaluation"] == "done" and "test_accuracy" in got.metrics
+    assert not job.exists()

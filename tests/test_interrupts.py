@@ -2,9 +2,7 @@
 signal between `hold()` and `release()` waits for `release()` (a worker holds it while Optuna
 creates a trial, so no trial is left RUNNING without a heartbeat); a stop Python swallowed is
 raised again by `check()`."""
-import os
 import signal
-import time
 
 import pytest
 
@@ -20,8 +18,7 @@ def handlers():
 
 
 def signal_self(signum) -> None:
-    os.kill(os.getpid(), signum)
-    time.sleep(0.05)  # the handler runs in this (the main) thread at the next bytecode
+    signal.raise_signal(signum)  # delivered to this (the main) thread, its handler run before it returns
 
 
 def test_sigterm_raises_stopped_with_exit_code_143(handlers):

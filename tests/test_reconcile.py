@@ -1,7 +1,7 @@
 """studies/reconcile.py on a real Optuna SQLite storage: a trial whose worker was killed in the
 instant between Optuna creating it and starting its heartbeat (none recorded) is failed and
 re-queued once the grace period has passed; a fresh one is left alone."""
-import time
+from datetime import datetime, timedelta
 
 import optuna
 from optuna.trial import TrialState
@@ -16,8 +16,7 @@ def test_a_trial_without_any_heartbeat_is_failed_and_requeued_after_the_grace_pe
     study = optuna.create_study(study_name="silent", storage=storage)
     silent = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # RUNNING, no heartbeat: as if killed
     assert fail_silent_trials(study) == []  # within the grace period: its heartbeat may be about to start
-    time.sleep(2.2)
-    assert fail_silent_trials(study) == [silent.number]
+    assert fail_silent_trials(study, now=lambda: datetime.now() + timedelta(seconds=2.2)) == [silent.number]
     trials = study.get_trials()
     assert trials[0].state == TrialState.FAIL and "no heartbeat" in trials[0].user_attrs["fail_reason"]
     assert trials[1].state == TrialState.WAITING and trials[1].params == trials[0].params  # re-queued

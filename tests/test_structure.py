@@ -91,3 +91,26 @@ def test_train_help_does_not_import_optuna_or_the_studies():
     # (the parser's choices for `tune` come from studies/options.py, which imports nothing heavy)
     loaded = {m for m in modules if m.split(".")[0] in ("optuna", "studies", "analysis")} - {"studies", "studies.options"}
     assert not loaded, sorted(loaded)[:10]
+
+
+IMPORT_LEAVES_NO_TRACE = """
+import logging, warnings
+import studies.driver, studies.report, studies.study, studies.worker
+from optuna.exceptions import ExperimentalWarning
+
+def quiet_filters():
+    return [f for f in warnings.filters if f[2] is ExperimentalWarning and f[0] == "ignore"]
+
+optimize = logging.getLogger("optuna.study._optimize")
+assert not quiet_filters() and not optimize.filters, "set on import"
+assert not hasattr(studies.report, "_settled"), "a module-global cache"
+for _ in range(2):  # what a worker and its study install when they start, once however often
+    studies.study.quiet_experimental()
+    studies.worker.quiet_trial_logs()
+assert len(quiet_filters()) == 1 and len(optimize.filters) == 1
+"""
+
+
+def test_importing_the_studies_sets_no_filter_and_starting_one_sets_each_once():
+    out = subprocess.run([sys.executable, "-c", IMPORT_LEAVES_NO_TRACE], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -179,6 +179,24 @@ def test_three_failures_in_a_row_stop_the_worker_with_the_last_reason_and_the_st
     assert env.study_run("failing").info.status == "FINISHED"
 
 
+def test_a_study_resumed_with_another_search_space_is_refused_before_any_trial(env, capsys):
+    """The same study, its space file edited (same name, other parameters): one line naming the
+    study's space and the fix, and no trial; the same space again goes on."""
+    code, out, err = env.tune(capsys, "spaced", 0)
+    assert code == 0, err
+    env.space.write_text(SPACE_2D)
+    code, out, err = env.tune(capsys, "spaced", 2)
+    assert code == 2
+    lines = harness_lines(err)
+    assert len(lines) == 1, err
+    assert f"made with search space '{env.space}' which defines other parameters (label_smoothing" in lines[0]
+    assert f"run it with --space {env.space}, or use a new --study name" in lines[0]
+    assert [t.state for t in env.study("spaced").trials] == [TrialState.WAITING]  # (its first trial, queued)
+    env.space.write_text(SPACE)
+    code, out, err = env.tune(capsys, "spaced", 0)
+    assert code == 0, err
+
+
 def test_timeout_stops_the_worker_starting_trials(env, capsys):
     """--timeout 1 with a target of 50: the first trial starts within the second and takes longer; no
     trial starts after it (one more at most, on a machine where a trial takes under a second)."""

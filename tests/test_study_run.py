@@ -63,6 +63,7 @@ class HandStudy:
         self.study.set_user_attr("mlflow_parent_run_id", self.parent)
         self.study.set_user_attr("objectives", objectives)
         self.name = name
+        self.settled: dict = {}  # as a worker keeps it
 
     def add(self, state=TrialState.COMPLETE, values=None, model: str = "yes", lr: float = 0.01) -> RunLogger:
         """model: yes (logged now), later (to come: `log_model(run)`), no (eval.log_model=false)."""
@@ -76,7 +77,7 @@ class HandStudy:
         return run
 
     def update(self) -> tuple[dict, object]:
-        update_study_run(self.study, self.client, self.parent)
+        update_study_run(self.study, self.client, self.parent, settled=self.settled)
         return self.client.get_run(self.parent).data, champion_version(self.client, self.name)
 
 

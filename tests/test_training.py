@@ -179,6 +179,20 @@ def test_schedules_change_the_learning_rate_as_configured():
     assert lrs("none")[0] == [0.1] * 4
 
 
+def test_optimizer_and_schedule_tables_are_the_configs_choices_and_refuse_other_names():
+    from harness.config import CHOICES, Config
+    from harness.training import OPTIMIZERS, SCHEDULES
+
+    assert tuple(OPTIMIZERS) == CHOICES["optimizer"] and tuple(SCHEDULES) == CHOICES["schedule"]
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ConfigError, match=r"^unknown optimizer 'rmsprop': choose one of sgd, adam, adamw$"):
+        build_optimizer([{"params": model.parameters()}], Config(optimizer="rmsprop"))  # (unchecked: no from_dict)
+    opt = build_optimizer([{"params": model.parameters()}], Config())
+    with pytest.raises(ConfigError, match=r"^unknown schedule 'triangle': choose one of onecycle, linear, "):
+        build_scheduler(opt, Config(schedule="triangle"), 5)
+    assert isinstance(opt, torch.optim.SGD)
+
+
 def test_param_groups_scale_the_learning_rate():
     from harness.config import Config
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
