@@ -35,6 +35,9 @@ class DataConfig:
     split_seed: int = 0  # the train/validation split has its own seed, so trials share one split
     train_subset: int | None = None  # quick runs: first N images of the shuffled training part
     val_subset: int | None = None
+    # per-epoch validation (early stopping, pruning) on the first N validation images, and the weights
+    # kept scored on the whole part: a trial is selected on all of it at the cost of one pass
+    prune_subset: int | None = None
     test_subset: int | None = None
     download: bool = True  # fetch with torchvision when the files are missing
     label: str = "fine"  # cifar100 only: fine (100 classes) | coarse (20 superclasses)
@@ -213,7 +216,8 @@ def _check(cfg: Config) -> Config:
             raise ConfigError(f"bad value {get(cfg, key)!r} for {key}: must be 0 or more")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"bad value {cfg.data.val_fraction!r} for data.val_fraction: must be in (0, 1)")
-    for key in ("data.train_subset", "data.val_subset", "data.test_subset", "eval.embedding_samples"):
+    for key in ("data.train_subset", "data.val_subset", "data.prune_subset", "data.test_subset",
+                "eval.embedding_samples"):
         value = get(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"bad value {value!r} for {key}: must be positive (or none for all)")

@@ -188,8 +188,10 @@ def fit(model: torch.nn.Module, splits: Splits, cfg: Config, device: torch.devic
         resume: dict | None = None) -> FitResult:
     """Train `model` on `splits` (tensors already on `device`) and restore its best weights.
 
-    Early stopping watches validation accuracy; `patience` epochs without a new best end
-    training. Raises NonFiniteLoss at the end of an epoch whose loss became NaN/inf.
+    Early stopping (and a pruner, through the callbacks) watches validation accuracy, on the
+    first `data.prune_subset` validation images where set; `patience` epochs without a new best
+    end training. The weights kept are scored on the whole validation part (`best_val_accuracy`,
+    what a study selects on). Raises NonFiniteLoss at the end of an epoch whose loss became NaN/inf.
     Every `cfg.checkpoint_every` epochs `checkpoint` gets the whole training state (see
     harness/resume.py); `resume`, such a state, continues training from its epoch, with the
     callbacks first called on the epochs it already holds.
@@ -205,6 +207,7 @@ def fit(model: torch.nn.Module, splits: Splits, cfg: Config, device: torch.devic
     scheduler, per_batch = build_scheduler(opt, cfg, steps_per_epoch)
     lookahead = Lookahead(model, cfg.epochs * steps_per_epoch) if cfg.lookahead else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    watch_x, watch_y = splits.val_x[:cfg.data.prune_subset], splits.val_y[:cfg.data.prune_subset]
     result = FitResult()
     best_state = None
     since_best = 0
@@ -263,16 +266,13 @@ def fit(model: torch.nn.Module, splits: Splits, cfg: Config, device: torch.devic
         if not math.isfinite(loss_sum):
             raise NonFiniteLoss(f"non-finite training loss ({loss_sum / n}) in epoch {epoch}: "
                                 f"lower the learning rate (lr={cfg.lr:g})")
-        val = predict(model, splits.val_x, normalize, batch_size=1000, bf16=bf16, tta=cfg.eval.tta)
-        val_loss, val_correct = torch.stack([
-            F.cross_entropy(val.logits, splits.val_y, label_smoothing=cfg.label_smoothing),
-            (val.logits.argmax(1) == splits.val_y).sum().float()]).tolist()
+        val_loss, val_accuracy = validate(model, watch_x, watch_y, normalize, bf16, cfg)
         metrics = EpochMetrics(
             epoch=epoch,
             train_loss=loss_sum / n,
             train_accuracy=correct / n,
-            val_loss=val_loss,  # with the same label smoothing as train_loss: the curves compare
-            val_accuracy=val_correct / len(splits.val_y),
+            val_loss=val_loss,
+            val_accuracy=val_accuracy,
             lr=opt.param_groups[-1]["lr"],
             images_per_s=n / train_seconds,
             epoch_seconds=time.perf_counter() - start,
@@ -308,7 +308,19 @@ def fit(model: torch.nn.Module, splits: Splits, cfg: Config, device: torch.devic
         interrupts.check()  # a stop Python swallowed mid-epoch (see harness/interrupts.py) stops here
 
     model.load_state_dict(best_state)
+    if len(watch_y) < len(splits.val_y):  # watched on a subset: the weights kept are scored on the whole part
+        result.best_val_accuracy = validate(model, splits.val_x, splits.val_y, normalize, bf16, cfg)[1]
     return result
+
+
+def validate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, normalize, bf16: bool,
+             cfg: Config) -> tuple[float, float]:
+    """(loss, accuracy) on validation images; the loss with the same label smoothing as the training
+    loss, so the curves compare."""
+    val = predict(model, x, normalize, batch_size=1000, bf16=bf16, tta=cfg.eval.tta)
+    loss, correct = torch.stack([F.cross_entropy(val.logits, y, label_smoothing=cfg.label_smoothing),
+                                 (val.logits.argmax(1) == y).sum().float()]).tolist()
+    return loss, correct / len(y)
 
 
 def _cpu(state):

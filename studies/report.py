@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from harness.tracking import MODEL_URI_TAG, RunLogger, error_line
 from harness.uncertainty import overlaps
 from studies.results import best_trial
-from studies.space import WIDTH_KEYS
+from studies.space import builds_widths
 
 PLOTS = {
     "optimization_history": optuna.visualization.matplotlib.plot_optimization_history,
@@ -243,7 +243,7 @@ def compare_table(client, study: optuna.Study, sort: str = "val_accuracy", colum
         "params": runs.get("metrics.num_params").astype("Int64") if "metrics.num_params" in runs else None,
         "run_id": runs["run_id"],
     })
-    searched = {("model.widths" if n in WIDTH_KEYS else n) for t in study.get_trials(deepcopy=False) for n in t.params}
+    searched = {("model.widths" if builds_widths(n) else n) for t in study.get_trials(deepcopy=False) for n in t.params}
     for key in sorted(searched):
         if f"params.{key}" in runs:
             table[key] = _numeric(runs[f"params.{key}"])

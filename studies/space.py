@@ -11,8 +11,11 @@ A space file (see studies/spaces/) holds:
       full: {epochs: 30}
 
 Keys are `harness train` config keys, plus three that build `model.widths`: `model.stages`,
-`model.base_width` and `model.width_multiplier` (width of stage i = base * multiplier^i).
-An optional `config: fast` names the run config the trials start from (studies/configs/).
+`model.base_width` and `model.width_multiplier` (width of stage i = base * multiplier^i), or
+per-stage scales of the base config's widths, `model.width_scale.1`, `model.width_scale.2`, ...
+(stage k's width = the config's width of stage k times the scale, so one range fits every
+profile's network and 1.0 is the config's own). An optional `config: fast` names the run config
+the trials start from (studies/configs/).
 """
 from __future__ import annotations
 
@@ -27,6 +30,19 @@ from harness.errors import HarnessError
 from studies import library
 
 WIDTH_KEYS = {"model.stages": 3, "model.base_width": 32, "model.width_multiplier": 2.0}
+SCALE_PREFIX = "model.width_scale."
+MAX_STAGES = 5  # (as harness/config.py's check allows)
+SCALE_KEYS = {f"{SCALE_PREFIX}{k}" for k in range(1, MAX_STAGES + 1)}
+
+
+def builds_widths(name: str) -> bool:
+    """Whether a parameter is one of those that make `model.widths` rather than a config key."""
+    return name in WIDTH_KEYS or name in SCALE_KEYS
+
+
+def scale_stage(name: str) -> int:
+    """The 1-based stage a `model.width_scale.<k>` key scales."""
+    return int(name.removeprefix(SCALE_PREFIX))
 TYPES = {"float", "int", "categorical"}
 
 
@@ -57,7 +73,7 @@ class Space:
     def without(self, fixed: set[str]) -> "Space":
         """The space with `--set` keys taken out of the search (they are fixed for every trial)."""
         width_fixed = "model.widths" in fixed
-        keep = [p for p in self.params if p.name not in fixed and not (width_fixed and p.name in WIDTH_KEYS)]
+        keep = [p for p in self.params if p.name not in fixed and not (width_fixed and builds_widths(p.name))]
         return Space(self.name, self.path, keep, self.profiles, self.config)
 
 
@@ -96,6 +112,11 @@ def load_space(space: str) -> Space:
                              f"{library.known(library.CONFIGS_DIR)} or a YAML file beside the space")
         config = str(found)
     params = [_param(path, name, spec) for name, spec in raw["params"].items()]
+    scales = [p.name for p in params if p.name in SCALE_KEYS]
+    builders = [p.name for p in params if p.name in WIDTH_KEYS]
+    if scales and builders:
+        raise SpaceError(f"search space {path}: parameter {scales[0]}: per-stage width scales cannot be combined "
+                         f"with {builders[0]} (scales multiply the config's widths): search one or the other")
     for i, p in enumerate(params):
         above = {q.name: q for q in params[:i]}
         for key, want in (p.when or {}).items():
@@ -121,7 +142,7 @@ def load_space(space: str) -> Space:
 
 def _param(path: Path, name: str, spec) -> Param:
     where = f"search space {path}: parameter {name}"
-    valid = set(C.valid_keys()) | set(WIDTH_KEYS)
+    valid = set(C.valid_keys()) | set(WIDTH_KEYS) | SCALE_KEYS
     if name not in valid:
         raise SpaceError(f"{where}: not a config key; valid keys: {', '.join(sorted(valid))}")
     if not isinstance(spec, dict):
@@ -145,7 +166,8 @@ def _param(path: Path, name: str, spec) -> Param:
         for choice in p.choices:
             if choice is not None and not isinstance(choice, (bool, int, float, str)):
                 raise SpaceError(f"{where}: choice {choice!r} is not a number, string, boolean or null "
-                                 "(Optuna stores only these; for widths search model.stages/base_width)")
+                                 "(Optuna stores only these; for widths search model.width_scale.<stage> "
+                                 "or model.stages/base_width)")
             _check_value(where, name, choice)
     else:
         number = int if kind == "int" else (int, float)
@@ -180,7 +202,7 @@ def _can_take(p: Param, value) -> bool:
 
 def _check_value(where: str, name: str, value) -> None:
     """A value the config itself would refuse is a bad definition, found before any trial."""
-    if name in WIDTH_KEYS:
+    if builds_widths(name):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise SpaceError(f"{where}: value {value!r} must be a positive number")
         if name == "model.stages":
@@ -223,8 +245,26 @@ def sample(space: Space, trial: optuna.Trial, base: C.Config) -> C.Config:
         width = sampled.get("model.base_width", base.model.widths[0])
         mult = sampled.get("model.width_multiplier", WIDTH_KEYS["model.width_multiplier"])
         sampled["model.widths"] = [int(round(width * mult ** i)) for i in range(stages)]
-    updates = {k: v for k, v in sampled.items() if k not in WIDTH_KEYS}
+    if any(k in sampled for k in SCALE_KEYS):
+        sampled["model.widths"] = scaled_widths(space, base.model.widths, sampled)
+    updates = {k: v for k, v in sampled.items() if not builds_widths(k)}
     return C.replace(base, C.nest(updates))
+
+
+def scaled_widths(space: Space, widths: list[int], sampled: dict) -> list[int]:
+    """The config's widths, each stage times its sampled scale (1 where none was sampled)."""
+    check_stages(space, widths)
+    scale = {scale_stage(k): v for k, v in sampled.items() if k in SCALE_KEYS}
+    return [max(1, int(round(w * scale.get(i + 1, 1.0)))) for i, w in enumerate(widths)]
+
+
+def check_stages(space: Space, widths: list[int]) -> None:
+    """A scale for a stage the network lacks is a bad definition for this config: found before any
+    trial (the study calls this on its base config), in one line."""
+    for p in space.params:
+        if p.name in SCALE_KEYS and scale_stage(p.name) > len(widths):
+            raise SpaceError(f"search space {space.path}: parameter {p.name}: the network has "
+                             f"{len(widths)} stages (model.widths={widths}); scale stages 1 to {len(widths)}")
 
 
 def starting_point(space: Space, base: C.Config) -> dict:
@@ -233,7 +273,8 @@ def starting_point(space: Space, base: C.Config) -> dict:
     values = C.flatten(C.to_dict(base))
     widths = base.model.widths
     values.update({"model.stages": len(widths), "model.base_width": widths[0],
-                   "model.width_multiplier": widths[1] / widths[0] if len(widths) > 1 else None})
+                   "model.width_multiplier": widths[1] / widths[0] if len(widths) > 1 else None,
+                   **{k: 1.0 for k in SCALE_KEYS}})  # scales of the config's own widths
     point = {}
     for p in space.params:
         if not _active(p, values):

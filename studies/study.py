@@ -23,7 +23,7 @@ from harness import config as C
 from harness.tracking import RunLogger, experiment_id, open_client, redact, store_lock
 from studies import library
 from studies.options import DEFAULT_STORAGE, OBJECTIVES, StudyError, TuneOptions
-from studies.space import Space, load_space, profile_settings, starting_point
+from studies.space import Space, check_stages, load_space, profile_settings, starting_point
 
 
 def quiet_experimental() -> None:
@@ -304,6 +304,7 @@ def prepare(opts: TuneOptions) -> tuple[Space, C.Config, optuna.Study, str, obje
     fixed = set(C.flatten(C.parse_overrides(opts.overrides))) if opts.overrides else set()
     space = whole.without(fixed)
     base = base_config(opts, space)
+    check_stages(space, base.model.widths)
     storage = open_storage(opts)
     # creates the MLflow store if this worker is first
     study, parent = open_study(opts, storage, base, first_trial=starting_point(space, base), space=whole)

@@ -22,6 +22,8 @@ OPTIONS = {
     "pool": ["max", "avg"],
     "activation": ["relu", "gelu", "silu"],
     "head_width": [0, 24],
+    "stem": ["none", "whiten"],
+    "global_pool": ["none", "max", "avg"],
 }
 
 
@@ -42,7 +44,8 @@ def _model_config(p: dict) -> ModelConfig:
     widths = [6, 12, 10, 16][:p["stages"]]
     return ModelConfig(widths=widths, convs_per_stage=p["convs_per_stage"], kernel_size=p["kernel_size"],
                        batch_norm=p["batch_norm"], dropout=0.1, pool=p["pool"], activation=p["activation"],
-                       residual=p["residual"], head_width=p["head_width"])
+                       residual=p["residual"], head_width=p["head_width"], stem=p["stem"],
+                       global_pool=p["global_pool"])
 
 
 def _structure(model: nn.Module) -> list:
@@ -77,10 +80,11 @@ def test_shapes_and_stage_outputs(p):
     assert logits.shape == (3, 7) and torch.isfinite(logits).all()
     names = [f"stage{k}" for k in range(1, p["stages"] + 1)]
     assert model.stage_names == names and list(feats) == names
+    image = 31 if p["stem"] == "whiten" else 32  # the 2x2 stem has no padding
     for k, (name, width) in enumerate(zip(names, cfg.widths), 1):
-        side = 32 // 2 ** k
+        side = image // 2 ** k
         assert feats[name].shape == (3, width, side, side), name
-    flat = cfg.widths[-1] * (32 // 2 ** p["stages"]) ** 2
+    flat = cfg.widths[-1] * (1 if p["global_pool"] != "none" else image // 2 ** p["stages"]) ** 2
     expected_dim = p["head_width"] or flat
     assert model.embedding_dim == expected_dim and emb.shape == (3, expected_dim)
     assert torch.allclose(emb, emb2) and torch.allclose(logits, logits2)
@@ -100,6 +104,10 @@ def test_shapes_and_stage_outputs(p):
                for a in {nn.ReLU, nn.GELU, nn.SiLU} - {act})
     assert all((getattr(b, "shortcut", None) is not None) == p["residual"] for b in
                (model.stages[i].block for i in range(p["stages"])))
+    assert (model.stem is not None) == (p["stem"] == "whiten")
+    pools = {"max": nn.AdaptiveMaxPool2d, "avg": nn.AdaptiveAvgPool2d}
+    assert [type(m) for m in model.embedding.modules() if type(m) in pools.values()] == \
+        ([pools[p["global_pool"]]] if p["global_pool"] != "none" else [])
     assert count_parameters(model) > 0 and count_macs(model) > 0
 
 

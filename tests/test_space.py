@@ -13,7 +13,9 @@ import pytest
 
 from harness import config as C
 from studies.library import SPACES_DIR
-from studies.space import WIDTH_KEYS, SpaceError, load_space, profile_settings, sample
+from studies.library import config_path
+from studies.space import (SCALE_KEYS, WIDTH_KEYS, SpaceError, builds_widths, check_stages, load_space,
+                            profile_settings, sample, scale_stage, starting_point)
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
@@ -52,7 +54,10 @@ def test_sampling_gives_valid_configs_and_respects_conditions(name):
         # the sampled config passes the config's own checks (same as a file would)
         assert C.from_dict(C.to_dict(cfg)) == cfg
         for key, value in params.items():
-            if key in WIDTH_KEYS:
+            if key in SCALE_KEYS:  # the base config's width of that stage, scaled
+                k = scale_stage(key)
+                assert cfg.model.widths[k - 1] == round(C.Config().model.widths[k - 1] * value), key
+            if builds_widths(key):
                 continue
             assert C.get(cfg, key) == value, key
         if "optimizer" in names:
@@ -92,6 +97,39 @@ def test_set_keys_leave_the_search():
     assert not {p.name for p in no_widths.params} & set(WIDTH_KEYS)
     base = C.load(None, ["model.widths=[8,16]"])
     assert all(cfg.model.widths == [8, 16] for _, cfg in _trials(no_widths, 5, base))
+    # and the per-stage scales of the fast space
+    assert not {p.name for p in load_space("fast").without({"model.widths"}).params} & SCALE_KEYS
+
+
+@pytest.mark.parametrize("profile", ["quick", "full"])
+def test_the_fast_spaces_first_trial_is_the_recipe_on_either_profile(profile):
+    """Every parameter of the fast space, architecture included, can take the recipe's value for the
+    device (the quick profile's network and the full one's), so a study's first trial is the recipe."""
+    space = load_space("fast")
+    base = C.from_dict(C.merge(C.to_dict(C.load(config_path("fast"), profile=profile)),
+                               profile_settings(space, profile)))
+    point = starting_point(space, base)
+    assert set(point) == {p.name for p in space.params}
+    assert sample(space, optuna.trial.FixedTrial(point), base) == base
+    # the architecture is searched: per-stage widths, convolutions, activation, pooling, stem, batch size
+    names = {p.name for p in space.params}
+    assert {"model.width_scale.1", "model.width_scale.2", "model.width_scale.3", "model.convs_per_stage",
+            "model.activation", "model.global_pool", "model.stem", "batch_size"} <= names
+    widths = {tuple(cfg.model.widths) for _, cfg in _trials(space, 20, base)}
+    assert len(widths) > 5 and all(len(w) == len(base.model.widths) for w in widths)
+
+
+def test_a_scale_for_a_stage_the_network_lacks_is_one_line(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("params:\n  model.width_scale.4: {type: float, low: 0.5, high: 1.5}\n")
+    space = load_space(str(path))
+    check_stages(space, [8, 16, 32, 64])  # four stages: fine
+    with pytest.raises(SpaceError) as err:
+        check_stages(space, [32, 64, 128])
+    msg = str(err.value)
+    assert "\n" not in msg and "parameter model.width_scale.4:" in msg and "3 stages" in msg, msg
+    with pytest.raises(SpaceError, match="model.width_scale.4"):  # sampling refuses it too
+        _trials(space, 1)
 
 
 GOOD_LR = "lr: {type: float, low: 1.0e-3, high: 0.1, log: true}"
@@ -120,6 +158,13 @@ BAD_SPACES = {
     "even_kernel": ("params:\n  model.kernel_size: {type: categorical, choices: [3, 4]}\n",
                     "model.kernel_size", "must be odd"),
     "too_many_stages": ("params:\n  model.stages: {type: int, low: 2, high: 7}\n", "model.stages", "at most 5"),
+    "scale_not_positive": ("params:\n  model.width_scale.1: {type: float, low: 0.0, high: 1.5}\n",
+                           "model.width_scale.1", "must be a positive number"),
+    "scale_of_stage_six": ("params:\n  model.width_scale.6: {type: float, low: 0.5, high: 1.5}\n",
+                           "model.width_scale.6", "not a config key"),
+    "scales_and_stages": ("params:\n  model.base_width: {type: categorical, choices: [16, 32]}\n"
+                          "  model.width_scale.1: {type: float, low: 0.5, high: 1.5}\n",
+                          "model.width_scale.1", "cannot be combined with model.base_width"),
     "list_choice": ("params:\n  model.widths: {type: categorical, choices: [[8, 16], [16, 32]]}\n",
                     "model.widths", "not a number, string"),
     "condition_undefined": (f"params:\n  {GOOD_LR}\n  momentum: {{type: float, low: 0.8, high: 0.99, "

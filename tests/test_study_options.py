@@ -292,6 +292,32 @@ def test_accuracy_and_latency_objectives_give_two_values_a_latency_metric_and_a_
     assert f"best trial {best.number}: objective {best.values[0]:.4f}, {best.values[1]:.4f}" in out
 
 
+@pytest.mark.parametrize("objectives", ["accuracy,params", "accuracy,latency"])
+def test_two_objectives_on_the_fast_space_search_its_architecture(env, capsys, objectives):
+    """The main job's space (`fast`: the recipe's config, its architecture searched) with two objectives:
+    the first trial is the recipe, the second another network, and each trial's second value is its own."""
+    tiny = [f for f in FIXED if not f.startswith("model.widths=")] + ["epochs=1", "data.train_subset=100"]
+    args = ["tune", "--study", "fast-arch", "--space", "fast", "--profile", "quick", "--trials", "2",
+            "--storage", env.storage, "--tracking-uri", env.tracking, "--data-dir", str(env.data),
+            "--sampler", "random", "--seed", "1", "--objectives", objectives, "--quiet", "--evaluate", "inline",
+            *[a for f in tiny for a in ("--set", f)]]
+    code = main(args)
+    assert code == 0, capsys.readouterr().err
+    study = env.study("fast-arch")
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 2
+    runs = [env.run_of(t) for t in trials]
+    widths = [run.data.params["model.widths"] for run in runs]
+    assert widths[0] == "[32, 64, 128]"  # the recipe's quick network first
+    assert {"model.width_scale.1", "model.convs_per_stage", "model.stem", "lr"} <= set(trials[1].params)
+    metric = "num_params" if objectives == "accuracy,params" else "latency_ms"
+    for t, run in zip(trials, runs):
+        assert t.values[0] == pytest.approx(run.data.metrics["best_val_accuracy"])
+        assert t.values[1] == pytest.approx(run.data.metrics[metric])
+    if objectives == "accuracy,params":  # another architecture: another size
+        assert trials[0].values[1] != trials[1].values[1]
+
+
 # ----------------------------------------------------------------------------
 # --evaluate inline
 

@@ -3,6 +3,7 @@ every optimizer and schedule, deterministic mode, device selection, and no host 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -79,6 +80,21 @@ def test_patience_zero_runs_every_epoch(cifar10_root, tiny_config):
     model, splits = setup(cfg)
     result = fit(model, splits, cfg, CPU, progress=False)
     assert len(result.history) == 3 and not result.stopped_early
+
+
+def test_prune_subset_watches_a_few_images_and_scores_the_kept_weights_on_all(cifar10_root, tiny_config):
+    """Epochs are validated (for early stopping and the pruner) on the first `prune_subset` images;
+    the weights kept are scored on the whole validation part, what a study selects on."""
+    cfg = tiny_config(cifar10_root, epochs=3, patience=0, data={"train_subset": 128, "val_subset": 40,
+                                                                 "prune_subset": 8})
+    model, splits = setup(cfg)
+    watched = []
+    result = fit(model, splits, cfg, CPU, callbacks=[watched.append], progress=False)
+    assert len(splits.val_y) == 40
+    assert all((m.val_accuracy * 8).is_integer() for m in watched)  # 8 images: multiples of 1/8
+    assert result.best_val_accuracy == pytest.approx(val_accuracy(model, splits, cfg))
+    small = dataclasses.replace(splits, val_x=splits.val_x[:8], val_y=splits.val_y[:8])
+    assert result.history[result.best_epoch - 1].val_accuracy == pytest.approx(val_accuracy(model, small, cfg))
 
 
 def test_callbacks_get_each_epochs_metrics(cifar10_root, tiny_config):
