@@ -225,8 +225,8 @@ def compare_table(client, study: optuna.Study, sort: str = "val_accuracy", colum
     mlflow.set_tracking_uri(client.tracking_uri)
     runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' "
                                                                    "and tags.run_kind = 'trial'")
-    if runs.empty:
-        return runs
+    if runs.empty or "tags.trial_number" not in runs:  # (no run a harness worker made)
+        return pd.DataFrame()
     table = pd.DataFrame({
         "trial": runs["tags.trial_number"].astype(int),
         "state": runs["tags.trial_state"],
