@@ -362,6 +362,18 @@ def test_a_trial_beyond_the_target_is_given_up():
     assert is_surplus(study, study.ask(), target=2)
 
 
+def test_a_study_that_stores_no_space_parameters_is_compared_by_space_name():
+    """Studies made before the space's parameters were stored: the name decides."""
+    from studies.options import StudyError
+    from studies.study import _check_space
+
+    study = optuna.create_study()
+    study.set_user_attr("space", "training")
+    _check_space(study, "training", {"lr": {"type": "float"}})
+    with pytest.raises(StudyError, match="made with search space 'training' \\(compared by name.*--space training"):
+        _check_space(study, "cnn", {"lr": {"type": "float"}})
+
+
 @pytest.mark.slow
 def test_tune_with_transfer_skips_it_with_one_line_when_the_target_is_missing(env, capsys):
     """The study stands; CIFAR-100 is absent from the generated data root, so the transfer is skipped."""
@@ -375,6 +387,22 @@ def test_tune_with_transfer_skips_it_with_one_line_when_the_target_is_missing(en
     assert len(skipped) == 1 and "cifar100 not found" in skipped[0] and "--data-dir" in skipped[0]
 
 
+def test_sampler_and_pruner_tables_are_the_command_lines_choices_and_refuse_other_names():
+    from harness.config import ConfigError
+    from studies.options import PRUNERS, SAMPLERS
+    from studies.study import PRUNER_FACTORIES, SAMPLER_FACTORIES, make_pruner, make_sampler
+
+    assert tuple(SAMPLER_FACTORIES) == SAMPLERS and tuple(PRUNER_FACTORIES) == PRUNERS
+    with pytest.raises(ConfigError, match=r"^unknown sampler 'grid': choose one of tpe, random, qmc, cmaes, nsga2$"):
+        make_sampler("grid", 0)
+    for multi in (False, True):  # (a two-objective study prunes nothing, but the name is checked)
+        with pytest.raises(ConfigError, match=r"^unknown pruner 'asha': choose one of hyperband, median, none$"):
+            make_pruner("asha", 4, multi)
+    assert isinstance(make_pruner("median", 4, False), optuna.pruners.MedianPruner)
+    assert isinstance(make_pruner("median", 4, True), optuna.pruners.NopPruner)
+    assert isinstance(make_sampler("qmc", 0), optuna.samplers.QMCSampler)
+
+
 @pytest.mark.parametrize("sampler", ["tpe", "random", "nsga2"])
 def test_workers_with_one_seed_draw_their_own_values(sampler):
     """Two workers of one study, both given --seed 0, ask at once: different values; a new study
@@ -385,12 +413,12 @@ def test_workers_with_one_seed_draw_their_own_values(sampler):
     dirs = ["maximize", "minimize"] if multi else ["maximize"]
     storage = optuna.storages.InMemoryStorage()
     first = optuna.create_study(storage=storage, study_name="s", directions=dirs,
-                                sampler=make_sampler(sampler, 0, multi))
-    second = optuna.load_study(storage=storage, study_name="s", sampler=make_sampler(sampler, 0, multi))
+                                sampler=make_sampler(sampler, 0))
+    second = optuna.load_study(storage=storage, study_name="s", sampler=make_sampler(sampler, 0))
     a, b = first.ask(), second.ask()
     x = a.suggest_float("x", 0, 1)
     assert x != b.suggest_float("x", 0, 1)
-    again = optuna.create_study(directions=dirs, sampler=make_sampler(sampler, 0, multi))
+    again = optuna.create_study(directions=dirs, sampler=make_sampler(sampler, 0))
     assert again.ask().suggest_float("x", 0, 1) == x
 
 
