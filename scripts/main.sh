@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: set up .venv, then run the CIFAR-10 study around the fast recipe
-# (studies/spaces/fast.yaml); its best trial feeds the CIFAR-100 transfer study. Extra arguments
+# (studies/spaces/fast.yaml: architecture and training); its top trials are confirmed with new seeds
+# and the confirmed champion feeds the CIFAR-100 transfer study. Extra arguments
 # go to `harness tune`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,5 +12,6 @@ DATA_DIR=${HARNESS_DATA_DIR:-data}
 if [ ! -f "$DATA_DIR/cifar-10-batches-py/batches.meta" ] && [ -f ../shared/datasets/materialize.py ]; then
   .venv/bin/python ../shared/datasets/materialize.py --out "$DATA_DIR"
 fi
-exec .venv/bin/harness tune --study "${STUDY:-cifar10-cnn}" --space fast --trials "${TRIALS:-16}" \
-  --data-dir "$DATA_DIR" --transfer "$@"
+# Tuning, then the top trials confirmed with new seeds (the champion is the best mean), then transfer.
+exec .venv/bin/harness tune --study "${STUDY:-cifar10-cnn}" --space fast --trials "${TRIALS:-14}" \
+  --confirm-top "${CONFIRM_TOP:-3}" --confirm-seeds "${CONFIRM_SEEDS:-3}" --data-dir "$DATA_DIR" --transfer "$@"
