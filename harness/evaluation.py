@@ -2,8 +2,9 @@
 
 Figures are built with `matplotlib.figure.Figure` directly rather than pyplot, so
 they never enter pyplot's global figure registry: nothing leaks across the many
-runs of an Optuna study and no backend has to be chosen. Callers log them (e.g.
-`mlflow.log_figure`) and may `plt.close(fig)` them; that is harmless either way.
+runs of an Optuna study and no backend has to be chosen (they save with Agg). Callers log them
+(`RunLogger.log_figures`, all of a run's in one request) and may `plt.close(fig)` them; that is
+harmless either way.
 """
 
 import math
@@ -37,7 +38,7 @@ class Predictions:
         return Predictions(self.logits.cpu(), self.embeddings.cpu() if self.embeddings is not None else None)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(
     model: torch.nn.Module,
     images: torch.Tensor,
