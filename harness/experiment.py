@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 
 from harness import config as C
 from harness import resume
@@ -59,66 +61,123 @@ def log_setup(run: RunLogger, cfg: C.Config, ds: Dataset, model: CNN, device: to
     run.log_dataset(f"{ds.name}-test", ds.digest, ds.test_images, ds.test_labels, cfg.data.root, "testing")
 
 
+@dataclass
+class Stopwatch:
+    """Seconds per stage of what a run does besides training, logged as `<prefix><stage>_seconds`:
+    where its fixed cost goes (`benchmarks/gpu.py` prints them)."""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        return {f"{prefix}{stage}_seconds": s for stage, s in self.seconds.items()}
+
+
 def log_evaluation(run: RunLogger, cfg: C.Config, model: CNN, ds: Dataset, test_x: torch.Tensor,
                    test_y: torch.Tensor) -> tuple[EvalResult, dict]:
     """Everything a trained run logs about its model: the test set's metrics and figures, the
-    embedding plots, a look at the data, and the model itself. `test_x`, `test_y` on the model's device."""
+    embedding plots, a look at the data, and the model itself. `test_x`, `test_y` on the model's device.
+
+    The figures go in one request at the end; the seconds of each stage (test, embeddings,
+    figures, model) are logged as `eval_<stage>_seconds`.
+    """
     device = test_x.device
-    test, metrics = log_test(run, cfg, model, test_x, test_y, ds, use_bf16(device, cfg.precision))
-    if cfg.eval.figures:
-        run.log_figure(class_samples_figure(ds.train_images, ds.train_labels, ds.classes, seed=cfg.seed),
-                       "data/train_samples.png")
+    clock = Stopwatch()
+    test, metrics, figures = log_test(run, cfg, model, test_x, test_y, ds, use_bf16(device, cfg.precision),
+                                      clock=clock)
+    with clock("figures"):
+        if cfg.eval.figures:
+            figures["data/train_samples.png"] = class_samples_figure(ds.train_images, ds.train_labels, ds.classes,
+                                                                     seed=cfg.seed)
+        run.log_figures(figures)
     if cfg.eval.log_model:
-        log_model(run, cfg, model)
+        with clock("model"):
+            log_model(run, cfg, model)
+    run.log_metrics(clock.metrics("eval_"))
     return test, metrics
 
 
 def log_test(run: RunLogger, cfg: C.Config, model: CNN, test_x: torch.Tensor, test_y: torch.Tensor, ds: Dataset,
-             bf16: bool = False, prefix: str = "test_") -> tuple[EvalResult, dict]:
-    """Test metrics, confusion matrices, per-class table, mistakes and embedding plots."""
-    normalize = make_normalize(test_x.device, cfg.channels_last)
-    pred = predict(model, test_x, normalize, embed=True, bf16=bf16, tta=cfg.eval.tta).cpu()
-    labels = test_y.cpu().numpy()
-    result = classification_metrics(pred.logits, test_y.cpu(), ds.classes)
-    metrics = metrics_dict(result, prefix=prefix)
-    metrics.update(interval_metrics(f"{prefix}accuracy", metrics[f"{prefix}accuracy"], len(labels)))
-    if ds.fine_to_coarse is not None and cfg.data.label == "fine":  # CIFAR-100: superclass accuracy too
-        to_coarse = ds.fine_to_coarse
-        metrics[f"{prefix}coarse_accuracy"] = float(np.mean(to_coarse[result.predictions] == to_coarse[labels]))
-    run.log_metrics(metrics)
-    run.log_table(result.per_class, "eval/per_class.csv")
-    run.log_table(pd.DataFrame(result.confusion, index=ds.classes, columns=ds.classes).rename_axis("true"),
-                  "eval/confusion.csv")
+             bf16: bool = False, prefix: str = "test_",
+             clock: Stopwatch | None = None) -> tuple[EvalResult, dict, dict[str, Figure]]:
+    """Test metrics, confusion matrices and per-class table (logged), and the figures of the
+    test set and its embeddings (returned by artifact path, for the caller to log at once).
+    One pass over the test set gives both the logits and the embeddings."""
+    clock = clock or Stopwatch()
+    with clock("test"):
+        normalize = make_normalize(test_x.device, cfg.channels_last)
+        pred = predict(model, test_x, normalize, embed=True, bf16=bf16, tta=cfg.eval.tta).cpu()
+        labels = test_y.cpu().numpy()
+        result = classification_metrics(pred.logits, test_y.cpu(), ds.classes)
+        metrics = metrics_dict(result, prefix=prefix)
+        metrics.update(interval_metrics(f"{prefix}accuracy", metrics[f"{prefix}accuracy"], len(labels)))
+        if ds.fine_to_coarse is not None and cfg.data.label == "fine":  # CIFAR-100: superclass accuracy too
+            to_coarse = ds.fine_to_coarse
+            metrics[f"{prefix}coarse_accuracy"] = float(np.mean(to_coarse[result.predictions] == to_coarse[labels]))
+        run.log_metrics(metrics)
+        run.log_table(result.per_class, "eval/per_class.csv")
+        run.log_table(pd.DataFrame(result.confusion, index=ds.classes, columns=ds.classes).rename_axis("true"),
+                      "eval/confusion.csv")
+    figures = {}
     if cfg.eval.figures:
-        run.log_figure(confusion_figure(result.confusion, ds.classes, normalize=False), "eval/confusion_counts.png")
-        run.log_figure(confusion_figure(result.confusion, ds.classes, normalize=True),
-                       "eval/confusion_normalized.png")
-        run.log_figure(per_class_figure(result.per_class), "eval/per_class.png")
-        run.log_figure(misclassified_figure(test_x.cpu().numpy(), labels, result.predictions, result.confidence,
-                                            ds.classes, k=cfg.eval.misclassified), "eval/misclassified.png")
+        with clock("figures"):
+            figures.update(test_figures(result, test_x, labels, ds.classes, cfg.eval.misclassified))
+    figures.update(embedding_figures(run, cfg, pred.embeddings.numpy(), labels, ds.classes, clock))
+    return result, metrics, figures
+
+
+def test_figures(result: EvalResult, test_x: torch.Tensor, labels: np.ndarray, classes: list[str],
+                 misclassified: int) -> dict[str, Figure]:
+    """Confusion matrices (counts, row-normalised), per-class chart and the most confident mistakes."""
+    return {
+        "eval/confusion_counts.png": confusion_figure(result.confusion, classes, normalize=False),
+        "eval/confusion_normalized.png": confusion_figure(result.confusion, classes, normalize=True),
+        "eval/per_class.png": per_class_figure(result.per_class),
+        "eval/misclassified.png": misclassified_figure(test_x.cpu().numpy(), labels, result.predictions,
+                                                       result.confidence, classes, k=misclassified),
+    }
+
+
+def embedding_figures(run: RunLogger, cfg: C.Config, embeddings: np.ndarray, labels: np.ndarray,
+                      classes: list[str], clock: Stopwatch) -> dict[str, Figure]:
+    """t-SNE and UMAP plots of `cfg.eval.embedding_samples` test embeddings; a projection the
+    embeddings cannot have (a dead network) is skipped with a tag saying why."""
     idx = sample_indices(len(labels), cfg.eval.embedding_samples, cfg.seed)
-    emb = pred.embeddings.numpy()[idx]
+    emb = embeddings[idx]
+    figures = {}
     for name, enabled, project in (("tsne", cfg.eval.tsne, project_tsne), ("umap", cfg.eval.umap, project_umap)):
         if enabled and len(idx) >= 10:
             try:
-                xy = project(emb, seed=cfg.seed)
+                with clock("embeddings"):
+                    xy = project(emb, seed=cfg.seed)
             except DegenerateEmbeddings as e:
                 run.set_tags({f"{name}_skipped": str(e)})
                 continue
             title = f"{name.upper()} of penultimate-layer embeddings ({len(idx)} test images)"
-            run.log_figure(plot_embedding_2d(xy, labels[idx], ds.classes, title), f"embeddings/{name}.png")
-    return result, metrics
+            with clock("figures"):
+                figures[f"embeddings/{name}.png"] = plot_embedding_2d(xy, labels[idx], classes, title)
+    return figures
 
 
 def log_model(run: RunLogger, cfg: C.Config, model: CNN) -> None:
     """The MLflow model and a weights-only checkpoint, from a CPU copy: the caller's model stays
-    where it is (a transfer or a latency measurement may still use it)."""
+    where it is (a transfer or a latency measurement may still use it). The signature is the
+    one MLflow would infer, given rather than inferred by running the model."""
+    from mlflow.models import infer_signature
+
     model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
     example = np.zeros((1, 3, 32, 32), dtype=np.float32)
+    signature = infer_signature(example, np.zeros((1, model.num_classes), dtype=np.float32))
     meta = {"input": "float32 (n, 3, 32, 32), pixels/255 normalized by mean and std",
             "mean": list(MEAN), "std": list(STD), "num_classes": model.num_classes,
             "stages": model.stage_names}
-    run.log_torch_model(model, example, meta)
+    run.log_torch_model(model, example, meta, signature=signature)
     run.log_state_dict(model.state_dict())
 
 
@@ -146,6 +205,7 @@ def train_run(cfg: C.Config, run: RunLogger, ds: Dataset | None = None, callback
     run.finished_by = tuple(ok_exceptions)
     try:
         with run:
+            begun = time.perf_counter()
             if cfg.eval.system_metrics:
                 run.monitor_system()  # until the run ends
             state = resume.adopt(run.client.tracking_uri, resume_from, run.run_id) if resume_from else None
@@ -174,6 +234,7 @@ def train_run(cfg: C.Config, run: RunLogger, ds: Dataset | None = None, callback
                          progress=progress, checkpoint=checkpoint, resume=state)
             run.log_metrics({"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
                              "epochs_trained": len(result.history), "train_seconds": time.perf_counter() - start,
+                             "setup_seconds": start - begun,  # data on the device, model, what the run is
                              "val_images": len(splits.val_y),
                              **interval_metrics("best_val_accuracy", result.best_val_accuracy, len(splits.val_y))})
             run.set_tags({"stopped_early": result.stopped_early})

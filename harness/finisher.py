@@ -12,8 +12,8 @@ worker starts its next trial while a process of its own, started with the worker
 
 A crash loses nothing: a job whose worker or finisher died stays in the spool, its lock freed
 with its process, and the next finisher on this store does it; `drain` does any left before a
-study's summary. The finisher pays the slow imports and UMAP's compilation once, at start-up,
-and uses one thread (on a CPU it shares the cores with training; on a GPU machine it is free).
+study's summary. The finisher pays the slow imports and loading UMAP's compiled code (compiled
+once per machine, harness.embeddings.load_umap) once, at start-up, and uses one thread (on a CPU it shares the cores with training; on a GPU machine it is free).
 """
 from __future__ import annotations
 

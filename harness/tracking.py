@@ -316,6 +316,22 @@ class RunLogger:
         import matplotlib.pyplot as plt
         plt.close(fig)
 
+    @_timed
+    def log_figures(self, figures: dict) -> None:
+        """Figures by artifact path, saved as `log_figure` would and logged in one request.
+
+        Built with `matplotlib.figure.Figure` (harness.evaluation), they render with Agg and are
+        in no pyplot registry: nothing to close, no pyplot to import.
+        """
+        if not figures:
+            return
+        with tempfile.TemporaryDirectory() as d:
+            for path, fig in figures.items():
+                local = Path(d) / path
+                local.parent.mkdir(parents=True, exist_ok=True)
+                fig.savefig(local)
+            self.client.log_artifacts(self.run_id, d)
+
     def log_table(self, df: pd.DataFrame, path: str) -> None:
         """A CSV artifact people can open anywhere (MLflow's own JSON table is UI-only)."""
         self.log_text(df.to_csv(), path)
@@ -340,8 +356,10 @@ class RunLogger:
         self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
     @_timed
-    def log_torch_model(self, model, input_example: np.ndarray, metadata: dict | None = None) -> str:
-        """`mlflow.pytorch.log_model` (a LoggedModel); returns its `models:/<model_id>`, also tagged on the run."""
+    def log_torch_model(self, model, input_example: np.ndarray, metadata: dict | None = None,
+                        signature=None) -> str:
+        """`mlflow.pytorch.log_model` (a LoggedModel); returns its `models:/<model_id>`, also tagged on the run.
+        A `signature` given spares MLflow inferring it by running the model on `input_example`."""
         import logging
 
         import mlflow.pytorch
@@ -356,7 +374,7 @@ class RunLogger:
         before = self.client.get_run(self.run_id).info
         with mlflow.start_run(run_id=self.run_id):  # links the model to the run; reopens an ended run...
             info = mlflow.pytorch.log_model(model, name="model", input_example=input_example, metadata=metadata,
-                                            pip_requirements=requirements,
+                                            pip_requirements=requirements, signature=signature,
                                             serialization_format="pickle")  # loads back as our CNN class
         if before.status != "RUNNING":  # ...so a run a background finisher evaluates ends as it had, not now
             self.client.set_terminated(self.run_id, before.status, before.end_time)

@@ -167,6 +167,14 @@ def _inputs(n: int = 16) -> torch.Tensor:
     return make_normalize("cpu")(ds_images)
 
 
+
+def test_fixed_costs_are_logged_by_stage(e2e):
+    """What a run spends besides training, stage by stage (benchmarks/gpu.py prints them)."""
+    metrics = e2e["run"].data.metrics
+    for stage in ("setup", "eval_test", "eval_figures", "eval_embeddings", "eval_model"):
+        assert metrics[f"{stage}_seconds"] > 0, stage
+
+
 @pytest.mark.slow
 def test_logged_model_loads_and_predicts_like_the_trained_one(e2e):
     client_for(e2e["uri"])  # the fluent tracking URI that runs:/ resolves against
@@ -181,6 +189,7 @@ def test_logged_model_loads_and_predicts_like_the_trained_one(e2e):
     # the generic pyfunc flavour, fed a numpy batch as described by the input example, agrees
     info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
     assert info.signature is not None and info.metadata["num_classes"] == 10
+    assert info.signature.to_dict() == mlflow.models.infer_signature(x.numpy(), expected.numpy()).to_dict()
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     out = np.asarray(pyfunc.predict(x.numpy()))
     np.testing.assert_allclose(out, expected.numpy(), atol=1e-5)
