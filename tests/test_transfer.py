@@ -271,7 +271,14 @@ def test_missing_target_data_fails_with_one_line_before_any_run(env, tmp_path):
 def test_best_of_unknown_study_fails_with_one_line(env, tmp_path):
     from studies.options import StudyError
 
+    import optuna
+
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with pytest.raises(StudyError) as e:  # no storage there at all
+        run_transfer("best:nosuchstudy", "cifar100", data_dir=str(env["data"]), tracking_uri=env["uri"],
+                     storage=storage, progress=False)
+    assert "no study storage at" in _one_line(e) and "--storage" in _one_line(e)
+    optuna.storages.RDBStorage(storage)  # a storage without that study
     with pytest.raises(StudyError) as e:
         run_transfer("best:nosuchstudy", "cifar100", data_dir=str(env["data"]), tracking_uri=env["uri"],
                      storage=storage, progress=False)
