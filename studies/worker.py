@@ -28,6 +28,7 @@ from harness.tracking import RunLogger, error_line, last_try, server_unreachable
 from studies.options import StudyError, TuneOptions
 from studies.reconcile import finish_study_run, reconcile_runs
 from studies.report import update_study_run
+from studies.slurm import slurm_tags
 from studies.space import Space, sample
 from studies.study import prepare, requeue
 
@@ -113,7 +114,7 @@ class Worker:
             if self.dataset is None or self.dataset.name != cfg.data.dataset:
                 self.dataset = load_dataset(cfg.data)
             tags = {"study": self.opts.study, "run_kind": "trial", "trial_number": trial.number,
-                    "trial_state": "RUNNING"}
+                    "trial_state": "RUNNING", **slurm_tags()}
             retry_of = trial.user_attrs.get("mlflow_run_id")  # a re-queued trial inherits the dead one's attrs
             resume_from = None
             if retry_of:
