@@ -39,7 +39,7 @@ params:
 """
 WAIT = 150  # seconds: only a bound on waiting for Slurm or a worker, never a measure
 # trials of several epochs, each checkpointed: long enough to be stopped between two of them
-LONG = tiny_trial("epochs=5", "data.train_subset=400")
+LONG = tiny_trial("epochs=8", "data.train_subset=400")
 
 
 # ----------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def test_a_preempted_task_stops_cleanly_is_requeued_and_resumes_its_trial(make_s
     s = make_study("preempted", 2, LONG)
     # the whole node: a job in partition high that needs a CPU must preempt it
     s.submit("--array-size", "1", "--cpus-per-task", "2", "--time", "10")
-    stopped = s.wait(s.running_trial_with_checkpoint, "trial running with a checkpoint")
+    s.wait(s.running_trial_with_checkpoint, "trial running with a checkpoint")
     started = time.monotonic()
     high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-c", "1", "-o", str(s.tmp / "high.out"),
                            "--wrap", "true"], capture_output=True, text=True, check=True, timeout=60).stdout.strip()
@@ -284,25 +284,33 @@ def test_a_preempted_task_stops_cleanly_is_requeued_and_resumes_its_trial(make_s
     log = s.log()
     assert "DUE TO PREEMPTION" in log and log.count("harness: stopped by SIGTERM") == 1, log
     assert "restart 1," in log  # the second attempt, in the same log after the first
-    stopped = study.trials[stopped.number]
-    assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"].startswith("Stopped")
+    retry = check_stopped_and_retried(s, study, "Stopped")
+    assert s.client().get_run(retry.user_attrs["mlflow_run_id"]).data.tags["resumed_at_epoch"] != "0"
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED"]
+
+
+def check_stopped_and_retried(s: Study, study: optuna.Study, reason: str) -> optuna.trial.FrozenTrial:
+    """The one stopped trial: FAIL for `reason`, its run KILLED in the first attempt; its retry
+    COMPLETE with its parameters in the second attempt, resumed from its checkpoint. Returns the retry."""
+    stopped, = study.get_trials(states=(TrialState.FAIL,))
+    assert stopped.user_attrs["fail_reason"].startswith(reason), stopped.user_attrs
     killed = s.client().get_run(stopped.user_attrs["mlflow_run_id"])
     assert killed.info.status == "KILLED" and killed.data.tags["slurm_restart_count"] == "0"
     retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == stopped.number)
     assert retry.state == TrialState.COMPLETE and retry.params == stopped.params
     run = s.client().get_run(retry.user_attrs["mlflow_run_id"])
-    assert run.data.tags["resumed_from"] == killed.info.run_id and int(run.data.tags["resumed_at_epoch"]) >= 1
-    assert run.data.tags["slurm_restart_count"] == "1"
-    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED", "KILLED"]
+    assert run.data.tags["retry_of_run"] == killed.info.run_id and run.data.tags["slurm_restart_count"] == "1"
+    assert run.data.tags["resumed_from"] == killed.info.run_id, run.data.tags
+    return retry
 
 
 @pytest.mark.slow
 def test_a_task_near_its_time_limit_requeues_itself_and_the_study_completes(make_study):
-    s = make_study("timelimit", 2, LONG)
+    s = make_study("timelimit", 4, LONG)  # trials enough to outlast Slurm's 30 s between time-limit checks
     s.submit("--array-size", "1", "--cpus-per-task", "2", "--time", "10", "--signal-seconds", "120")
-    stopped = s.wait(s.running_trial_with_checkpoint, "trial running with a checkpoint")
+    s.wait(s.running_trial_with_checkpoint, "trial running with a checkpoint")
     # bring the limit near: 60 to 120 s left, inside --signal-seconds, so Slurm's next time-limit
-    # check (every 30 s) sends SIGUSR1 well before the limit itself
+    # check sends SIGUSR1 well before the limit itself
     task = s.tasks()["0"]
     elapsed = time.time() - time.mktime(time.strptime(task["StartTime"], "%Y-%m-%dT%H:%M:%S"))
     minutes = int(elapsed + 60) // 60 + 1
@@ -318,10 +326,4 @@ def test_a_task_near_its_time_limit_requeues_itself_and_the_study_completes(make
     log = s.log()
     assert log.count("harness: stopped by SIGUSR1 (the Slurm job nears its time limit)") == 1, log
     assert f"harness: requeued Slurm job {s.job}_0" in log and "restart 1," in log, log
-    stopped = study.trials[stopped.number]
-    assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"].startswith("TimeUp")
-    assert s.client().get_run(stopped.user_attrs["mlflow_run_id"]).info.status == "KILLED"
-    retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == stopped.number)
-    run = s.client().get_run(retry.user_attrs["mlflow_run_id"])
-    assert run.data.tags["resumed_from"] == stopped.user_attrs["mlflow_run_id"]
-    assert run.data.tags["slurm_restart_count"] == "1"
+    check_stopped_and_retried(s, study, "TimeUp")
