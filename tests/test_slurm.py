@@ -39,7 +39,9 @@ params:
 """
 WAIT = 150  # seconds: only a bound on waiting for Slurm or a worker, never a measure
 # trials of several epochs, each checkpointed: long enough to be stopped between two of them
-LONG = tiny_trial("epochs=8", "data.train_subset=400")
+LONG = tiny_trial("epochs=12", "data.train_subset=400")
+# a study of about 40 s: it outlasts the up to 30 s Slurm takes to see a job near its time limit
+MANY = 10, tiny_trial("epochs=8", "data.train_subset=600")
 
 
 # ----------------------------------------------------------------------------
@@ -306,7 +308,7 @@ def check_stopped_and_retried(s: Study, study: optuna.Study, reason: str) -> opt
 
 @pytest.mark.slow
 def test_a_task_near_its_time_limit_requeues_itself_and_the_study_completes(make_study):
-    s = make_study("timelimit", 4, LONG)  # trials enough to outlast Slurm's 30 s between time-limit checks
+    s = make_study("timelimit", *MANY)
     s.submit("--array-size", "1", "--cpus-per-task", "2", "--time", "10", "--signal-seconds", "120")
     s.wait(s.running_trial_with_checkpoint, "trial running with a checkpoint")
     # bring the limit near: 60 to 120 s left, inside --signal-seconds, so Slurm's next time-limit
