@@ -37,11 +37,13 @@ SPACE = """\
 params:
   lr: {type: float, low: 0.005, high: 0.05, log: true}
 """
-WAIT = 150  # seconds: only a bound on waiting for Slurm or a worker, never a measure
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
+WAIT = 240  # seconds: only a bound on waiting for Slurm or a worker, never a measure
 # trials of several epochs, each checkpointed: long enough to be stopped between two of them
 LONG = tiny_trial("epochs=12", "data.train_subset=400")
-# a study of about 40 s: it outlasts the up to 30 s Slurm takes to see a job near its time limit
-MANY = 10, tiny_trial("epochs=8", "data.train_subset=600")
+# a study of some 45 s of training on idle cores, in long trials: it outlasts the up to 30 s Slurm
+# takes to see a job near its time limit (its check runs every 30 s)
+MANY = 3, tiny_trial("epochs=80", "data.train_subset=600")
 
 
 # ----------------------------------------------------------------------------
@@ -181,14 +183,18 @@ class Study:
 
     def release_when_requeued(self, task: str, restarts: int) -> dict:
         """Wait for the task to be pending again after its `restarts`th requeue, and let it start now."""
-        t = self.wait(lambda: (t := self.tasks().get(task)) and t["JobState"] == "PENDING"
-                      and int(t["Restarts"]) >= restarts and t, f"task {task} pending after a requeue")
+        def requeued():
+            t = self.tasks().get(task)
+            assert not (t and t["JobState"] in ENDED), f"task {task} ended {t['JobState']}:\n{self.logs()[-6000:]}"
+            return t if t and t["JobState"] == "PENDING" and int(t["Restarts"]) >= restarts else None
+
+        t = self.wait(requeued, f"task {task} pending after a requeue")
         subprocess.run(["scontrol", "update", f"JobId={t['JobId']}", "StartTime=now"], check=True, timeout=30)
         return t
 
     def done(self) -> bool:
         states = self.states()
-        bad = {s for s in states.values() if s in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")}
+        bad = set(states.values()) & (ENDED - {"COMPLETED"})
         assert not bad, f"tasks {states}:\n{self.logs()[-6000:]}"
         return bool(states) and set(states.values()) == {"COMPLETED"}
 
