@@ -119,7 +119,7 @@ def require_slurm() -> None:
 def partitions() -> list[str]:
     """The cluster's partitions, as `sinfo` lists them (the default one without its `*`)."""
     try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.SubprocessError) as e:
         raise SlurmError(f"cannot list Slurm's partitions (sinfo: {e}): check that Slurm's controller answers") from None
     if out.returncode != 0:
@@ -176,8 +176,8 @@ def render(opts: SlurmOptions) -> str:
         f"export HARNESS_STORAGE={q(_storage(opts))}",
         f"export MLFLOW_TRACKING_URI={q(_tracking(opts))}",
         'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}" PYTHONUNBUFFERED=1',
-        'echo "harness: task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} (job $SLURM_JOB_ID) on $(hostname),'
-        ' restart ${SLURM_RESTART_COUNT:-0}, $(date -Is)"',
+        ('echo "harness: task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} (job $SLURM_JOB_ID) on $(hostname),'
+         ' restart ${SLURM_RESTART_COUNT:-0}, $(date -Is)"'),
         "# exec: the worker replaces this shell, so SIGUSR1 (above) and SIGTERM (preemption, scancel) reach it",
         "exec " + " ".join(q(a) for a in tune),
         "",
@@ -199,7 +199,8 @@ def submit(opts: SlurmOptions) -> str:
     """Submit the job array; returns its job id."""
     text = script(opts)
     Path(opts.workdir, opts.log_dir).mkdir(parents=True, exist_ok=True)  # Slurm does not create it
-    out = subprocess.run(["sbatch", "--parsable"], input=text, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(["sbatch", "--parsable"], input=text, capture_output=True, text=True, timeout=60,
+                         check=False)
     if out.returncode != 0:
         why = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise SlurmError(f"sbatch refused the job array ({why}): see `harness slurm --dry-run` for the script")
@@ -235,7 +236,7 @@ def requeue_self(env=None) -> str:
     if job is None:
         return "not in a Slurm job: nothing to requeue; run the same command to resume the study"
     try:
-        out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        out = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60, check=False)
     except (OSError, subprocess.SubprocessError) as e:
         return f"could not requeue Slurm job {job} ({e}): resubmit it to resume the study"
     if out.returncode != 0:

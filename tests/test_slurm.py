@@ -23,7 +23,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import harness_env, tiny_trial, wait_until
+from conftest import harness_env, tiny_trial
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
@@ -114,7 +114,7 @@ def cluster():
         pytest.skip(f"{SLURM_ENV} is not set: no Slurm to test against (.ci/run starts one with .ci/slurm.sh)")
     if shutil.which("sbatch") is None:
         pytest.skip(f"{SLURM_ENV} is set but sbatch is not on PATH")
-    out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30, check=False)
     parts = {p.rstrip("*") for p in out.stdout.split()}
     if out.returncode != 0 or not {"low", "high"} <= parts:
         pytest.skip(f"Slurm does not show partitions low and high (sinfo: {out.stderr.strip() or out.stdout.strip()})")
@@ -146,14 +146,16 @@ class Study:
         env = {**harness_env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         out = subprocess.run([sys.executable, "-m", "harness.cli", "slurm", "--study", self.name, "--storage",
                               self.storage, "--tracking-uri", self.tracking, "--partition", "low", *slurm_args,
-                              "--", *self.tune], cwd=self.tmp, env=env, capture_output=True, text=True, timeout=120)
+                              "--", *self.tune], cwd=self.tmp, env=env, capture_output=True, text=True, timeout=120,
+                             check=False)
         assert out.returncode == 0, out.stderr
         self.job = re.match(r"submitted job array (\d+)", out.stdout).group(1)
         return self.job
 
     def tasks(self) -> dict[str, dict]:
         """`scontrol show job` of each array task, by task id."""
-        out = subprocess.run(["scontrol", "-o", "show", "job", self.job], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["scontrol", "-o", "show", "job", self.job], capture_output=True, text=True,
+                             timeout=30, check=False)
         tasks = {}
         for line in out.stdout.splitlines():
             fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
@@ -259,7 +261,7 @@ def make_study(cluster, tmp_path, cifar10_root):
     yield make
     for s in made:  # whatever a failed test left in the queue
         if s.job:
-            subprocess.run(["scancel", s.job], timeout=30)
+            subprocess.run(["scancel", s.job], timeout=30, check=False)
 
 
 @pytest.mark.slow
@@ -287,7 +289,7 @@ def test_a_preempted_task_stops_cleanly_is_requeued_and_resumes_its_trial(make_s
               f"was submitted (Restarts={task['Restarts']})")
         s.wait(s.done, "requeued task COMPLETED")
     finally:
-        subprocess.run(["scancel", high], timeout=30)
+        subprocess.run(["scancel", high], timeout=30, check=False)
     study, runs = s.check_tree()
     log = s.log()
     assert "DUE TO PREEMPTION" in log and log.count("harness: stopped by SIGTERM") == 1, log
@@ -330,7 +332,7 @@ def test_a_task_near_its_time_limit_requeues_itself_and_the_study_completes(make
     # its next attempt gets the whole limit again (or it would be told to stop as it starts)
     subprocess.run(["scontrol", "update", f"JobId={task['JobId']}", "TimeLimit=10"], check=True, timeout=30)
     s.wait(s.done, "requeued task COMPLETED")
-    study, runs = s.check_tree()
+    study, _ = s.check_tree()
     log = s.log()
     assert log.count("harness: stopped by SIGUSR1 (the Slurm job nears its time limit)") == 1, log
     assert f"harness: requeued Slurm job {s.job}_0" in log and "restart 1," in log, log
