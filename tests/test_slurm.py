@@ -39,8 +39,8 @@ params:
 """
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
 WAIT = 240  # seconds: only a bound on waiting for Slurm or a worker, never a measure
-# trials of several epochs, each checkpointed: long enough to be stopped between two of them
-LONG = tiny_trial("epochs=12", "data.train_subset=400")
+# trials of many epochs, each checkpointed (seconds on idle cores): a preemption lands inside one
+LONG = tiny_trial("epochs=40", "data.train_subset=400")
 # a study of some 45 s of training on idle cores, in long trials: it outlasts the up to 30 s Slurm
 # takes to see a job near its time limit (its check runs every 30 s)
 MANY = 3, tiny_trial("epochs=80", "data.train_subset=600")
