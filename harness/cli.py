@@ -297,6 +297,23 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_slurm(args) -> int:
+    from studies.slurm import SlurmOptions, script, submit
+
+    tune_args = args.tune_args[1:] if args.tune_args[:1] == ["--"] else args.tune_args
+    opts = SlurmOptions(study=args.study, tune_args=tune_args, array_size=args.array_size, partition=args.partition,
+                        time=args.time, gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task,
+                        mem=args.mem, signal_seconds=args.signal_seconds, storage=args.storage,
+                        tracking_uri=args.tracking_uri, log_dir=args.log_dir)
+    if args.dry_run:
+        print(script(opts, dry_run=True), end="")
+        return 0
+    job = submit(opts)
+    print(f"submitted job array {job}: {opts.array_size} workers of study {args.study}; "
+          f"logs {opts.log_path.replace('%A', job).replace('%a', '*')}; `squeue -j {job}` lists its tasks")
+    return 0
+
+
 def cmd_dashboard(args) -> int:
     from studies.dashboard import serve
 
@@ -439,6 +456,30 @@ def add_analyze(sub) -> None:
     p.set_defaults(func=cmd_analyze)
 
 
+def add_slurm(sub) -> None:
+    p = sub.add_parser("slurm", help="submit a study's workers as a Slurm job array (one `harness tune` a task)",
+                       description="Everything after `--` goes to each worker's `harness tune`: "
+                                   "harness slurm --study big --array-size 8 --partition gpu --time 1-00:00:00 "
+                                   "--gpus-per-task 1 -- --space cnn --trials 200")
+    p.add_argument("--study", required=True, help="study name (also its MLflow experiment)")
+    p.add_argument("--array-size", "--workers", dest="array_size", type=int, default=2,
+                   help="workers, one per array task (default: 2)")
+    p.add_argument("--partition", help="Slurm partition (default: the cluster's)")
+    p.add_argument("--time", help="each task's time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+    p.add_argument("--gpus-per-task", type=int)
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--mem", help="memory per task, as Slurm writes it (16G)")
+    p.add_argument("--signal-seconds", type=int, default=120,
+                   help="SIGUSR1 this long before the time limit: the worker stops its trial and requeues "
+                        "its task (default: 120)")
+    p.add_argument("--log-dir", default="slurm-logs", help="the tasks' logs, one per task (default: slurm-logs)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script instead of submitting it")
+    add_storage_arg(p)
+    add_tracking_arg(p)
+    p.add_argument("tune_args", nargs=argparse.REMAINDER, help="-- then the options of `harness tune`")
+    p.set_defaults(func=cmd_slurm)
+
+
 def add_dashboard(sub) -> None:
     p = sub.add_parser("dashboard", help="optuna-dashboard on a study, read-only (safe while workers run it)")
     p.add_argument("--study", required=True)
@@ -460,8 +501,8 @@ def add_ui(sub) -> None:
     p.set_defaults(func=cmd_ui)
 
 
-COMMANDS = (add_train, add_tune, add_confirm, add_study_lookups, add_compare, add_reproduce, add_transfer, add_split_study,
-            add_analyze, add_dashboard, add_ui)
+COMMANDS = (add_train, add_tune, add_confirm, add_slurm, add_study_lookups, add_compare, add_reproduce, add_transfer,
+            add_split_study, add_analyze, add_dashboard, add_ui)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -231,6 +231,8 @@ class Finisher:
         """Finish this worker's jobs and stop the finisher. With `wait`, the jobs it has not taken
         are done here (a finisher still starting up is not waited for) and one it holds is waited
         for; without, it stops now (a job it held stays in the spool for the next finisher)."""
+        if self._stop is None:  # closed already
+            return
         self._stop.set()
         if wait:
             finish_pending(self.spool, owner=os.getpid())
@@ -240,3 +242,7 @@ class Finisher:
         if self._process.is_alive():  # still starting up (or stopped without waiting)
             self._process.terminate()
             self._process.join()
+        # the stop Event's five semaphores are named ones the resource tracker watches: released here,
+        # not at interpreter exit, which a process killed after its clean stop never reaches (Slurm
+        # sends SIGTERM to every process of a requeued job), else the tracker warns of them as leaked
+        self._stop = None

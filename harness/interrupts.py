@@ -4,7 +4,9 @@ Cluster jobs end by SIGTERM (`timeout`, `docker stop`, Kubernetes, Slurm preempt
 often than by Ctrl-C. Here both raise in the main thread, SIGTERM as `Stopped`, a kind of
 KeyboardInterrupt, so every path that handles Ctrl-C handles it too: the run in progress ends
 KILLED with what it logged, a study's trial ends FAIL and is re-queued (it resumes from its last
-checkpoint), and the command exits 130 (Ctrl-C) or 143 (SIGTERM). A second signal, a second or
+checkpoint), and the command exits 130 (Ctrl-C) or 143 (SIGTERM). SIGUSR1, the warning Slurm sends
+before a job's time limit (`--signal=B:USR1@SECONDS`), stops the same way, as `TimeUp` (exit 138):
+`harness tune` then requeues its Slurm job (studies/slurm.py). A second signal, a second or
 more after the first, ends the process at once; one sooner is the same signal arriving twice
 (from a terminal's process group and from the parent that forwards it) and is ignored.
 
@@ -21,7 +23,7 @@ import sys
 import threading
 import time
 
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138}
 DUPLICATE_SECONDS = 1.0
 # per process, like the signal handlers themselves: a hold in force, the stop it holds back, and
 # the stop asked for (raised once more by `check` if it never reached the code)
@@ -32,12 +34,26 @@ class Stopped(KeyboardInterrupt):
     """The process was asked to stop by SIGTERM."""
 
 
+class TimeUp(Stopped):
+    """The process was asked to stop by SIGUSR1: its Slurm job nears its time limit."""
+
+
+def _stop_for(signum: int) -> KeyboardInterrupt:
+    if signum == signal.SIGTERM:
+        return Stopped("stopped by SIGTERM")
+    if signum == signal.SIGUSR1:
+        return TimeUp("stopped by SIGUSR1 (the Slurm job nears its time limit)")
+    return KeyboardInterrupt("interrupted by the user (Ctrl-C)")
+
+
 def stop_reason(e: KeyboardInterrupt) -> str:
     """Why a run ended KILLED, in one line."""
     return str(e) or "interrupted by the user (Ctrl-C)"
 
 
 def exit_code(e: KeyboardInterrupt) -> int:
+    if isinstance(e, TimeUp):
+        return EXIT_CODES[signal.SIGUSR1]
     return EXIT_CODES[signal.SIGTERM if isinstance(e, Stopped) else signal.SIGINT]
 
 
@@ -58,15 +74,14 @@ def stop_cleanly(on_signal=None):
         if first:
             os._exit(EXIT_CODES[signum])
         first["at"] = now
-        stop = Stopped("stopped by SIGTERM") if signum == signal.SIGTERM else \
-            KeyboardInterrupt("interrupted by the user (Ctrl-C)")
+        stop = _stop_for(signum)
         _held["asked"] = stop
         if _held["on"]:
             _held["pending"] = stop
             return
         raise stop
 
-    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    before = {sig: signal.signal(sig, handler) for sig in EXIT_CODES}
     hook = sys.unraisablehook
 
     def quiet(unraisable) -> None:  # a stop swallowed by a finalizer: `check` raises it, nothing to print

@@ -4,7 +4,8 @@
 
 One worker runs in this process; several are spawned, spread over the GPUs, and stopped together
 (a Ctrl-C or SIGTERM here is forwarded to each). When they are done, the background evaluations
-left over are finished and the study's summary is written on its study run. How a study is
+left over are finished and the study's summary is written on its study run. Stopped by SIGUSR1
+(a Slurm job near its time limit), it requeues its own job while the study has trials left. How a study is
 opened, how a worker runs trials, how a dead worker's leftovers are set straight and how results
 are looked up live in studies/study.py, worker.py, reconcile.py and results.py.
 """
@@ -12,18 +13,19 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from dataclasses import replace
 
 import optuna
 
 from harness.finisher import drain
-from harness.interrupts import stop_cleanly
+from harness.interrupts import TimeUp, stop_cleanly
 from studies.options import StudyError, TuneOptions
 from studies.report import write_summary
 from studies.space import load_space
 from studies.plans import prepare_plan
-from studies.study import directions
-from studies.worker import run_worker, worker_process
+from studies.study import directions, open_storage
+from studies.worker import remaining, run_worker, worker_process
 
 STOP_SECONDS = 30  # how long stopped workers get to end their runs before they are killed
 
@@ -60,7 +62,26 @@ def tune(opts: TuneOptions) -> optuna.Study:
 
 
 def run_workers(opts: TuneOptions) -> tuple[optuna.Study, object, str]:
-    """The study's trials, by one worker here or `opts.workers` processes; (study, client, study run)."""
+    """The study's trials, by one worker here or `opts.workers` processes; (study, client, study run).
+    Near a Slurm job's time limit (SIGUSR1) the job is requeued while the study has trials left."""
+    try:
+        return _run_workers(opts)
+    except TimeUp:  # everything is stopped and recorded: the job's next attempt takes over
+        continue_in_slurm(opts)
+        raise
+
+
+def continue_in_slurm(opts: TuneOptions) -> None:
+    """Requeue this Slurm job while the study has trials to run (its stopped ones were re-queued).
+    Done here, by the top process, once everything is stopped: Slurm ends the attempt at once."""
+    from studies.slurm import requeue_self
+
+    study = optuna.load_study(study_name=opts.study, storage=open_storage(opts))
+    if remaining(study, opts.trials) > 0:
+        print(f"harness: {requeue_self()}", file=sys.stderr, flush=True)
+
+
+def _run_workers(opts: TuneOptions) -> tuple[optuna.Study, object, str]:
     if opts.workers <= 1:
         worker = run_worker(opts)
         study, client, parent = worker.study, worker.client, worker.parent_run_id

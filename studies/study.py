@@ -23,6 +23,7 @@ from harness import config as C
 from harness.tracking import RunLogger, experiment_id, open_client, redact, store_lock
 from studies import library
 from studies.options import DEFAULT_STORAGE, OBJECTIVES, StudyError, TuneOptions
+from studies.slurm import slurm_tags
 from studies.space import Space, check_stages, load_space, profile_settings, starting_point
 
 
@@ -242,7 +243,8 @@ def open_study(opts: TuneOptions, storage, base: C.Config, client=None,
         run = RunLogger.start(client, opts.study, f"study-{opts.study}",
                               tags={"study": opts.study, "run_kind": "study", "sampler": opts.sampler,
                                     "pruner": opts.pruner, "objectives": opts.objectives,
-                                    "storage": redact(storage.url if hasattr(storage, "url") else str(storage))})
+                                    "storage": redact(storage.url if hasattr(storage, "url") else str(storage)),
+                                    **slurm_tags()})
         run.log_params({"space": opts.space, "trials": opts.trials, "sampler": opts.sampler,
                         "pruner": opts.pruner, "seed": opts.seed, "objectives": opts.objectives})
         run.log_text(C.to_yaml(base), "base_config.yaml")

@@ -29,6 +29,7 @@ from studies.options import StudyError, TuneOptions
 from studies.reconcile import finish_study_run, reconcile_runs
 from studies.plans import Plan, prepare_plan
 from studies.report import update_study_run
+from studies.slurm import slurm_tags
 from studies.study import requeue
 
 MAX_CONSECUTIVE_FAILURES = 3
@@ -116,7 +117,7 @@ class Worker:
             cfg = self.plan.config(trial)
             if self.dataset is None or self.dataset.name != cfg.data.dataset:
                 self.dataset = load_dataset(cfg.data)
-            tags = {**self.plan.tags(trial), "trial_number": trial.number, "trial_state": "RUNNING"}
+            tags = {**self.plan.tags(trial), "trial_number": trial.number, "trial_state": "RUNNING", **slurm_tags()}
             retry_of = trial.user_attrs.get("mlflow_run_id")  # a re-queued trial inherits the dead one's attrs
             resume_from = None
             if retry_of:

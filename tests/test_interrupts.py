@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from harness.interrupts import Stopped, check, exit_code, hold, release, stop_cleanly
+from harness.interrupts import Stopped, TimeUp, check, exit_code, hold, release, stop_cleanly
 
 
 @pytest.fixture
@@ -25,6 +25,14 @@ def test_sigterm_raises_stopped_with_exit_code_143(handlers):
     with pytest.raises(Stopped) as e:
         signal_self(signal.SIGTERM)
     assert str(e.value) == "stopped by SIGTERM" and exit_code(e.value) == 143
+
+
+def test_sigusr1_raises_time_up_a_stop_with_exit_code_138(handlers):
+    """Slurm's warning before a job's time limit (--signal=B:USR1@N): the same clean stop as SIGTERM."""
+    with pytest.raises(TimeUp) as e:
+        signal_self(signal.SIGUSR1)
+    assert isinstance(e.value, Stopped) and exit_code(e.value) == 138
+    assert str(e.value) == "stopped by SIGUSR1 (the Slurm job nears its time limit)"
 
 
 def test_a_held_signal_is_raised_at_release(handlers):
