@@ -34,6 +34,7 @@ them against depth), the same numbers go to `analysis/stage_metrics.csv`, figure
 `analysis/`. Analysing a run again overwrites the artifacts and appends to the metric histories
 (MLflow shows the latest value).
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,13 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from analysis.cka import cka_matrix, plot_cka_heatmap
-from analysis.figures import (feature_maps_figure, filters_figure, nearest_neighbours, neighbour_grid,
-                              stage_metrics_figure)
+from analysis.figures import (
+    feature_maps_figure,
+    filters_figure,
+    nearest_neighbours,
+    neighbour_grid,
+    stage_metrics_figure,
+)
 from analysis.metrics import cluster_scores, flatten_features, knn_accuracy_loo, linear_probe_accuracy
 from harness.embeddings import DegenerateEmbeddings, plot_embedding_2d, project_tsne, project_umap, sample_indices
 from harness.errors import HarnessError
@@ -152,7 +158,7 @@ def extract_features(model, images: torch.Tensor, normalize, batch_size: int = B
 def probe_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded half/half split of range(n) for the linear probe: (fit, score) indices."""
     order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[: n // 2]), np.sort(order[n // 2:])
+    return np.sort(order[: n // 2]), np.sort(order[n // 2 :])
 
 
 def stage_scores(x: np.ndarray, y: np.ndarray, n_classes: int, seed: int, timer: _Timer) -> dict[str, float]:
@@ -165,8 +171,11 @@ def stage_scores(x: np.ndarray, y: np.ndarray, n_classes: int, seed: int, timer:
     with timer("probe"), _one_thread(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "more classes than half the samples" on tiny samples
         fit, score = probe_split(len(x), seed)
-        probe = (linear_probe_accuracy(x[fit], y[fit], x[score], y[score], seed=seed)
-                 if len(np.unique(y[fit])) > 1 else float("nan"))
+        probe = (
+            linear_probe_accuracy(x[fit], y[fit], x[score], y[score], seed=seed)
+            if len(np.unique(y[fit])) > 1
+            else float("nan")
+        )
     return {**{f"knn{k}": v for k, v in knn.items()}, "probe": probe, **clusters}
 
 
@@ -202,8 +211,9 @@ def _source_run(client, run, compare_run_id: str | None) -> tuple[str | None, bo
     return run.data.tags.get("source_run_id") or None, False
 
 
-def stage_table(feats: dict[str, np.ndarray], labels: np.ndarray, n_classes: int, seed: int,
-                timer: _Timer | None = None) -> pd.DataFrame:
+def stage_table(
+    feats: dict[str, np.ndarray], labels: np.ndarray, n_classes: int, seed: int, timer: _Timer | None = None
+) -> pd.DataFrame:
     """One row per stage (in `feats` order): its dimension and every score of `stage_scores`. Pure."""
     timer = timer or _Timer()
     rows = []
@@ -213,8 +223,9 @@ def stage_table(feats: dict[str, np.ndarray], labels: np.ndarray, n_classes: int
     return pd.DataFrame(rows)
 
 
-def cka_tables(feats: dict[str, np.ndarray], source_feats: dict[str, np.ndarray] | None
-               ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+def cka_tables(
+    feats: dict[str, np.ndarray], source_feats: dict[str, np.ndarray] | None
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Linear CKA (debiased) between this model's stages, and from the source model's stages
     (rows) to this model's (columns) on the same images. Pure."""
     names = list(feats)
@@ -222,8 +233,11 @@ def cka_tables(feats: dict[str, np.ndarray], source_feats: dict[str, np.ndarray]
     if source_feats is None:
         return cka, None
     src_names = list(source_feats)
-    cka_source = pd.DataFrame(cka_matrix([source_feats[s] for s in src_names], [feats[s] for s in names],
-                                         debiased=True), index=pd.Index(src_names, name="source"), columns=names)
+    cka_source = pd.DataFrame(
+        cka_matrix([source_feats[s] for s in src_names], [feats[s] for s in names], debiased=True),
+        index=pd.Index(src_names, name="source"),
+        columns=names,
+    )
     return cka, cka_source
 
 
@@ -231,6 +245,7 @@ def cka_tables(feats: dict[str, np.ndarray], source_feats: dict[str, np.ndarray]
 class _Inputs:
     """What an analysis reads: the run, its config and model, the source model, the data, and
     the logger of the run that receives the results."""
+
     run: object
     cfg: object
     model: torch.nn.Module
@@ -242,8 +257,14 @@ class _Inputs:
     device: torch.device
 
 
-def _load(run_id: str, tracking_uri: str | None, data_dir: str | None, compare_run_id: str | None,
-          log_to: str | None, device: str) -> _Inputs:
+def _load(
+    run_id: str,
+    tracking_uri: str | None,
+    data_dir: str | None,
+    compare_run_id: str | None,
+    log_to: str | None,
+    device: str,
+) -> _Inputs:
     from harness import config as C
     from harness.checkpoints import RunNotFound, get_run, load_run_model
     from harness.data import load_dataset
@@ -270,8 +291,10 @@ def _load(run_id: str, tracking_uri: str | None, data_dir: str | None, compare_r
         ds = load_dataset(cfg.data)
         target = log_to or run_id
         if (run if target == run_id else get_run(client, target)).info.lifecycle_stage == "deleted":
-            raise RunNotFound(f"run {target} is deleted, so nothing can be logged to it: restore it "
-                              "(`mlflow runs restore --run-id ...`) or pass --log-to another run")
+            raise RunNotFound(
+                f"run {target} is deleted, so nothing can be logged to it: restore it "
+                "(`mlflow runs restore --run-id ...`) or pass --log-to another run"
+            )
     return _Inputs(run, cfg, model, source_id, source_model, ds, RunLogger(client, target), target, dev)
 
 
@@ -326,8 +349,9 @@ def analyze_run(
     stage_names = [*model.stage_names, EMBEDDING]
     log = _Log(inputs.logger, timer)
 
-    bar = tqdm(total=4, desc=f"analyze {run_id[:8]}", unit="step", leave=False, disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=4, desc=f"analyze {run_id[:8]}", unit="step", leave=False, disable=not progress, dynamic_ncols=True
+    )
     try:
         bar.set_postfix_str("features")
         with timer("features"):
@@ -342,8 +366,19 @@ def analyze_run(
             table["cka_source"] = [cka_source.loc[s, s] if s in cka_source.index else np.nan for s in stage_names]
         bar.update()
         bar.set_postfix_str("projections, tables")
-        skipped = _log_stages(log, table, feats, labels, ds.classes, cka, cka_source, inputs.source_id, projections,
-                              sample_indices(len(labels), projection_samples, seed), seed)
+        skipped = _log_stages(
+            log,
+            table,
+            feats,
+            labels,
+            ds.classes,
+            cka,
+            cka_source,
+            inputs.source_id,
+            projections,
+            sample_indices(len(labels), projection_samples, seed),
+            seed,
+        )
         bar.update()
         bar.set_postfix_str("images")
         _log_images(log, model, feats, images, images_np, labels, idx, ds.classes, normalize, seed)
@@ -353,9 +388,18 @@ def analyze_run(
 
     timings = {k: round(v, 3) for k, v in timer.seconds.items()}
     timings["total"] = round(time.perf_counter() - start, 3)
-    summary = {"run_id": run_id, "n_images": len(labels), "samples": samples, "seed": seed,
-               "dataset": ds.name, "dataset_digest": ds.digest, "stages": stage_names,
-               "source_run_id": inputs.source_id, "projections": list(projections), "timings_s": timings}
+    summary = {
+        "run_id": run_id,
+        "n_images": len(labels),
+        "samples": samples,
+        "seed": seed,
+        "dataset": ds.name,
+        "dataset_digest": ds.digest,
+        "stages": stage_names,
+        "source_run_id": inputs.source_id,
+        "projections": list(projections),
+        "timings_s": timings,
+    }
     tags = {"analysis.n_images": len(labels), "analysis.source_run_id": inputs.source_id or "", **skipped}
     if inputs.target != run_id:
         tags["analysis.run_id"] = run_id
@@ -366,8 +410,18 @@ def analyze_run(
     log.artifacts.append("analysis/summary.json")
     timings["logging"] = round(timer.seconds["logging"], 3)
     timings["total"] = round(time.perf_counter() - start, 3)
-    return AnalysisResult(run_id, inputs.target, len(labels), stage_names, table, cka, inputs.source_id, cka_source,
-                          log.artifacts, timings)
+    return AnalysisResult(
+        run_id,
+        inputs.target,
+        len(labels),
+        stage_names,
+        table,
+        cka,
+        inputs.source_id,
+        cka_source,
+        log.artifacts,
+        timings,
+    )
 
 
 class _Log:
@@ -393,8 +447,19 @@ class _Log:
             self.logger.log_metrics(metrics, step=step)
 
 
-def _log_stages(log: _Log, table: pd.DataFrame, feats, labels, classes, cka, cka_source, source_id,
-                projections, proj_idx: np.ndarray, seed: int) -> dict[str, str]:
+def _log_stages(
+    log: _Log,
+    table: pd.DataFrame,
+    feats,
+    labels,
+    classes,
+    cka,
+    cka_source,
+    source_id,
+    projections,
+    proj_idx: np.ndarray,
+    seed: int,
+) -> dict[str, str]:
     """Per-stage metrics (the stage index as step), the tables, CKA heatmaps and t-SNE/UMAP plots.
     Returns the tags of projections skipped (degenerate features)."""
     n = len(labels)
@@ -413,13 +478,19 @@ def _log_stages(log: _Log, table: pd.DataFrame, feats, labels, classes, cka, cka
                 continue
             title = f"{proj.upper()} of {name} features ({len(proj_idx)} test images)"
             log.figure(f"{proj}/{step}_{name}.png", lambda: plot_embedding_2d(xy, labels[proj_idx], classes, title))
-    log.figure("cka_stages.png", lambda: plot_cka_heatmap(
-        cka.to_numpy(), stage_names, stage_names, f"linear CKA between stages ({n} test images)"))
+    log.figure(
+        "cka_stages.png",
+        lambda: plot_cka_heatmap(
+            cka.to_numpy(), stage_names, stage_names, f"linear CKA between stages ({n} test images)"
+        ),
+    )
     log.table(cka, "cka_stages.csv")
     if cka_source is not None:
         title = f"linear CKA: source run {source_id[:8]} (rows) vs this run (columns), {n} test images"
-        log.figure("cka_source.png", lambda: plot_cka_heatmap(
-            cka_source.to_numpy(), list(cka_source.index), stage_names, title))
+        log.figure(
+            "cka_source.png",
+            lambda: plot_cka_heatmap(cka_source.to_numpy(), list(cka_source.index), stage_names, title),
+        )
         log.table(cka_source, "cka_source.csv")
         for step, v in enumerate(table["cka_source"]):
             if np.isfinite(v):
@@ -447,6 +518,7 @@ def _log_images(log: _Log, model, feats, images, images_np, labels, idx, classes
             maps = model.eval().features(normalize(images[few]), model.stage_names)
         weight = first_conv_weight(model)
     for name, nb in neighbours.items():
+
         def grid(name=name, nb=nb):
             fig = neighbour_grid(images_np[queries], images_np[nb], labels[queries], labels[nb], classes)
             fig.suptitle(f"{N_NEIGHBOURS} nearest test images (cosine) in {name} features")
@@ -454,6 +526,7 @@ def _log_images(log: _Log, model, feats, images, images_np, labels, idx, classes
 
         log.figure(f"neighbours/{stage_names.index(name)}_{name}.png", grid)
     for i, q in enumerate(few):
+
         def fmap(i=i, q=q):
             fig = feature_maps_figure({s: a[i] for s, a in maps.items()}, images_np[q])
             fig.suptitle(f"stage outputs of test image {int(idx[q])} ({classes[labels[q]]})")

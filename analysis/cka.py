@@ -72,8 +72,17 @@ def plot_cka_heatmap(matrix: np.ndarray, row_names: list[str], col_names: list[s
     fig = Figure(figsize=(max(4.0, 1.5 + 0.8 * n_cols), max(3.0, 1.0 + 0.6 * n_rows)), layout="constrained")
     ax = fig.add_subplot()
     sns.heatmap(
-        np.asarray(matrix), ax=ax, vmin=0.0, vmax=1.0, cmap="magma", annot=True, fmt=".2f",
-        xticklabels=col_names, yticklabels=row_names, square=True, cbar_kws={"shrink": 0.8},
+        np.asarray(matrix),
+        ax=ax,
+        vmin=0.0,
+        vmax=1.0,
+        cmap="magma",
+        annot=True,
+        fmt=".2f",
+        xticklabels=col_names,
+        yticklabels=row_names,
+        square=True,
+        cbar_kws={"shrink": 0.8},
     )
     ax.set_title(title)
     return fig

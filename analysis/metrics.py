@@ -65,7 +65,7 @@ def neighbour_indices(
     k = min(k, b.shape[0] - int(exclude_self))
     out = []
     for start in range(0, q.shape[0], chunk):
-        qc = q[start:start + chunk]
+        qc = q[start : start + chunk]
         sim = qc @ b.T if metric == "cosine" else -torch.cdist(qc, b)
         if exclude_self:
             rows = torch.arange(qc.shape[0])

@@ -24,6 +24,7 @@ signalled alone (`kill PID`, as in tests/test_distributed.py); --group signals i
 and its study run exist: a worker killed while creating the study is a known, documented case
 (the others stop after 120 s naming it), not what this measures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,10 +53,23 @@ params:
   model.dropout: {type: float, low: 0.0, high: 0.2}
 """
 # trials of several seconds on 2 busy cores, one resumable checkpoint per epoch
-FIXED = ["batch_size=32", "model.widths=[8,16]", "data.train_subset=600", "data.val_subset=100",
-         "data.test_subset=100", "eval.tsne=false", "eval.umap=false", "eval.misclassified=4",
-         "eval.log_model=false", "eval.system_metrics=false", "data.download=false", "device=cpu",
-         "precision=fp32", "patience=0", "checkpoint_every=1"]
+FIXED = [
+    "batch_size=32",
+    "model.widths=[8,16]",
+    "data.train_subset=600",
+    "data.val_subset=100",
+    "data.test_subset=100",
+    "eval.tsne=false",
+    "eval.umap=false",
+    "eval.misclassified=4",
+    "eval.log_model=false",
+    "eval.system_metrics=false",
+    "data.download=false",
+    "device=cpu",
+    "precision=fp32",
+    "patience=0",
+    "checkpoint_every=1",
+]
 STUDY = "chaos"
 LOCK_ERRORS = ("database is locked", "database table is locked")
 # error_line of SIGTERM and Ctrl-C, and studies/reconcile.py's reason for a trial killed as it started
@@ -93,10 +107,35 @@ class Chaos:
 
     def command(self) -> list[str]:
         a = self.args
-        cmd = [sys.executable, "-m", "harness.cli", "tune", "--study", STUDY, "--space", str(self.tmp / "space.yaml"),
-               "--trials", str(a.trials), "--storage", self.storage, "--tracking-uri", self.tracking,
-               "--data-dir", str(self.tmp / "data"), "--sampler", "random", "--pruner", a.pruner,
-               "--seed", str(a.seed), "--heartbeat", "1", "--quiet", "--set", f"epochs={a.epochs}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "tune",
+            "--study",
+            STUDY,
+            "--space",
+            str(self.tmp / "space.yaml"),
+            "--trials",
+            str(a.trials),
+            "--storage",
+            self.storage,
+            "--tracking-uri",
+            self.tracking,
+            "--data-dir",
+            str(self.tmp / "data"),
+            "--sampler",
+            "random",
+            "--pruner",
+            a.pruner,
+            "--seed",
+            str(a.seed),
+            "--heartbeat",
+            "1",
+            "--quiet",
+            "--set",
+            f"epochs={a.epochs}",
+        ]
         for item in FIXED:
             cmd += ["--set", item]
         return cmd
@@ -105,8 +144,15 @@ class Chaos:
         index = len(self.workers)
         log = self.tmp / "logs" / f"worker{index:02d}.log"
         with open(log, "w") as out:  # the child keeps its own descriptor
-            proc = subprocess.Popen(self.command(), cwd=self.tmp, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                self.command(),
+                cwd=self.tmp,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         w = Worker(index, proc, log, time.monotonic(), final=final)
         self.workers.append(w)
         return w
@@ -116,7 +162,7 @@ class Chaos:
         for w in self.workers:
             if w.exited_at is None and w.proc.poll() is not None:
                 w.exited_at = now
-            elif (w.exited_at is None and w.signal == "SIGTERM" and now - w.signalled_at > STOP_HUNG):
+            elif w.exited_at is None and w.signal == "SIGTERM" and now - w.signalled_at > STOP_HUNG:
                 os.killpg(w.pid, signal.SIGKILL)  # hung after SIGTERM: counted by the exit check
                 w.proc.wait()
                 w.exited_at = now
@@ -148,8 +194,9 @@ def study_exists(chaos: Chaos) -> bool:
     import optuna
 
     try:
-        return "mlflow_parent_run_id" in optuna.load_study(study_name=STUDY,
-                                                             storage=storage_url(chaos.storage)).user_attrs
+        return (
+            "mlflow_parent_run_id" in optuna.load_study(study_name=STUDY, storage=storage_url(chaos.storage)).user_attrs
+        )
     except Exception:  # not created yet (or the storage's tables are being created)
         return False
 
@@ -215,9 +262,12 @@ def run_chaos(chaos: Chaos) -> dict:
             w.signal = w.signalled_at = w.signalled_clock = w.phase = None
             continue
         kills += 1
-        print(f"  {time.monotonic() - t0:6.1f} s  {time.strftime('%H:%M:%S')}  kill {kills:2d}: {sig.name} worker "
-              f"{w.index} ({w.phase}); "
-              f"worker {chaos.start().index} started", flush=True)
+        print(
+            f"  {time.monotonic() - t0:6.1f} s  {time.strftime('%H:%M:%S')}  kill {kills:2d}: {sig.name} worker "
+            f"{w.index} ({w.phase}); "
+            f"worker {chaos.start().index} started",
+            flush=True,
+        )
     chaos_end = time.monotonic() - t0
     while chaos.alive():
         if time.monotonic() > deadline + a.wait:
@@ -230,15 +280,24 @@ def run_chaos(chaos: Chaos) -> dict:
         time.sleep(3 * 1 + 2)  # past the heartbeat's grace period: a SIGKILLed trial reads as stale
         before = snapshot(chaos)
         finals += 1
-        print(f"  {time.monotonic() - t0:6.1f} s  the study is not complete and clean: a final worker "
-              f"{chaos.start(final=True).index} started", flush=True)
+        print(
+            f"  {time.monotonic() - t0:6.1f} s  the study is not complete and clean: a final worker "
+            f"{chaos.start(final=True).index} started",
+            flush=True,
+        )
         while chaos.alive():
             time.sleep(0.5)
         if snapshot(chaos) == before:
             print(f"  {time.monotonic() - t0:6.1f} s  the final worker changed no trial: no more", flush=True)
             break
-    return {"kills": kills, "skipped": skipped, "created_s": created, "chaos_s": chaos_end, "final_workers": finals,
-            "wall_s": time.monotonic() - t0}
+    return {
+        "kills": kills,
+        "skipped": skipped,
+        "created_s": created,
+        "chaos_s": chaos_end,
+        "final_workers": finals,
+        "wall_s": time.monotonic() - t0,
+    }
 
 
 def tail(chaos: Chaos, chars: int = 4000) -> str:
@@ -309,17 +368,25 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
         rows.append((name, found, expected, found == expected if ok is None else ok, detail))
 
     # the budget
-    row("trials COMPLETE + PRUNED", len(done), a.trials, detail=f"{sum(t.state == TrialState.COMPLETE for t in done)}"
-        f" complete, {sum(t.state == TrialState.PRUNED for t in done)} pruned")
+    row(
+        "trials COMPLETE + PRUNED",
+        len(done),
+        a.trials,
+        detail=f"{sum(t.state == TrialState.COMPLETE for t in done)}"
+        f" complete, {sum(t.state == TrialState.PRUNED for t in done)} pruned",
+    )
     left = [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     row("trials RUNNING or WAITING", len(left), 0, detail=str(left[:10]) if left else "")
     silent = no_heartbeat(chaos, study)
     row("RUNNING trials without a heartbeat (never stale)", len(silent), 0, detail=str(silent[:10]))
     running = [r.info.run_id[:8] for r in runs if r.info.status == "RUNNING"]
     row("runs RUNNING", len(running), 0, detail=", ".join(running[:5]))
-    row("study runs, their status", " ".join([str(len(study_runs))] + [r.info.status for r in study_runs]),
-        "1 FINISHED", ok=len(study_runs) == 1 and study_runs[0].info.run_id == parent
-        and study_runs[0].info.status == "FINISHED")
+    row(
+        "study runs, their status",
+        " ".join([str(len(study_runs))] + [r.info.status for r in study_runs]),
+        "1 FINISHED",
+        ok=len(study_runs) == 1 and study_runs[0].info.run_id == parent and study_runs[0].info.status == "FINISHED",
+    )
 
     # every final trial: exactly one run, its own, FINISHED, nested, tagged with its state
     bad_final, duplicates = [], []
@@ -327,10 +394,18 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
         mine = runs_of.get(t.number, [])
         rid = t.user_attrs.get("mlflow_run_id")
         r = run_by_id.get(rid)
-        if len(mine) != 1 or r is None or mine[0].info.run_id != rid or r.info.status != "FINISHED" \
-                or r.data.tags.get("trial_state") != t.state.name or r.data.tags.get("mlflow.parentRunId") != parent:
-            bad_final.append(f"{t.number}: {len(mine)} runs, {r.info.status if r else 'no run'}, "
-                             f"{r.data.tags.get('trial_state') if r else ''}")
+        if (
+            len(mine) != 1
+            or r is None
+            or mine[0].info.run_id != rid
+            or r.info.status != "FINISHED"
+            or r.data.tags.get("trial_state") != t.state.name
+            or r.data.tags.get("mlflow.parentRunId") != parent
+        ):
+            bad_final.append(
+                f"{t.number}: {len(mine)} runs, {r.info.status if r else 'no run'}, "
+                f"{r.data.tags.get('trial_state') if r else ''}"
+            )
     root = {t.number: (t.system_attrs.get("retry_history") or [t.number])[0] for t in trials}
     finals_per_root = Counter(root[t.number] for t in done)
     duplicates += [f"trial {n}: {c} final trials" for n, c in finals_per_root.items() if c > 1]
@@ -350,9 +425,11 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
         before = by_number[t.system_attrs["retry_history"][-1]]
         for r in runs_of.get(t.number, []):
             if r.data.tags.get("retry_of_run") != before.user_attrs.get("mlflow_run_id"):
-                unlinked.append(f"trial {t.number} (retry of {before.number}): retry_of_run "
-                                f"{str(r.data.tags.get('retry_of_run'))[:8]}, expected "
-                                f"{str(before.user_attrs.get('mlflow_run_id'))[:8]}")
+                unlinked.append(
+                    f"trial {t.number} (retry of {before.number}): retry_of_run "
+                    f"{str(r.data.tags.get('retry_of_run'))[:8]}, expected "
+                    f"{str(before.user_attrs.get('mlflow_run_id'))[:8]}"
+                )
     row("retries not linked to the run they replace", len(unlinked), 0, detail="; ".join(unlinked[:3]))
     not_retried, exhausted = [], []
     for t in killed:
@@ -369,13 +446,19 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
     for r in trial_runs:
         n = int(r.data.tags.get("trial_number", -1))
         t = by_number.get(n)
-        if t is not None and t.state == TrialState.FAIL and r.info.status in ("KILLED", "FAILED") \
-                and t.user_attrs.get("mlflow_run_id") == r.data.tags.get("retry_of_run") != r.info.run_id:
+        if (
+            t is not None
+            and t.state == TrialState.FAIL
+            and r.info.status in ("KILLED", "FAILED")
+            and t.user_attrs.get("mlflow_run_id") == r.data.tags.get("retry_of_run") != r.info.run_id
+        ):
             unrecorded.append(n)  # a retry killed between creating its run and recording it on the trial
         elif t is None or t.user_attrs.get("mlflow_run_id") != r.info.run_id:
-            orphans.append(f"run {r.info.run_id[:8]} ({r.info.status}, trial {n} "
-                           f"{t.state.name if t else 'missing'} points to "
-                           f"{str(t.user_attrs.get('mlflow_run_id'))[:8] if t else '-'})")
+            orphans.append(
+                f"run {r.info.run_id[:8]} ({r.info.status}, trial {n} "
+                f"{t.state.name if t else 'missing'} points to "
+                f"{str(t.user_attrs.get('mlflow_run_id'))[:8] if t else '-'})"
+            )
         elif t.state == TrialState.FAIL and r.info.status not in ("KILLED", "FAILED"):
             inconsistent.append(f"trial {n} FAIL, run {r.info.run_id[:8]} {r.info.status}")
         elif r.data.tags.get("trial_state") != t.state.name:
@@ -386,20 +469,32 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
     row("surplus trials with a run", len(with_run_surplus), 0, detail=str(with_run_surplus[:10]))
 
     # failures: only the kills'; no more trials failed by a stop or a lost heartbeat than kills of that kind
-    row("trials failed other than by a kill", len(other_fail), 0,
-        detail="; ".join(f"{t.number}: {own_reason(t)[:120]}" for t in other_fail[:3]))
+    row(
+        "trials failed other than by a kill",
+        len(other_fail),
+        0,
+        detail="; ".join(f"{t.number}: {own_reason(t)[:120]}" for t in other_fail[:3]),
+    )
     sigkills = sum(w.signal == "SIGKILL" for w in chaos.workers)
     sigterms = sum(w.signal == "SIGTERM" for w in chaos.workers)
     row("trials stopped (run KILLED) <= SIGTERMs", len(stopped), f"<= {sigterms}", ok=len(stopped) <= sigterms)
     row("trials failed by the heartbeat <= SIGKILLs", len(stale), f"<= {sigkills}", ok=len(stale) <= sigkills)
-    row("trials killed in all <= kills", len(killed), f"<= {sigkills + sigterms}", ok=len(killed) <= sigkills + sigterms)
+    row(
+        "trials killed in all <= kills", len(killed), f"<= {sigkills + sigterms}", ok=len(killed) <= sigkills + sigterms
+    )
 
     # resumed trials: from the run they replace, their epochs all logged once
     resumed = [r for r in trial_runs if r.data.tags.get("resumed_from")]
-    def lineage(r) -> set:  # the runs of the trials this run's trial retries (it resumes the latest that left a checkpoint)
+
+    def lineage(
+        r,
+    ) -> set:  # the runs of the trials this run's trial retries (it resumes the latest that left a checkpoint)
         t = by_number.get(int(r.data.tags.get("trial_number", -1)))
-        return {by_number[n].user_attrs.get("mlflow_run_id") for n in (t.system_attrs.get("retry_history") or [])} \
-            if t else set()
+        return (
+            {by_number[n].user_attrs.get("mlflow_run_id") for n in (t.system_attrs.get("retry_history") or [])}
+            if t
+            else set()
+        )
 
     bad_resume = [r.info.run_id[:8] for r in resumed if r.data.tags["resumed_from"] not in lineage(r)]
     gaps = []
@@ -415,9 +510,13 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
     row("final runs whose epochs are not 1..E, once each", len(gaps), 0, detail="; ".join(gaps[:3]))
 
     # background evaluation, checkpoints
-    unevaluated = [t.number for t in done if t.state == TrialState.COMPLETE and
-                   run_by_id.get(t.user_attrs.get("mlflow_run_id")) is not None and
-                   run_by_id[t.user_attrs["mlflow_run_id"]].data.tags.get("evaluation") != "done"]
+    unevaluated = [
+        t.number
+        for t in done
+        if t.state == TrialState.COMPLETE
+        and run_by_id.get(t.user_attrs.get("mlflow_run_id")) is not None
+        and run_by_id[t.user_attrs["mlflow_run_id"]].data.tags.get("evaluation") != "done"
+    ]
     jobs = pending(spool_dir(chaos.tracking))
     row("complete trials without their evaluation", len(unevaluated), 0, detail=str(unevaluated[:10]))
     row("evaluation jobs left in the spool", len(jobs), 0, detail=", ".join(p.name[:8] for p in jobs[:5]))
@@ -431,13 +530,19 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
     # its last retry was given up as surplus)
     finals = {t.user_attrs.get("mlflow_run_id") for t in done}
     run_of_number = {t.number: t.user_attrs.get("mlflow_run_id") for t in trials}
-    exhausted_lineages = [[run_of_number.get(n) for n in (t.system_attrs.get("retry_history") or []) + [t.number]]
-                          for t in fails
-                          if len(t.system_attrs.get("retry_history") or []) >= MAX_RETRY or t.user_attrs.get("surplus")]
+    exhausted_lineages = [
+        [run_of_number.get(n) for n in (t.system_attrs.get("retry_history") or []) + [t.number]]
+        for t in fails
+        if len(t.system_attrs.get("retry_history") or []) >= MAX_RETRY or t.user_attrs.get("surplus")
+    ]
     dead_ends = {run for lineage in exhausted_lineages for run in lineage}
     unexplained = [p for p in leftover if p.stem in finals or p.stem not in dead_ends]
-    row("checkpoints a later run should have taken over", len(unexplained), 0,
-        detail=", ".join(p.stem[:8] for p in unexplained[:5]))
+    row(
+        "checkpoints a later run should have taken over",
+        len(unexplained),
+        0,
+        detail=", ".join(p.stem[:8] for p in unexplained[:5]),
+    )
 
     # the workers: their exits and their output
     bad_exit = []
@@ -453,28 +558,49 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
         text = w.log.read_text()
         for line in text.splitlines():
             m = re.search(r"Trial (\d+) failed", line)
-            if "Traceback" in line or any(e in line for e in LOCK_ERRORS) or "harness: error" in line \
-                    or (m and int(m.group(1)) not in killed_numbers) \
-                    or (w.signal is None and "stopped by SIGTERM" in line):
+            if (
+                "Traceback" in line
+                or any(e in line for e in LOCK_ERRORS)
+                or "harness: error" in line
+                or (m and int(m.group(1)) not in killed_numbers)
+                or (w.signal is None and "stopped by SIGTERM" in line)
+            ):
                 errors.append(f"worker {w.index}: {line.strip()[:200]}")
     row("error lines in the workers' output", len(errors), 0, detail="; ".join(errors[:3]))
 
     stops = [w.exited_at - w.signalled_at for w in chaos.workers if w.signal == "SIGTERM" and w.exited_at]
     more = {
-        "trials": len(trials), "complete": sum(t.state == TrialState.COMPLETE for t in done),
-        "pruned": sum(t.state == TrialState.PRUNED for t in done), "surplus": len(surplus),
-        "killed_trials": len(killed), "stopped_trials": len(stopped), "stale_trials": len(stale), "before_run": len(before_run),
-        "retries": len(retries), "retries_exhausted": len(exhausted),
+        "trials": len(trials),
+        "complete": sum(t.state == TrialState.COMPLETE for t in done),
+        "pruned": sum(t.state == TrialState.PRUNED for t in done),
+        "surplus": len(surplus),
+        "killed_trials": len(killed),
+        "stopped_trials": len(stopped),
+        "stale_trials": len(stale),
+        "before_run": len(before_run),
+        "retries": len(retries),
+        "retries_exhausted": len(exhausted),
         "retries_final": sum(1 for t in done if t.system_attrs.get("retry_history")),
-        "resumed": len(resumed), "resumed_final": sum(1 for t in done if run_by_id.get(
-            t.user_attrs.get("mlflow_run_id")) is not None and run_by_id[t.user_attrs["mlflow_run_id"]].data.tags.get(
-            "resumed_from")),
-        "trial_runs": len(trial_runs), "run_status": Counter(r.info.status for r in trial_runs),
-        "sigkill": sigkills, "sigterm": sigterms,
+        "resumed": len(resumed),
+        "resumed_final": sum(
+            1
+            for t in done
+            if run_by_id.get(t.user_attrs.get("mlflow_run_id")) is not None
+            and run_by_id[t.user_attrs["mlflow_run_id"]].data.tags.get("resumed_from")
+        ),
+        "trial_runs": len(trial_runs),
+        "run_status": Counter(r.info.status for r in trial_runs),
+        "sigkill": sigkills,
+        "sigterm": sigterms,
         "phases": Counter((w.signal, w.phase) for w in chaos.workers if w.signal),
-        "stop_s": stops, "workers_started": len(chaos.workers),
-        "lost": max(0, a.trials - len(done)), "duplicates": len(duplicates), "left_running": len(running) + len(left),
-        "checkpoints_left": len(leftover), "errors": errors, "unrecorded": len(unrecorded),
+        "stop_s": stops,
+        "workers_started": len(chaos.workers),
+        "lost": max(0, a.trials - len(done)),
+        "duplicates": len(duplicates),
+        "left_running": len(running) + len(left),
+        "checkpoints_left": len(leftover),
+        "errors": errors,
+        "unrecorded": len(unrecorded),
     }
     return rows, more
 
@@ -494,8 +620,11 @@ def near_kills(chaos: Chaos, moment, label: str) -> str:
     at = moment.timestamp()
     kills = sorted((w.signalled_clock - at, w) for w in chaos.workers if w.signalled_clock)
     near = sorted(kills, key=lambda kw: abs(kw[0]))[:2]
-    return f"{label} {moment:%H:%M:%S.%f}"[:-3] + "; nearest kills: " + ", ".join(
-        f"{w.signal} worker {w.index} {d:+.2f} s" for d, w in near)
+    return (
+        f"{label} {moment:%H:%M:%S.%f}"[:-3]
+        + "; nearest kills: "
+        + ", ".join(f"{w.signal} worker {w.index} {d:+.2f} s" for d, w in near)
+    )
 
 
 def diagnose(chaos: Chaos) -> list[str]:
@@ -509,28 +638,38 @@ def diagnose(chaos: Chaos) -> list[str]:
     for t in trials:
         if t.state in (TrialState.RUNNING, TrialState.WAITING):
             lines.append(f"trial {t.number} {t.state.name}: " + near_kills(chaos, t.datetime_start, "started"))
-        elif t.state == TrialState.FAIL and not t.user_attrs.get("surplus") and t.number not in replaced \
-                and len(t.system_attrs.get("retry_history") or []) < MAX_RETRY:
+        elif (
+            t.state == TrialState.FAIL
+            and not t.user_attrs.get("surplus")
+            and t.number not in replaced
+            and len(t.system_attrs.get("retry_history") or []) < MAX_RETRY
+        ):
             lines.append(f"trial {t.number} FAIL, not re-queued: " + near_kills(chaos, t.datetime_complete, "failed"))
         elif t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.number in replaced:
             retry = [r.number for r in trials if (r.system_attrs.get("retry_history") or [None])[-1] == t.number]
-            lines.append(f"trial {t.number} {t.state.name} yet re-queued as {retry}: "
-                         + near_kills(chaos, t.datetime_complete, "ended"))
+            lines.append(
+                f"trial {t.number} {t.state.name} yet re-queued as {retry}: "
+                + near_kills(chaos, t.datetime_complete, "ended")
+            )
     return lines
 
 
 def report(chaos: Chaos, figures: dict, rows, more) -> bool:
     a = chaos.args
     ok = all(r[3] for r in rows)
-    print(f"\nchecks ({a.storage} storage, {a.workers} workers, {figures['kills']} kills, {a.trials} trials "
-          f"of {a.epochs} epochs, pruner {a.pruner}, seed {a.seed}, target {a.target}"
-          f"{', process groups' if a.group else ''})")
+    print(
+        f"\nchecks ({a.storage} storage, {a.workers} workers, {figures['kills']} kills, {a.trials} trials "
+        f"of {a.epochs} epochs, pruner {a.pruner}, seed {a.seed}, target {a.target}"
+        f"{', process groups' if a.group else ''})"
+    )
     width = max(len(r[0]) for r in rows)
     print(f"{'check':<{width}}  {'found':>10}  {'expected':>10}  ok")
     for name, found, expected, good, detail in rows:
         found_s = str(found)
-        print(f"{name:<{width}}  {found_s:>10}  {str(expected):>10}  {'ok' if good else 'FAIL'}"
-              f"{'   ' + detail if detail and not good else ''}")
+        print(
+            f"{name:<{width}}  {found_s:>10}  {str(expected):>10}  {'ok' if good else 'FAIL'}"
+            f"{'   ' + detail if detail and not good else ''}"
+        )
     phases = more["phases"]
     stops = more["stop_s"]
     lines = [
@@ -540,16 +679,19 @@ def report(chaos: Chaos, figures: dict, rows, more) -> bool:
         ("kills: SIGKILL / SIGTERM", f"{more['sigkill']} / {more['sigterm']}"),
         ("  SIGKILL: starting / in study", f"{phases[('SIGKILL', 'starting')]} / {phases[('SIGKILL', 'in study')]}"),
         ("  SIGTERM: starting / in study", f"{phases[('SIGTERM', 'starting')]} / {phases[('SIGTERM', 'in study')]}"),
-        ("trials killed: run KILLED (SIGTERM) / run FAILED (heartbeat) / before their run",
-         f"{more['stopped_trials']} / {more['stale_trials']} / {more['before_run']}"),
-        ("trials in all (complete / pruned / killed / surplus)",
-         f"{more['trials']} ({more['complete']} / {more['pruned']} / {more['killed_trials']} / {more['surplus']})"),
+        (
+            "trials killed: run KILLED (SIGTERM) / run FAILED (heartbeat) / before their run",
+            f"{more['stopped_trials']} / {more['stale_trials']} / {more['before_run']}",
+        ),
+        (
+            "trials in all (complete / pruned / killed / surplus)",
+            f"{more['trials']} ({more['complete']} / {more['pruned']} / {more['killed_trials']} / {more['surplus']})",
+        ),
         ("retries (re-queued trials); of them final", f"{more['retries']}; {more['retries_final']}"),
         ("killed trials out of retries (max 3)", more["retries_exhausted"]),
         ("runs resumed from a checkpoint; of them final", f"{more['resumed']}; {more['resumed_final']}"),
         ("trial runs: " + ", ".join(f"{k} {v}" for k, v in sorted(more["run_status"].items())), more["trial_runs"]),
-        ("SIGTERM to exit, median / max s",
-         f"{statistics.median(stops):.1f} / {max(stops):.1f}" if stops else "-"),
+        ("SIGTERM to exit, median / max s", f"{statistics.median(stops):.1f} / {max(stops):.1f}" if stops else "-"),
         ("workers started (final ones)", f"{more['workers_started']} ({figures['final_workers']})"),
         ("checkpoint files left (of lineages out of retries)", more["checkpoints_left"]),
         ("retry runs killed before their trial recorded them (linked by tag)", more["unrecorded"]),
@@ -568,8 +710,10 @@ def report(chaos: Chaos, figures: dict, rows, more) -> bool:
         print("\ndiagnosis (a trial's moment against the kills' moments):")
         for line in diagnose(chaos):
             print("  " + line)
-    print(f"\n{'all checks passed' if ok else 'SOME CHECKS FAILED'}"
-          f"{'' if not a.keep else f'; kept {chaos.tmp} (logs/, mlruns/, optuna.db or a copy of the study)'}")
+    print(
+        f"\n{'all checks passed' if ok else 'SOME CHECKS FAILED'}"
+        f"{'' if not a.keep else f'; kept {chaos.tmp} (logs/, mlruns/, optuna.db or a copy of the study)'}"
+    )
     return ok
 
 
@@ -603,18 +747,28 @@ def make_postgres(admin_url: str) -> tuple[str, callable]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--storage", choices=("sqlite", "postgresql"), default="sqlite")
-    p.add_argument("--postgres-url", default=os.environ.get("HARNESS_TEST_POSTGRES_URL",
-                                                            "postgresql://postgres@127.0.0.1:5432/postgres"),
-                   help="a server where a fresh database can be created (default: $HARNESS_TEST_POSTGRES_URL or local)")
+    p.add_argument(
+        "--postgres-url",
+        default=os.environ.get("HARNESS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        help="a server where a fresh database can be created (default: $HARNESS_TEST_POSTGRES_URL or local)",
+    )
     p.add_argument("--workers", type=int, default=3)
     p.add_argument("--kills", type=int, default=20)
     p.add_argument("--trials", type=int, default=24)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--pruner", choices=("hyperband", "median", "none"), default="hyperband")
-    p.add_argument("--interval", type=lambda s: tuple(float(x) for x in s.split(",")), default=(2.0, 6.0),
-                   help="seconds between kills: LOW,HIGH (uniform)")
-    p.add_argument("--target", choices=("working", "any"), default="working",
-                   help="kill a random worker past its start-up (a moment with none passes), or any worker")
+    p.add_argument(
+        "--interval",
+        type=lambda s: tuple(float(x) for x in s.split(",")),
+        default=(2.0, 6.0),
+        help="seconds between kills: LOW,HIGH (uniform)",
+    )
+    p.add_argument(
+        "--target",
+        choices=("working", "any"),
+        default="working",
+        help="kill a random worker past its start-up (a moment with none passes), or any worker",
+    )
     p.add_argument("--group", action="store_true", help="signal a worker's process group (its finisher too)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wait", type=float, default=900, help="seconds to wait for the study's start, then for its end")
@@ -637,15 +791,27 @@ def main(argv: list[str] | None = None) -> int:
             storage, drop = make_postgres(a.postgres_url)
         else:
             storage = f"sqlite:///{tmp / 'optuna.db'}"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-        for var in ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "HARNESS_STORAGE", "HARNESS_CHECKPOINT_DIR",
-                    "HARNESS_DATA_DIR"):
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        }
+        for var in (
+            "MLFLOW_RUN_ID",
+            "MLFLOW_TRACKING_URI",
+            "HARNESS_STORAGE",
+            "HARNESS_CHECKPOINT_DIR",
+            "HARNESS_DATA_DIR",
+        ):
             env.pop(var, None)
         chaos = Chaos(a, tmp, storage, tracking, env=env)
-        print(f"chaos: {a.workers} workers on study '{STUDY}' ({a.trials} trials of {a.epochs} epochs), "
-              f"{a.kills} kills every {a.interval[0]:g}-{a.interval[1]:g} s, storage {a.storage}, folder {tmp}",
-              flush=True)
+        print(
+            f"chaos: {a.workers} workers on study '{STUDY}' ({a.trials} trials of {a.epochs} epochs), "
+            f"{a.kills} kills every {a.interval[0]:g}-{a.interval[1]:g} s, storage {a.storage}, folder {tmp}",
+            flush=True,
+        )
         figures = run_chaos(chaos)
         rows, more = check(chaos, figures)
         ok = report(chaos, figures, rows, more)
@@ -653,8 +819,11 @@ def main(argv: list[str] | None = None) -> int:
             import optuna
 
             try:
-                optuna.copy_study(from_study_name=STUDY, from_storage=storage_url(storage),
-                                  to_storage=f"sqlite:///{tmp / 'optuna-copy.db'}")
+                optuna.copy_study(
+                    from_study_name=STUDY,
+                    from_storage=storage_url(storage),
+                    to_storage=f"sqlite:///{tmp / 'optuna-copy.db'}",
+                )
             except Exception as e:  # (a copy is a convenience)
                 print(f"chaos: the study could not be copied ({type(e).__name__}: {e})")
         return 0 if ok else 1

@@ -6,6 +6,7 @@ Trains baseA, baseB and, for each depth n = 1..3, AnB, BnB, AnB+ and BnB+ (14 ru
 temporary MLflow store (or --tracking-uri), then prints the test accuracy on B by depth as a
 Markdown table, baseA/baseB, and the wall time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,16 +29,24 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="split-study-")
     uri = args.tracking_uri or f"sqlite:///{tmp}/mlflow.db"
-    overrides = [f"epochs={args.epochs}", f"data.train_subset={args.train_subset}",
-                 f"data.val_subset={args.val_subset}", "eval.log_model=false", *args.overrides]
+    overrides = [
+        f"epochs={args.epochs}",
+        f"data.train_subset={args.train_subset}",
+        f"data.val_subset={args.val_subset}",
+        "eval.log_model=false",
+        *args.overrides,
+    ]
     start = time.perf_counter()
-    result = run_split_study(data_dir=args.data_dir, tracking_uri=uri, overrides=overrides,
-                             class_seed=args.class_seed, progress=False)
+    result = run_split_study(
+        data_dir=args.data_dir, tracking_uri=uri, overrides=overrides, class_seed=args.class_seed, progress=False
+    )
     wall = time.perf_counter() - start
     base = {c.name: c.metrics.get("test_accuracy", float("nan")) for c in result.children}
     print(f"A = {', '.join(result.classes_a)}\nB = {', '.join(result.classes_b)}")
     print(f"settings: {' '.join(overrides)}; test: B's test images (all 5,000 unless data.test_subset is set)")
-    print(f"baseA {base.get('baseA', float('nan')):.4f} (on A's test set), baseB {base.get('baseB', float('nan')):.4f}\n")
+    print(
+        f"baseA {base.get('baseA', float('nan')):.4f} (on A's test set), baseB {base.get('baseB', float('nan')):.4f}\n"
+    )
     print(curves_markdown(result.curves))
     print(f"\n{len(result.children)} runs, {len(result.failed)} failed; wall time {wall / 60:.1f} min")
     print(f"tracking store: {uri} (parent run {result.parent_run_id})")

@@ -7,6 +7,7 @@
 
 Each writes into a fresh temporary store and prints its figures side by side.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,14 @@ from studies.options import TuneOptions
 
 
 def options(tmp: Path, study: str, data_dir: str, **kw) -> TuneOptions:
-    base = dict(study=study, space="training", storage=f"sqlite:///{tmp}/optuna.db",
-                tracking_uri=f"sqlite:///{tmp}/mlruns/mlflow.db", data_dir=data_dir, progress=False)
+    base = dict(
+        study=study,
+        space="training",
+        storage=f"sqlite:///{tmp}/optuna.db",
+        tracking_uri=f"sqlite:///{tmp}/mlruns/mlflow.db",
+        data_dir=data_dir,
+        progress=False,
+    )
     base.update(kw)
     return TuneOptions(**base)
 
@@ -39,15 +46,32 @@ def trial_runs(opts: TuneOptions, study: optuna.Study):
 
 def pruning(args) -> None:
     """Hyperband against no pruning, at the same number of trials and at the same wall time."""
-    budget = ["epochs=8", "data.train_subset=5000", "data.val_subset=2000", "data.test_subset=2000",
-              "eval.tsne=false", "eval.umap=false", "eval.log_model=false"]
+    budget = [
+        "epochs=8",
+        "data.train_subset=5000",
+        "data.val_subset=2000",
+        "data.test_subset=2000",
+        "eval.tsne=false",
+        "eval.umap=false",
+        "eval.log_model=false",
+    ]
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        for label, trials, timeout in ((f"{args.trials} trials", args.trials, None),
-                                       (f"{args.seconds:.0f} s", 1000, args.seconds)):
+        for label, trials, timeout in (
+            (f"{args.trials} trials", args.trials, None),
+            (f"{args.seconds:.0f} s", 1000, args.seconds),
+        ):
             for pruner in ("hyperband", "none"):
-                opts = options(Path(d), f"prune-{pruner}-{trials}", args.data_dir, trials=trials, timeout=timeout,
-                               pruner=pruner, seed=0, overrides=budget)
+                opts = options(
+                    Path(d),
+                    f"prune-{pruner}-{trials}",
+                    args.data_dir,
+                    trials=trials,
+                    timeout=timeout,
+                    pruner=pruner,
+                    seed=0,
+                    overrides=budget,
+                )
                 start = time.perf_counter()
                 study = tune(opts)
                 wall = time.perf_counter() - start
@@ -66,8 +90,13 @@ def pruning(args) -> None:
 def overhead(args) -> None:
     """Tracking (MLflow calls) and storage (Optuna) time as a share of each trial's wall time."""
     # all 40,000 training images (the space's CPU profile would take 8,000): trials of a minute or more
-    budget = ["epochs=5", "data.train_subset=null", "data.val_subset=2000", "data.test_subset=2000",
-              "eval.embedding_samples=1000"]
+    budget = [
+        "epochs=5",
+        "data.train_subset=null",
+        "data.val_subset=2000",
+        "data.test_subset=2000",
+        "eval.embedding_samples=1000",
+    ]
     with tempfile.TemporaryDirectory() as d:
         opts = options(Path(d), "overhead", args.data_dir, trials=args.trials, pruner="none", overrides=budget)
         study = tune(opts)
@@ -79,26 +108,62 @@ def overhead(args) -> None:
             run_s = (run.info.end_time - run.info.start_time) / 1000
             tracking = run.data.metrics.get("tracking_seconds", 0.0)
             storage = max(trial_s - run_s, 0.0)  # ask/tell, sampling, attrs, run creation
-            print(f"{t.number:>5}{trial_s:>9.1f}{tracking:>12.2f}{storage:>11.2f}{(tracking + storage) / trial_s:>8.1%}")
+            print(
+                f"{t.number:>5}{trial_s:>9.1f}{tracking:>12.2f}{storage:>11.2f}{(tracking + storage) / trial_s:>8.1%}"
+            )
         # start-up: the same command on the existing store with its budget already met
-        cmd = [sys.executable, "-m", "harness.cli", "tune", "--study", "overhead", "--space", "training",
-               "--trials", str(args.trials), "--pruner", "none", "--storage", opts.storage,
-               "--tracking-uri", opts.tracking_uri, "--data-dir", args.data_dir, "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "tune",
+            "--study",
+            "overhead",
+            "--space",
+            "training",
+            "--trials",
+            str(args.trials),
+            "--pruner",
+            "none",
+            "--storage",
+            opts.storage,
+            "--tracking-uri",
+            opts.tracking_uri,
+            "--data-dir",
+            args.data_dir,
+            "--quiet",
+        ]
         cmd += [a for s in budget for a in ("--set", s)]
         start = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True)
-        print(f"`harness tune` start-up on the existing store (imports, open, reconcile, summary): "
-              f"{time.perf_counter() - start:.1f} s")
+        print(
+            f"`harness tune` start-up on the existing store (imports, open, reconcile, summary): "
+            f"{time.perf_counter() - start:.1f} s"
+        )
 
 
 def scaling(args) -> None:
-    budget = ["epochs=2", "data.train_subset=8000", "data.val_subset=1000", "data.test_subset=1000",
-              "eval.tsne=false", "eval.umap=false"]
+    budget = [
+        "epochs=2",
+        "data.train_subset=8000",
+        "data.val_subset=1000",
+        "data.test_subset=1000",
+        "eval.tsne=false",
+        "eval.umap=false",
+    ]
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for workers in (1, 2):
-            opts = options(Path(d), f"scale-{workers}", args.data_dir, trials=args.trials, pruner="none",
-                           sampler="random", workers=workers, overrides=budget)
+            opts = options(
+                Path(d),
+                f"scale-{workers}",
+                args.data_dir,
+                trials=args.trials,
+                pruner="none",
+                sampler="random",
+                workers=workers,
+                overrides=budget,
+            )
             start = time.perf_counter()
             tune(opts)
             rows.append((workers, time.perf_counter() - start))
@@ -120,8 +185,15 @@ def extras(args) -> None:
     from studies.library import DEFAULT_CONFIG
     from studies.report import settle_champion, update_study_run
 
-    budget = ["epochs=1", "data.train_subset=8000", "data.val_subset=2000", "data.test_subset=2000",
-              "eval.embedding_samples=500", "patience=0", f"data.root={args.data_dir}"]
+    budget = [
+        "epochs=1",
+        "data.train_subset=8000",
+        "data.val_subset=2000",
+        "data.test_subset=2000",
+        "eval.embedding_samples=500",
+        "patience=0",
+        f"data.root={args.data_dir}",
+    ]
     with tempfile.TemporaryDirectory() as d:
         # system metrics: the same run with the monitor on and off, alternated
         client = client_for(f"sqlite:///{d}/mlruns/mlflow.db")
@@ -135,12 +207,21 @@ def extras(args) -> None:
             train_run(C.replace(cfg, {"eval": {"system_metrics": on}}), run, ds, progress=False)
             walls[on].append(time.perf_counter() - start)
         on, off = statistics.median(walls[True]), statistics.median(walls[False])
-        print(f"system metrics, {args.trials} runs each of 1 epoch on 8,000 images (run wall, median): "
-              f"on {on:.2f} s, off {off:.2f} s, difference {on - off:+.2f} s ({(on - off) / off:+.1%})")
+        print(
+            f"system metrics, {args.trials} runs each of 1 epoch on 8,000 images (run wall, median): "
+            f"on {on:.2f} s, off {off:.2f} s, difference {on - off:+.2f} s ({(on - off) / off:+.1%})"
+        )
 
         # the registry and the live study row, on a study whose trials log their models
-        opts = options(Path(d), "registry", args.data_dir, trials=args.trials, pruner="none", sampler="random",
-                       overrides=budget[:-1])
+        opts = options(
+            Path(d),
+            "registry",
+            args.data_dir,
+            trials=args.trials,
+            pruner="none",
+            sampler="random",
+            overrides=budget[:-1],
+        )
         study = tune(opts)
         client = MlflowClient(opts.tracking_uri)
         parent = study.user_attrs["mlflow_parent_run_id"]
@@ -151,16 +232,21 @@ def extras(args) -> None:
             live.append(time.perf_counter() - start)
         changes = len(client.search_model_versions(f"name = '{opts.study}'"))  # one version a change of champion
         moves = []
-        others = [t for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-                  if t.number != study.best_trial.number]
+        others = [
+            t
+            for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+            if t.number != study.best_trial.number
+        ]
         for t in others + [study.best_trial]:  # the alias moved to each in turn, and back to the best
             start = time.perf_counter()
             settle_champion(client, study, t, parent)
             moves.append(time.perf_counter() - start)
-        print(f"live study-run update (no champion change), median of 5: {statistics.median(live) * 1000:.0f} ms; "
-              f"registering a version and moving the alias, median of {len(moves)}: "
-              f"{statistics.median(moves) * 1000:.0f} ms (only when the best trial changes: "
-              f"{changes} times in this study's {args.trials} trials)")
+        print(
+            f"live study-run update (no champion change), median of 5: {statistics.median(live) * 1000:.0f} ms; "
+            f"registering a version and moving the alias, median of {len(moves)}: "
+            f"{statistics.median(moves) * 1000:.0f} ms (only when the best trial changes: "
+            f"{changes} times in this study's {args.trials} trials)"
+        )
 
 
 def main() -> None:

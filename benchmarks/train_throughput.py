@@ -7,6 +7,7 @@ Normalize) in a DataLoader with batch 64 and 2 workers. Harness: `harness.traini
 the uint8 dataset on the device and batched augmentation, at batch 64 (like for like) and at
 the default config's batch size. Prints images/s for each and their ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,10 +21,10 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from harness import config as C
-from studies.library import DEFAULT_CONFIG
 from harness.data import MEAN, STD, load_dataset, make_splits
 from harness.models import build_model
 from harness.training import build_optimizer, fit, select_device
+from studies.library import DEFAULT_CONFIG
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -42,10 +43,22 @@ class PILDataset(torch.utils.data.Dataset):
 
 
 def seed_style(cfg: C.Config, images, labels, device, warmup_batches: int = 5) -> float:
-    transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                                    transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
-    loader = DataLoader(PILDataset(images, labels, transform), batch_size=64, shuffle=True, num_workers=2,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+    transform = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
+    loader = DataLoader(
+        PILDataset(images, labels, transform),
+        batch_size=64,
+        shuffle=True,
+        num_workers=2,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
     model = build_model(cfg.model, 10).to(device)
     opt = build_optimizer([{"params": model.parameters()}], cfg)
     model.train()
@@ -80,14 +93,19 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    cfg = C.load(DEFAULT_CONFIG, [f"device={args.device}", f"data.train_subset={args.images}",
-                                    "data.val_subset=1000"], args.data_dir)
+    cfg = C.load(
+        DEFAULT_CONFIG,
+        [f"device={args.device}", f"data.train_subset={args.images}", "data.val_subset=1000"],
+        args.data_dir,
+    )
     device = select_device(cfg.device)
     ds = load_dataset(cfg.data)
     splits = make_splits(ds, cfg.data, device)
     cpu_x, cpu_y = splits.train_x.cpu().numpy(), splits.train_y.cpu().numpy()
-    print(f"device {device}, {len(cpu_y)} images, model widths {cfg.model.widths}, torch threads "
-          f"{torch.get_num_threads()}")
+    print(
+        f"device {device}, {len(cpu_y)} images, model widths {cfg.model.widths}, torch threads "
+        f"{torch.get_num_threads()}"
+    )
     rows = [("seed-style (PIL + DataLoader, batch 64, 2 workers)", seed_style(cfg, cpu_x, cpu_y, device))]
     rows.append(("harness (batched on-device augmentation, batch 64)", harness_loop(cfg, splits, device, 64)))
     rows.append((f"harness (default batch {cfg.batch_size})", harness_loop(cfg, splits, device, cfg.batch_size)))

@@ -1,4 +1,5 @@
 """Bring a run back from MLflow: its config, and its model rebuilt from a weights-only checkpoint."""
+
 from __future__ import annotations
 
 import tempfile
@@ -22,8 +23,10 @@ def get_run(client: MlflowClient, run_id: str):
     try:
         return client.get_run(run_id)
     except MlflowException:
-        raise RunNotFound(f"run {run_id} not found in {client.tracking_uri}: check the id "
-                          "(`harness compare` lists runs) or pass --tracking-uri") from None
+        raise RunNotFound(
+            f"run {run_id} not found in {client.tracking_uri}: check the id "
+            "(`harness compare` lists runs) or pass --tracking-uri"
+        ) from None
 
 
 def load_run_config(client: MlflowClient, run_id: str) -> C.Config:
@@ -43,8 +46,10 @@ def load_run_model(client: MlflowClient, run_id: str, device: str | torch.device
         try:
             path = client.download_artifacts(run_id, "checkpoint/model.pt", d)
         except (MlflowException, OSError):
-            raise RunNotFound(f"run {run_id} has no model checkpoint (checkpoint/model.pt): it was pruned, "
-                              "failed, or ran with eval.log_model=false; pick a finished run") from None
+            raise RunNotFound(
+                f"run {run_id} has no model checkpoint (checkpoint/model.pt): it was pruned, "
+                "failed, or ran with eval.log_model=false; pick a finished run"
+            ) from None
         state = torch.load(path, map_location=device, weights_only=True)
     num_classes = state["classifier.1.weight"].shape[0]
     model = build_model(cfg.model, num_classes).to(device)

@@ -4,6 +4,7 @@ Each command is a `cmd_*` function over the library and a small `add_*` function
 parser. A command imports its modules only when it runs, so `harness train` never loads Optuna.
 Errors a user can cause (HarnessError) print as one line and exit 2; Ctrl-C exits 130, SIGTERM 143.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,24 +23,44 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE",
-                   help="YAML config, or the name of one in studies/configs/ (default, fast; default: default)")
-    p.add_argument("--data-dir", metavar="DIR",
-                   help=f"data root holding cifar-10-batches-py/ (default: ${C.DATA_DIR_ENV} or ./data)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, dotted for nested ones: --set epochs=1 --set data.train_subset=10000")
-    p.add_argument("--profile", choices=C.PROFILES, default="auto",
-                   help="the config's (and a study space's) budget: quick for CPUs, full for GPUs; auto picks by device")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML config, or the name of one in studies/configs/ (default, fast; default: default)",
+    )
+    p.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help=f"data root holding cifar-10-batches-py/ (default: ${C.DATA_DIR_ENV} or ./data)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, dotted for nested ones: --set epochs=1 --set data.train_subset=10000",
+    )
+    p.add_argument(
+        "--profile",
+        choices=C.PROFILES,
+        default="auto",
+        help="the config's (and a study space's) budget: quick for CPUs, full for GPUs; auto picks by device",
+    )
 
 
 def add_tracking_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tracking-uri", metavar="URI",
-                   help=f"MLflow store (default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})")
+    p.add_argument(
+        "--tracking-uri", metavar="URI", help=f"MLflow store (default: $MLFLOW_TRACKING_URI or {DEFAULT_TRACKING_URI})"
+    )
 
 
 def add_storage_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage", help="Optuna storage URL (default: $HARNESS_STORAGE or sqlite:///mlruns/optuna.db; "
-                                     "postgresql://user@host/db for many machines)")
+    p.add_argument(
+        "--storage",
+        help="Optuna storage URL (default: $HARNESS_STORAGE or sqlite:///mlruns/optuna.db; "
+        "postgresql://user@host/db for many machines)",
+    )
 
 
 def add_quiet_arg(p: argparse.ArgumentParser) -> None:
@@ -64,8 +85,10 @@ def cmd_train(args) -> int:
     else:
         result = run_experiment(resolve_config(args), args.tracking_uri, args.experiment, progress=not args.quiet)
     m = result.metrics
-    print(f"run {result.run_id}: test accuracy {m['test_accuracy']:.4f} (top-5 {m['test_top5_accuracy']:.4f}), "
-          f"best val accuracy {result.fit.best_val_accuracy:.4f} at epoch {result.fit.best_epoch}")
+    print(
+        f"run {result.run_id}: test accuracy {m['test_accuracy']:.4f} (top-5 {m['test_top5_accuracy']:.4f}), "
+        f"best val accuracy {result.fit.best_val_accuracy:.4f} at epoch {result.fit.best_epoch}"
+    )
     print(f"tracking store: {tracking_uri(args.tracking_uri)}; browse it with `harness ui`")
     return 0
 
@@ -80,12 +103,28 @@ def cmd_tune(args) -> int:
     from studies.driver import tune
     from studies.options import TuneOptions
 
-    opts = TuneOptions(study=args.study, space=args.space, trials=args.trials, timeout=args.timeout,
-                       storage=args.storage, sampler=args.sampler, pruner=args.pruner, seed=args.seed,
-                       objectives=args.objectives, profile=args.profile, config=args.config,
-                       overrides=args.overrides, data_dir=args.data_dir, tracking_uri=args.tracking_uri,
-                       workers=args.workers, heartbeat=args.heartbeat, evaluate=args.evaluate,
-                       progress=not args.quiet, confirm_top=args.confirm_top, confirm_seeds=args.confirm_seeds)
+    opts = TuneOptions(
+        study=args.study,
+        space=args.space,
+        trials=args.trials,
+        timeout=args.timeout,
+        storage=args.storage,
+        sampler=args.sampler,
+        pruner=args.pruner,
+        seed=args.seed,
+        objectives=args.objectives,
+        profile=args.profile,
+        config=args.config,
+        overrides=args.overrides,
+        data_dir=args.data_dir,
+        tracking_uri=args.tracking_uri,
+        workers=args.workers,
+        heartbeat=args.heartbeat,
+        evaluate=args.evaluate,
+        progress=not args.quiet,
+        confirm_top=args.confirm_top,
+        confirm_seeds=args.confirm_seeds,
+    )
     study = tune(opts)
     _print_best(study)
     source = f"best:{args.study}"
@@ -99,13 +138,20 @@ def cmd_tune(args) -> int:
         from studies.transfer import run_transfer
 
         try:
-            result = run_transfer(source, data_dir=args.data_dir, tracking_uri=args.tracking_uri,
-                                  storage=args.storage, progress=not args.quiet)
+            result = run_transfer(
+                source,
+                data_dir=args.data_dir,
+                tracking_uri=args.tracking_uri,
+                storage=args.storage,
+                progress=not args.quiet,
+            )
             print(f"transfer study: parent run {result.parent_run_id} in experiment '{result.experiment}'")
         except HarnessError as e:  # the study stands; no transfer
             print(f"harness: transfer skipped: {e}")
-    print(f"study summary: the run 'study-{args.study}' in MLflow experiment '{args.study}' "
-          f"(`harness report --study {args.study}` refreshes it, `harness compare --study {args.study}` lists trials)")
+    print(
+        f"study summary: the run 'study-{args.study}' in MLflow experiment '{args.study}' "
+        f"(`harness report --study {args.study}` refreshes it, `harness compare --study {args.study}` lists trials)"
+    )
     print(f"browse: `harness ui --study {args.study}` (the study run; expand it for its trials)")
     return 0
 
@@ -132,20 +178,29 @@ def _print_trial(best, study=None) -> None:
     if study is not None and ci:
         from harness.uncertainty import overlaps
 
-        tied = [t.number for t in study.get_trials(deepcopy=False) if t.number != best.number
-                and t.user_attrs.get("val_ci") and t.state.name == "COMPLETE" and overlaps(t.user_attrs["val_ci"], ci)]
+        tied = [
+            t.number
+            for t in study.get_trials(deepcopy=False)
+            if t.number != best.number
+            and t.user_attrs.get("val_ci")
+            and t.state.name == "COMPLETE"
+            and overlaps(t.user_attrs["val_ci"], ci)
+        ]
         if tied:
-            print(f"  not told apart from it by one run each (overlapping 95% validation intervals): trial(s) "
-                  f"{', '.join(map(str, tied))}; `harness confirm --study {study.study_name}` retrains the top "
-                  "trials with new seeds")
+            print(
+                f"  not told apart from it by one run each (overlapping 95% validation intervals): trial(s) "
+                f"{', '.join(map(str, tied))}; `harness confirm --study {study.study_name}` retrains the top "
+                "trials with new seeds"
+            )
 
 
 def _print_confirmation(result, study: str) -> None:
     print(f"confirmation of study {study} ({int(result.table['n'].min())} new seeds per configuration):")
     print(result.markdown())
     if result.champion:
-        print(f"champion: {result.champion} (run {result.champion_run_id}, the best configuration's run nearest "
-              "its mean)")
+        print(
+            f"champion: {result.champion} (run {result.champion_run_id}, the best configuration's run nearest its mean)"
+        )
     print("on MLflow: the study run's confirmation/ artifacts (table.md, table.csv, runs.csv, means.png)")
 
 
@@ -153,10 +208,20 @@ def cmd_confirm(args) -> int:
     from studies.confirm import confirm
     from studies.options import TuneOptions
 
-    opts = TuneOptions(study=args.study, storage=args.storage, tracking_uri=args.tracking_uri, data_dir=args.data_dir,
-                       overrides=args.overrides, workers=args.workers, heartbeat=args.heartbeat,
-                       evaluate=args.evaluate, timeout=args.timeout, progress=not args.quiet,
-                       confirm_top=args.top, confirm_seeds=args.seeds)
+    opts = TuneOptions(
+        study=args.study,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        data_dir=args.data_dir,
+        overrides=args.overrides,
+        workers=args.workers,
+        heartbeat=args.heartbeat,
+        evaluate=args.evaluate,
+        timeout=args.timeout,
+        progress=not args.quiet,
+        confirm_top=args.top,
+        confirm_seeds=args.seeds,
+    )
     _print_confirmation(confirm(opts), args.study)
     return 0
 
@@ -171,9 +236,11 @@ def cmd_best(args) -> int:
     confirmed = study.user_attrs.get("confirmed_champion")
     if confirmed:
         lo, hi = confirmed["val_ci"]
-        print(f"confirmed best: trial {confirmed['trial']}, mean val accuracy {confirmed['val_mean']:.4f} "
-              f"[{lo:.4f}, {hi:.4f}] and test {confirmed['test_mean']:.4f} over n={confirmed['n']} seeds "
-              f"(run {confirmed['run_id']}; `harness confirm --study {args.study}` prints the table)")
+        print(
+            f"confirmed best: trial {confirmed['trial']}, mean val accuracy {confirmed['val_mean']:.4f} "
+            f"[{lo:.4f}, {hi:.4f}] and test {confirmed['test_mean']:.4f} over n={confirmed['n']} seeds "
+            f"(run {confirmed['run_id']}; `harness confirm --study {args.study}` prints the table)"
+        )
     run_id = best.user_attrs.get("mlflow_run_id")
     if run_id:
         from harness.checkpoints import get_run
@@ -181,8 +248,7 @@ def cmd_best(args) -> int:
 
         client = client_for(args.tracking_uri)
         run = get_run(client, run_id)  # another store: one line naming --tracking-uri
-        keys = ("best_val_accuracy", "test_accuracy", "test_top5_accuracy", "test_loss", "num_params",
-                "epochs_trained")
+        keys = ("best_val_accuracy", "test_accuracy", "test_top5_accuracy", "test_loss", "num_params", "epochs_trained")
         for k in keys:
             if k in run.data.metrics:
                 print(f"  {k}: {run.data.metrics[k]:.6g}")
@@ -212,7 +278,9 @@ def cmd_compare(args) -> int:
             f.write(table.to_markdown(index=False) + "\n")
         print(f"wrote {args.markdown}")
     if not (args.csv or args.markdown) or args.show:
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}") if not table.empty else "no trial runs yet")
+        print(
+            table.to_string(index=False, float_format=lambda v: f"{v:.4f}") if not table.empty else "no trial runs yet"
+        )
     return 0
 
 
@@ -259,8 +327,10 @@ def _reproduce_seeds(args) -> int:
     for row in report.table.itertuples():
         if row.original_inside is not None:
             where = "inside" if row.original_inside else "OUTSIDE"
-            print(f"{row.metric}: the original {row.original:.4f} lies {where} the 95% prediction interval "
-                  f"[{row.predict_low:.4f}, {row.predict_high:.4f}] of its config's seeds")
+            print(
+                f"{row.metric}: the original {row.original:.4f} lies {where} the 95% prediction interval "
+                f"[{row.predict_low:.4f}, {row.predict_high:.4f}] of its config's seeds"
+            )
     return 0
 
 
@@ -268,8 +338,16 @@ def cmd_transfer(args) -> int:
     from studies.transfer import run_transfer
 
     modes = tuple(args.modes.split(",")) if args.modes else ("probe", "finetune", "freeze", "scratch")
-    result = run_transfer(args.source, target=args.target, data_dir=args.data_dir, tracking_uri=args.tracking_uri,
-                          overrides=args.overrides, modes=modes, storage=args.storage, progress=not args.quiet)
+    result = run_transfer(
+        args.source,
+        target=args.target,
+        data_dir=args.data_dir,
+        tracking_uri=args.tracking_uri,
+        overrides=args.overrides,
+        modes=modes,
+        storage=args.storage,
+        progress=not args.quiet,
+    )
     print(result.table.to_string(index=False))
     print(f"transfer parent run {result.parent_run_id}")
     return 1 if result.failed else 0
@@ -278,9 +356,17 @@ def cmd_transfer(args) -> int:
 def cmd_split_study(args) -> int:
     from studies.split_study import curves_markdown, run_split_study
 
-    result = run_split_study(data_dir=args.data_dir, tracking_uri=args.tracking_uri, overrides=args.overrides,
-                             config=args.config, classes_a=args.classes_a, class_seed=args.class_seed,
-                             depths=args.depths, progress=not args.quiet, profile=args.profile)
+    result = run_split_study(
+        data_dir=args.data_dir,
+        tracking_uri=args.tracking_uri,
+        overrides=args.overrides,
+        config=args.config,
+        classes_a=args.classes_a,
+        class_seed=args.class_seed,
+        depths=args.depths,
+        progress=not args.quiet,
+        profile=args.profile,
+    )
     print(f"A = {', '.join(result.classes_a)}\nB = {', '.join(result.classes_b)}")
     print(curves_markdown(result.curves))
     print(f"split study parent run {result.parent_run_id} in experiment '{result.experiment}'")
@@ -290,10 +376,19 @@ def cmd_split_study(args) -> int:
 def cmd_analyze(args) -> int:
     from analysis.analyze import analyze_run
 
-    result = analyze_run(args.run_id, args.tracking_uri, args.data_dir, samples=args.samples,
-                         compare_run_id=args.compare, progress=not args.quiet)
+    result = analyze_run(
+        args.run_id,
+        args.tracking_uri,
+        args.data_dir,
+        samples=args.samples,
+        compare_run_id=args.compare,
+        progress=not args.quiet,
+    )
     print(result.table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print(f"analysed {result.n_images} test images; logged to run {result.logged_to} (metrics analysis_*, artifacts analysis/)")
+    print(
+        f"analysed {result.n_images} test images; logged to run {result.logged_to} (metrics analysis_*, artifacts "
+        "analysis/)"
+    )
     return 0
 
 
@@ -301,16 +396,28 @@ def cmd_slurm(args) -> int:
     from studies.slurm import SlurmOptions, script, submit
 
     tune_args = args.tune_args[1:] if args.tune_args[:1] == ["--"] else args.tune_args
-    opts = SlurmOptions(study=args.study, tune_args=tune_args, array_size=args.array_size, partition=args.partition,
-                        time=args.time, gpus_per_task=args.gpus_per_task, cpus_per_task=args.cpus_per_task,
-                        mem=args.mem, signal_seconds=args.signal_seconds, storage=args.storage,
-                        tracking_uri=args.tracking_uri, log_dir=args.log_dir)
+    opts = SlurmOptions(
+        study=args.study,
+        tune_args=tune_args,
+        array_size=args.array_size,
+        partition=args.partition,
+        time=args.time,
+        gpus_per_task=args.gpus_per_task,
+        cpus_per_task=args.cpus_per_task,
+        mem=args.mem,
+        signal_seconds=args.signal_seconds,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        log_dir=args.log_dir,
+    )
     if args.dry_run:
         print(script(opts, dry_run=True), end="")
         return 0
     job = submit(opts)
-    print(f"submitted job array {job}: {opts.array_size} workers of study {args.study}; "
-          f"logs {opts.log_path.replace('%A', job).replace('%a', '*')}; `squeue -j {job}` lists its tasks")
+    print(
+        f"submitted job array {job}: {opts.array_size} workers of study {args.study}; "
+        f"logs {opts.log_path.replace('%A', job).replace('%a', '*')}; `squeue -j {job}` lists its tasks"
+    )
     return 0
 
 
@@ -330,8 +437,11 @@ def add_train(sub) -> None:
     add_config_args(p)
     add_tracking_arg(p)
     p.add_argument("--experiment", help="MLflow experiment name (default: <dataset>-train)")
-    p.add_argument("--resume", metavar="RUN_ID",
-                   help="continue a stopped run from its last checkpoint (its own config; --set is ignored)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="continue a stopped run from its last checkpoint (its own config; --set is ignored)",
+    )
     add_quiet_arg(p)
     p.set_defaults(func=cmd_train)
 
@@ -342,25 +452,45 @@ def add_tune(sub) -> None:
     p = sub.add_parser("tune", help="run (or resume, or join) an Optuna study; trials nest under the study run")
     p.add_argument("--study", required=True, help="study name (also its MLflow experiment)")
     p.add_argument("--space", default="cnn", help="search space: a name in studies/spaces/ or a YAML file")
-    p.add_argument("--trials", type=int, default=20,
-                   help="the study's total of complete+pruned trials; run again to resume, raise to extend")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=20,
+        help="the study's total of complete+pruned trials; run again to resume, raise to extend",
+    )
     p.add_argument("--timeout", type=float, help="start no trial after this many seconds (those running finish)")
     add_storage_arg(p)
     p.add_argument("--sampler", choices=SAMPLERS, default="tpe")
     p.add_argument("--pruner", choices=PRUNERS, default="hyperband")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
-    p.add_argument("--objectives", choices=OBJECTIVES, default="accuracy",
-                   help="validation accuracy alone, or against parameter count / CPU latency (Pareto front)")
+    p.add_argument(
+        "--objectives",
+        choices=OBJECTIVES,
+        default="accuracy",
+        help="validation accuracy alone, or against parameter count / CPU latency (Pareto front)",
+    )
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (spread over its GPUs)")
     p.add_argument("--heartbeat", type=int, default=30, help="seconds between trial heartbeats")
-    p.add_argument("--evaluate", choices=("background", "inline"), default="background",
-                   help="a trial's test set, figures and model: by a background process while the next trial "
-                        "trains, or by the worker before it")
-    p.add_argument("--confirm-top", type=int, default=0, metavar="K",
-                   help="after tuning, confirm the top K trials with new seeds (`harness confirm`); 0: off")
+    p.add_argument(
+        "--evaluate",
+        choices=("background", "inline"),
+        default="background",
+        help="a trial's test set, figures and model: by a background process while the next trial "
+        "trains, or by the worker before it",
+    )
+    p.add_argument(
+        "--confirm-top",
+        type=int,
+        default=0,
+        metavar="K",
+        help="after tuning, confirm the top K trials with new seeds (`harness confirm`); 0: off",
+    )
     p.add_argument("--confirm-seeds", type=int, default=3, metavar="N", help="new seeds per confirmed trial")
-    p.add_argument("--transfer", action="store_true",
-                   help="run the CIFAR-100 transfer study on the best trial (the confirmed champion with --confirm-top)")
+    p.add_argument(
+        "--transfer",
+        action="store_true",
+        help="run the CIFAR-100 transfer study on the best trial (the confirmed champion with --confirm-top)",
+    )
     add_config_args(p)
     add_tracking_arg(p)
     add_quiet_arg(p)
@@ -368,8 +498,10 @@ def add_tune(sub) -> None:
 
 
 def add_study_lookups(sub) -> None:
-    for name, func, text in (("best", cmd_best, "print a study's best trial, its run and its champion model"),
-                             ("report", cmd_report, "refresh a study's summary on its MLflow run")):
+    for name, func, text in (
+        ("best", cmd_best, "print a study's best trial, its run and its champion model"),
+        ("report", cmd_report, "refresh a study's summary on its MLflow run"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--study", required=True)
         add_storage_arg(p)
@@ -385,11 +517,21 @@ def add_confirm(sub) -> None:
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--timeout", type=float, help="start no run after this many seconds (run again to resume)")
     p.add_argument("--heartbeat", type=int, default=30, help="seconds between run heartbeats")
-    p.add_argument("--evaluate", choices=("background", "inline"), default="background",
-                   help="each run's test set, figures and model: by a background process, or by the worker")
+    p.add_argument(
+        "--evaluate",
+        choices=("background", "inline"),
+        default="background",
+        help="each run's test set, figures and model: by a background process, or by the worker",
+    )
     p.add_argument("--data-dir", metavar="DIR", help="data root, if not where the trials found it")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="change a setting of every run (e.g. eval.figures=false)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a setting of every run (e.g. eval.figures=false)",
+    )
     add_storage_arg(p)
     add_tracking_arg(p)
     add_quiet_arg(p)
@@ -413,8 +555,12 @@ def add_compare(sub) -> None:
 def add_reproduce(sub) -> None:
     p = sub.add_parser("reproduce", help="retrain a run from its logged config and compare")
     p.add_argument("run_id")
-    p.add_argument("--seeds", type=int, metavar="N",
-                   help="retrain with N new seeds instead: the distribution, and whether the run lies inside it")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        metavar="N",
+        help="retrain with N new seeds instead: the distribution, and whether the run lies inside it",
+    )
     p.add_argument("--data-dir", metavar="DIR", help="data root, if not where the run found it")
     add_tracking_arg(p)
     add_quiet_arg(p)
@@ -457,21 +603,33 @@ def add_analyze(sub) -> None:
 
 
 def add_slurm(sub) -> None:
-    p = sub.add_parser("slurm", help="submit a study's workers as a Slurm job array (one `harness tune` a task)",
-                       description="Everything after `--` goes to each worker's `harness tune`: "
-                                   "harness slurm --study big --array-size 8 --partition gpu --time 1-00:00:00 "
-                                   "--gpus-per-task 1 -- --space cnn --trials 200")
+    p = sub.add_parser(
+        "slurm",
+        help="submit a study's workers as a Slurm job array (one `harness tune` a task)",
+        description="Everything after `--` goes to each worker's `harness tune`: "
+        "harness slurm --study big --array-size 8 --partition gpu --time 1-00:00:00 "
+        "--gpus-per-task 1 -- --space cnn --trials 200",
+    )
     p.add_argument("--study", required=True, help="study name (also its MLflow experiment)")
-    p.add_argument("--array-size", "--workers", dest="array_size", type=int, default=2,
-                   help="workers, one per array task (default: 2)")
+    p.add_argument(
+        "--array-size",
+        "--workers",
+        dest="array_size",
+        type=int,
+        default=2,
+        help="workers, one per array task (default: 2)",
+    )
     p.add_argument("--partition", help="Slurm partition (default: the cluster's)")
     p.add_argument("--time", help="each task's time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
     p.add_argument("--gpus-per-task", type=int)
     p.add_argument("--cpus-per-task", type=int)
     p.add_argument("--mem", help="memory per task, as Slurm writes it (16G)")
-    p.add_argument("--signal-seconds", type=int, default=120,
-                   help="SIGUSR1 this long before the time limit: the worker stops its trial and requeues "
-                        "its task (default: 120)")
+    p.add_argument(
+        "--signal-seconds",
+        type=int,
+        default=120,
+        help="SIGUSR1 this long before the time limit: the worker stops its trial and requeues its task (default: 120)",
+    )
     p.add_argument("--log-dir", default="slurm-logs", help="the tasks' logs, one per task (default: slurm-logs)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script instead of submitting it")
     add_storage_arg(p)
@@ -501,12 +659,26 @@ def add_ui(sub) -> None:
     p.set_defaults(func=cmd_ui)
 
 
-COMMANDS = (add_train, add_tune, add_confirm, add_slurm, add_study_lookups, add_compare, add_reproduce, add_transfer,
-            add_split_study, add_analyze, add_dashboard, add_ui)
+COMMANDS = (
+    add_train,
+    add_tune,
+    add_confirm,
+    add_slurm,
+    add_study_lookups,
+    add_compare,
+    add_reproduce,
+    add_transfer,
+    add_split_study,
+    add_analyze,
+    add_dashboard,
+    add_ui,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="harness", description="Train, tune, transfer and analyse CNNs on CIFAR, every run tracked in MLflow.")
+    parser = Parser(
+        prog="harness", description="Train, tune, transfer and analyse CNNs on CIFAR, every run tracked in MLflow."
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for add in COMMANDS:
         add(sub)
@@ -524,9 +696,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"harness: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"harness: {e or 'interrupted'}; a run in progress was ended KILLED with what it logged "
-              "(`harness train --resume RUN_ID` continues a run from its last epoch; a study resumes, "
-              "its stopped trials too, with the same command)", file=sys.stderr)
+        print(
+            f"harness: {e or 'interrupted'}; a run in progress was ended KILLED with what it logged "
+            "(`harness train --resume RUN_ID` continues a run from its last epoch; a study resumes, "
+            "its stopped trials too, with the same command)",
+            file=sys.stderr,
+        )
         return exit_code(e)
     finally:
         restore()

@@ -4,6 +4,7 @@ One `Config` describes a whole run. Training settings sit at the top level (`epo
 and the rest in sections (`data.*`, `model.*`, `eval.*`), so `--set epochs=1 --set
 data.train_subset=10000` reads the way people think about a run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -216,8 +217,13 @@ def _check(cfg: Config) -> Config:
             raise ConfigError(f"bad value {get(cfg, key)!r} for {key}: must be 0 or more")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"bad value {cfg.data.val_fraction!r} for data.val_fraction: must be in (0, 1)")
-    for key in ("data.train_subset", "data.val_subset", "data.prune_subset", "data.test_subset",
-                "eval.embedding_samples"):
+    for key in (
+        "data.train_subset",
+        "data.val_subset",
+        "data.prune_subset",
+        "data.test_subset",
+        "eval.embedding_samples",
+    ):
         value = get(cfg, key)
         if value is not None and value <= 0:
             raise ConfigError(f"bad value {value!r} for {key}: must be positive (or none for all)")
@@ -232,8 +238,7 @@ def from_dict(d: dict, cls=Config, prefix: str = ""):
     kwargs = {}
     for key, value in d.items():
         if key not in hints:
-            raise ConfigError(
-                f"unknown key {prefix}{key}; valid keys: {', '.join(valid_keys(Config))}")
+            raise ConfigError(f"unknown key {prefix}{key}; valid keys: {', '.join(valid_keys(Config))}")
         if dataclasses.is_dataclass(hints[key]):
             kwargs[key] = from_dict(value or {}, hints[key], f"{prefix}{key}.")
         else:
@@ -296,12 +301,17 @@ def pick_profile(profile: str, device: str = "auto") -> str:
         return profile
     if device == "auto":
         import torch
+
         return "full" if torch.cuda.is_available() else "quick"
     return "full" if device.startswith("cuda") else "quick"
 
 
-def load(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None,
-         data_dir: str | None = None, profile: str = "auto") -> Config:
+def load(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | dict | None = None,
+    data_dir: str | None = None,
+    profile: str = "auto",
+) -> Config:
     """Resolve a run's config: defaults < YAML file < its profile < HARNESS_DATA_DIR < --data-dir < --set.
 
     A file may keep settings for CPUs and GPUs apart in `profiles: {quick: {...}, full: {...}}`
@@ -322,8 +332,9 @@ def load(path: str | os.PathLike | None = None, overrides: list[str] | dict | No
         raise ConfigError(f"config file {path}: expected a mapping of settings")
     profiles = d.pop("profiles", None) or {}
     if profiles:
-        flat_overrides = flatten(parse_overrides(overrides)) if isinstance(overrides, list) else \
-            flatten(overrides or {})
+        flat_overrides = (
+            flatten(parse_overrides(overrides)) if isinstance(overrides, list) else flatten(overrides or {})
+        )
         name = pick_profile(profile, str(flat_overrides.get("device") or d.get("device") or "auto"))
         if name not in profiles:
             raise ConfigError(f"config file {path} has no profile {name!r}: choose one of {', '.join(profiles)}")

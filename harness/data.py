@@ -4,6 +4,7 @@ The whole dataset fits in memory (150 MB as uint8), so it lives on the training 
 tensor and each batch is cropped, flipped and normalized there in one go, as in airbench:
 no per-image PIL work and no DataLoader workers competing with training for the CPU.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,6 +47,7 @@ class DatasetError(HarnessError, RuntimeError):
 @dataclass
 class Dataset:
     """A whole dataset as arrays: images (n, 3, 32, 32) uint8, labels int64."""
+
     name: str
     train_images: np.ndarray
     train_labels: np.ndarray
@@ -65,8 +67,9 @@ def _read_pickle(path: Path) -> dict:
     except FileNotFoundError:
         raise DatasetError(f"missing data file {path}: re-download the dataset into that folder") from None
     except Exception as e:
-        raise DatasetError(f"corrupt or truncated data file {path} ({type(e).__name__}): "
-                           "delete it and download the dataset again") from None
+        raise DatasetError(
+            f"corrupt or truncated data file {path} ({type(e).__name__}): delete it and download the dataset again"
+        ) from None
     if not isinstance(d, dict):
         raise DatasetError(f"corrupt data file {path}: expected a pickled dict")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
@@ -85,8 +88,7 @@ def _read_batches(folder: Path, names: list[str], label_key: str) -> tuple[np.nd
         except (KeyError, ValueError) as e:
             raise DatasetError(f"corrupt data file {path}: bad or missing field ({e})") from None
         if len(labels[label_key][-1]) != len(data):
-            raise DatasetError(f"corrupt data file {path}: {len(data)} images but "
-                               f"{len(labels[label_key][-1])} labels")
+            raise DatasetError(f"corrupt data file {path}: {len(data)} images but {len(labels[label_key][-1])} labels")
         images.append(data)
     return np.concatenate(images), {k: np.concatenate(v) for k, v in labels.items()}
 
@@ -132,7 +134,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
             raise DatasetError(
                 f"{cfg.dataset} not found: no {folder}/; pass --data-dir DIR (or set "
                 f"{DATA_DIR_ENV}) to a folder holding {layout['folder']}/, or download "
-                f"{layout['url']} and extract it there")
+                f"{layout['url']} and extract it there"
+            )
         _download(cfg.dataset, root)
     meta = _read_pickle(folder / layout["meta"])
     if cfg.dataset == "cifar10":
@@ -147,8 +150,17 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         fine_to_coarse = np.zeros(len(fine), dtype=np.int64)
         fine_to_coarse[train_l["fine_labels"]] = train_l["coarse_labels"]
         key = "fine_labels" if cfg.label == "fine" else "coarse_labels"
-        ds = Dataset(cfg.dataset, train_x, train_l[key], test_x, test_l[key],
-                     fine if cfg.label == "fine" else coarse, "", coarse, fine_to_coarse)
+        ds = Dataset(
+            cfg.dataset,
+            train_x,
+            train_l[key],
+            test_x,
+            test_l[key],
+            fine if cfg.label == "fine" else coarse,
+            "",
+            coarse,
+            fine_to_coarse,
+        )
     ds.digest = digest(ds.train_images, ds.train_labels, ds.test_images, ds.test_labels)
     return ds
 
@@ -156,6 +168,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 @dataclass
 class Splits:
     """Train/validation/test tensors on the training device (images uint8, labels int64)."""
+
     train_x: torch.Tensor
     train_y: torch.Tensor
     val_x: torch.Tensor
@@ -178,15 +191,20 @@ def _put(a: np.ndarray, device: torch.device | str) -> torch.Tensor:
 
 def test_split(ds: Dataset, cfg: DataConfig, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """The test images and labels a run is evaluated on: the first `test_subset` (all by default)."""
-    return _put(ds.test_images[:cfg.test_subset], device), _put(ds.test_labels[:cfg.test_subset], device)
+    return _put(ds.test_images[: cfg.test_subset], device), _put(ds.test_labels[: cfg.test_subset], device)
 
 
 def make_splits(ds: Dataset, cfg: DataConfig, device: torch.device | str = "cpu") -> Splits:
     train_idx, val_idx = split_indices(len(ds.train_labels), cfg.val_fraction, cfg.split_seed)
-    train_idx, val_idx = train_idx[:cfg.train_subset], val_idx[:cfg.val_subset]
-    return Splits(_put(ds.train_images[train_idx], device), _put(ds.train_labels[train_idx], device),
-                  _put(ds.train_images[val_idx], device), _put(ds.train_labels[val_idx], device),
-                  *test_split(ds, cfg, device), ds.classes)
+    train_idx, val_idx = train_idx[: cfg.train_subset], val_idx[: cfg.val_subset]
+    return Splits(
+        _put(ds.train_images[train_idx], device),
+        _put(ds.train_labels[train_idx], device),
+        _put(ds.train_images[val_idx], device),
+        _put(ds.train_labels[val_idx], device),
+        *test_split(ds, cfg, device),
+        ds.classes,
+    )
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:

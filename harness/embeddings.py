@@ -47,8 +47,7 @@ def project_tsne(x: np.ndarray, seed: int) -> np.ndarray:
     """
     x = check_projectable(x)
     perplexity = float(max(1.0, min(30.0, (len(x) - 1) / 3)))
-    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed,
-                n_jobs=1)
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed, n_jobs=1)
     with threadpool_limits(1):
         return tsne.fit_transform(x)
 

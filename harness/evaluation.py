@@ -65,8 +65,9 @@ def predict(
     logits, embeddings = [], []
     try:
         for batch in images.split(batch_size):
-            with torch.autocast(device_type=device_type, dtype=torch.bfloat16,
-                                enabled=device_type == "cuda" if bf16 is None else bf16):
+            with torch.autocast(
+                device_type=device_type, dtype=torch.bfloat16, enabled=device_type == "cuda" if bf16 is None else bf16
+            ):
                 x = normalize(batch)
                 if embed:
                     out, emb = model.forward_with_embedding(x)
@@ -100,9 +101,7 @@ class EvalResult:
     confidence: np.ndarray  # (n,) max softmax probability
 
 
-def classification_metrics(
-    logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]
-) -> EvalResult:
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> EvalResult:
     """All the numbers we report for one split, computed from logits once."""
     logits = logits.detach().float().cpu()
     labels = labels.detach().long().cpu()
@@ -117,9 +116,7 @@ def classification_metrics(
 
     y_true, y_pred = labels.numpy(), preds.numpy()
     class_ids = list(range(num_classes))  # fixes shapes even if a class never appears
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=class_ids, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=class_ids, zero_division=0)
     per_class = pd.DataFrame(
         {"precision": precision, "recall": recall, "f1": f1, "support": support},
         index=pd.Index(class_names, name="class"),
@@ -191,10 +188,17 @@ def confusion_figure(confusion: np.ndarray, class_names: list[str], normalize: b
     fig = Figure(figsize=(side + 1.5, side), layout="constrained")
     ax = fig.subplots()
     sns.heatmap(
-        data, ax=ax, cmap="Blues", square=True,
-        annot=not many, fmt=fmt, annot_kws={"fontsize": 8},
-        xticklabels=class_names, yticklabels=class_names,
-        vmin=0, vmax=1 if normalize else None,
+        data,
+        ax=ax,
+        cmap="Blues",
+        square=True,
+        annot=not many,
+        fmt=fmt,
+        annot_kws={"fontsize": 8},
+        xticklabels=class_names,
+        yticklabels=class_names,
+        vmin=0,
+        vmax=1 if normalize else None,
     )
     if many:
         ax.tick_params(labelsize=4)
@@ -214,8 +218,7 @@ def per_class_figure(per_class: pd.DataFrame) -> Figure:
     ax = fig.subplots()
     for i, metric in enumerate(metrics):
         ax.bar(x + (i - 1) * width, per_class[metric].to_numpy(), width, label=metric)
-    ax.set_xticks(x, [str(n) for n in per_class.index], rotation=90,
-                  fontsize=5 if num_classes > MANY_CLASSES else 9)
+    ax.set_xticks(x, [str(n) for n in per_class.index], rotation=90, fontsize=5 if num_classes > MANY_CLASSES else 9)
     ax.set_xlim(-0.6, num_classes - 0.4)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score")
@@ -247,7 +250,7 @@ def misclassified_figure(
     nrows = math.ceil(len(wrong) / ncols)
     fig = Figure(figsize=(1.8 * ncols, 1.9 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in axes[len(wrong):]:
+    for ax in axes[len(wrong) :]:
         ax.set_axis_off()
     for ax, i in zip(axes, wrong):
         _show_image(ax, images[i])

@@ -5,6 +5,7 @@ the MLflow run FINISHED, FAILED (with the reason) or KILLED (Ctrl-C), keeping wh
 What follows training (`log_evaluation`: test set, figures, embeddings, the model) happens
 before the run ends, or, for study trials, in a background `Finisher` while the next trains.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,12 +22,20 @@ from harness import config as C
 from harness import resume
 from harness.data import MEAN, STD, Dataset, load_dataset, make_normalize, make_splits
 from harness.embeddings import DegenerateEmbeddings, plot_embedding_2d, project_tsne, project_umap, sample_indices
-from harness.evaluation import (EvalResult, class_samples_figure, classification_metrics, confusion_figure,
-                                metrics_dict, misclassified_figure, per_class_figure, predict)
+from harness.evaluation import (
+    EvalResult,
+    class_samples_figure,
+    classification_metrics,
+    confusion_figure,
+    metrics_dict,
+    misclassified_figure,
+    per_class_figure,
+    predict,
+)
 from harness.models import CNN, build_model, count_macs, count_parameters, whiten_stem
 from harness.tracking import RunLogger, client_for, experiment_id, git_commit
-from harness.uncertainty import interval_metrics
 from harness.training import Callback, FitResult, fit, seed_everything, select_device, use_bf16
+from harness.uncertainty import interval_metrics
 
 STEM_IMAGES = 2000  # training images whose patches set a whitening stem
 
@@ -42,8 +51,14 @@ class RunResult:
 
 
 def run_tags(cfg: C.Config, ds: Dataset, device: torch.device) -> dict[str, str]:
-    return {"git_commit": git_commit(), "device": str(device), "seed": cfg.seed,
-            "config_hash": C.config_hash(cfg), "dataset": ds.name, "dataset_digest": ds.digest}
+    return {
+        "git_commit": git_commit(),
+        "device": str(device),
+        "seed": cfg.seed,
+        "config_hash": C.config_hash(cfg),
+        "dataset": ds.name,
+        "dataset_digest": ds.digest,
+    }
 
 
 def log_setup(run: RunLogger, cfg: C.Config, ds: Dataset, model: CNN, device: torch.device) -> None:
@@ -65,6 +80,7 @@ def log_setup(run: RunLogger, cfg: C.Config, ds: Dataset, model: CNN, device: to
 class Stopwatch:
     """Seconds per stage of what a run does besides training, logged as `<prefix><stage>_seconds`:
     where its fixed cost goes (`benchmarks/gpu.py` prints them)."""
+
     seconds: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
@@ -79,8 +95,9 @@ class Stopwatch:
         return {f"{prefix}{stage}_seconds": s for stage, s in self.seconds.items()}
 
 
-def log_evaluation(run: RunLogger, cfg: C.Config, model: CNN, ds: Dataset, test_x: torch.Tensor,
-                   test_y: torch.Tensor) -> tuple[EvalResult, dict]:
+def log_evaluation(
+    run: RunLogger, cfg: C.Config, model: CNN, ds: Dataset, test_x: torch.Tensor, test_y: torch.Tensor
+) -> tuple[EvalResult, dict]:
     """Everything a trained run logs about its model: the test set's metrics and figures, the
     embedding plots, a look at the data, and the model itself. `test_x`, `test_y` on the model's device.
 
@@ -89,12 +106,12 @@ def log_evaluation(run: RunLogger, cfg: C.Config, model: CNN, ds: Dataset, test_
     """
     device = test_x.device
     clock = Stopwatch()
-    test, metrics, figures = log_test(run, cfg, model, test_x, test_y, ds, use_bf16(device, cfg.precision),
-                                      clock=clock)
+    test, metrics, figures = log_test(run, cfg, model, test_x, test_y, ds, use_bf16(device, cfg.precision), clock=clock)
     with clock("figures"):
         if cfg.eval.figures:
-            figures["data/train_samples.png"] = class_samples_figure(ds.train_images, ds.train_labels, ds.classes,
-                                                                     seed=cfg.seed)
+            figures["data/train_samples.png"] = class_samples_figure(
+                ds.train_images, ds.train_labels, ds.classes, seed=cfg.seed
+            )
         run.log_figures(figures)
     if cfg.eval.log_model:
         with clock("model"):
@@ -103,9 +120,17 @@ def log_evaluation(run: RunLogger, cfg: C.Config, model: CNN, ds: Dataset, test_
     return test, metrics
 
 
-def log_test(run: RunLogger, cfg: C.Config, model: CNN, test_x: torch.Tensor, test_y: torch.Tensor, ds: Dataset,
-             bf16: bool = False, prefix: str = "test_",
-             clock: Stopwatch | None = None) -> tuple[EvalResult, dict, dict[str, Figure]]:
+def log_test(
+    run: RunLogger,
+    cfg: C.Config,
+    model: CNN,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    ds: Dataset,
+    bf16: bool = False,
+    prefix: str = "test_",
+    clock: Stopwatch | None = None,
+) -> tuple[EvalResult, dict, dict[str, Figure]]:
     """Test metrics, confusion matrices and per-class table (logged), and the figures of the
     test set and its embeddings (returned by artifact path, for the caller to log at once).
     One pass over the test set gives both the logits and the embeddings."""
@@ -122,8 +147,10 @@ def log_test(run: RunLogger, cfg: C.Config, model: CNN, test_x: torch.Tensor, te
             metrics[f"{prefix}coarse_accuracy"] = float(np.mean(to_coarse[result.predictions] == to_coarse[labels]))
         run.log_metrics(metrics)
         run.log_table(result.per_class, "eval/per_class.csv")
-        run.log_table(pd.DataFrame(result.confusion, index=ds.classes, columns=ds.classes).rename_axis("true"),
-                      "eval/confusion.csv")
+        run.log_table(
+            pd.DataFrame(result.confusion, index=ds.classes, columns=ds.classes).rename_axis("true"),
+            "eval/confusion.csv",
+        )
     figures = {}
     if cfg.eval.figures:
         with clock("figures"):
@@ -132,20 +159,23 @@ def log_test(run: RunLogger, cfg: C.Config, model: CNN, test_x: torch.Tensor, te
     return result, metrics, figures
 
 
-def test_figures(result: EvalResult, test_x: torch.Tensor, labels: np.ndarray, classes: list[str],
-                 misclassified: int) -> dict[str, Figure]:
+def test_figures(
+    result: EvalResult, test_x: torch.Tensor, labels: np.ndarray, classes: list[str], misclassified: int
+) -> dict[str, Figure]:
     """Confusion matrices (counts, row-normalised), per-class chart and the most confident mistakes."""
     return {
         "eval/confusion_counts.png": confusion_figure(result.confusion, classes, normalize=False),
         "eval/confusion_normalized.png": confusion_figure(result.confusion, classes, normalize=True),
         "eval/per_class.png": per_class_figure(result.per_class),
-        "eval/misclassified.png": misclassified_figure(test_x.cpu().numpy(), labels, result.predictions,
-                                                       result.confidence, classes, k=misclassified),
+        "eval/misclassified.png": misclassified_figure(
+            test_x.cpu().numpy(), labels, result.predictions, result.confidence, classes, k=misclassified
+        ),
     }
 
 
-def embedding_figures(run: RunLogger, cfg: C.Config, embeddings: np.ndarray, labels: np.ndarray,
-                      classes: list[str], clock: Stopwatch) -> dict[str, Figure]:
+def embedding_figures(
+    run: RunLogger, cfg: C.Config, embeddings: np.ndarray, labels: np.ndarray, classes: list[str], clock: Stopwatch
+) -> dict[str, Figure]:
     """t-SNE and UMAP plots of `cfg.eval.embedding_samples` test embeddings; a projection the
     embeddings cannot have (a dead network) is skipped with a tag saying why."""
     idx = sample_indices(len(labels), cfg.eval.embedding_samples, cfg.seed)
@@ -174,16 +204,29 @@ def log_model(run: RunLogger, cfg: C.Config, model: CNN) -> None:
     model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
     example = np.zeros((1, 3, 32, 32), dtype=np.float32)
     signature = infer_signature(example, np.zeros((1, model.num_classes), dtype=np.float32))
-    meta = {"input": "float32 (n, 3, 32, 32), pixels/255 normalized by mean and std",
-            "mean": list(MEAN), "std": list(STD), "num_classes": model.num_classes,
-            "stages": model.stage_names}
+    meta = {
+        "input": "float32 (n, 3, 32, 32), pixels/255 normalized by mean and std",
+        "mean": list(MEAN),
+        "std": list(STD),
+        "num_classes": model.num_classes,
+        "stages": model.stage_names,
+    }
     run.log_torch_model(model, example, meta, signature=signature)
     run.log_state_dict(model.state_dict())
 
 
-def train_run(cfg: C.Config, run: RunLogger, ds: Dataset | None = None, callbacks: list[Callback] = (),
-              progress: bool = True, ok_exceptions: tuple[type[BaseException], ...] = (),
-              model: CNN | None = None, param_groups=None, finisher=None, resume_from: str | None = None) -> RunResult:
+def train_run(
+    cfg: C.Config,
+    run: RunLogger,
+    ds: Dataset | None = None,
+    callbacks: list[Callback] = (),
+    progress: bool = True,
+    ok_exceptions: tuple[type[BaseException], ...] = (),
+    model: CNN | None = None,
+    param_groups=None,
+    finisher=None,
+    resume_from: str | None = None,
+) -> RunResult:
     """Train and evaluate `cfg` inside the already-created MLflow `run`, then end the run.
 
     `model` and `param_groups` let transfer start from trained weights with some of them
@@ -230,13 +273,28 @@ def train_run(cfg: C.Config, run: RunLogger, ds: Dataset | None = None, callback
                     run.log_metrics(m.as_dict(), step=m.epoch)
 
             start = time.perf_counter()
-            result = fit(model, splits, cfg, device, callbacks=[log_epoch, *callbacks], param_groups=param_groups,
-                         progress=progress, checkpoint=checkpoint, resume=state)
-            run.log_metrics({"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch,
-                             "epochs_trained": len(result.history), "train_seconds": time.perf_counter() - start,
-                             "setup_seconds": start - begun,  # data on the device, model, what the run is
-                             "val_images": len(splits.val_y),
-                             **interval_metrics("best_val_accuracy", result.best_val_accuracy, len(splits.val_y))})
+            result = fit(
+                model,
+                splits,
+                cfg,
+                device,
+                callbacks=[log_epoch, *callbacks],
+                param_groups=param_groups,
+                progress=progress,
+                checkpoint=checkpoint,
+                resume=state,
+            )
+            run.log_metrics(
+                {
+                    "best_val_accuracy": result.best_val_accuracy,
+                    "best_epoch": result.best_epoch,
+                    "epochs_trained": len(result.history),
+                    "train_seconds": time.perf_counter() - start,
+                    "setup_seconds": start - begun,  # data on the device, model, what the run is
+                    "val_images": len(splits.val_y),
+                    **interval_metrics("best_val_accuracy", result.best_val_accuracy, len(splits.val_y)),
+                }
+            )
             run.set_tags({"stopped_early": result.stopped_early})
             if finisher is not None:
                 finisher.submit(run, cfg, model)
@@ -253,8 +311,9 @@ def train_run(cfg: C.Config, run: RunLogger, ds: Dataset | None = None, callback
     return RunResult(run.run_id, result, test, metrics, model, len(splits.val_y))
 
 
-def run_experiment(cfg: C.Config, tracking_uri: str | None = None, experiment: str | None = None,
-                   progress: bool = True) -> RunResult:
+def run_experiment(
+    cfg: C.Config, tracking_uri: str | None = None, experiment: str | None = None, progress: bool = True
+) -> RunResult:
     """`harness train`: one top-level run in the experiment named after the dataset (or given)."""
     ds = load_dataset(cfg.data)  # missing data fails here, before a run exists
     select_device(cfg.device)  # and so does a device this machine lacks
@@ -267,20 +326,33 @@ def run_experiment(cfg: C.Config, tracking_uri: str | None = None, experiment: s
 
 def train_description(experiment: str) -> str:
     """The description of an experiment of `harness train` runs in the MLflow UI."""
-    return "\n".join([  # one line a paragraph: the UI renders every newline as a break
-        "**Training runs** (`harness train`): one top-level run per command, named after the config's `name`.",
-        "",
-        "- **Each run**: the resolved config (parameters, `config.yaml`), per-epoch train/val loss and accuracy "
-        "(Model metrics), test metrics `test_*`, confusion matrices, per-class table and misclassified images "
-        "(`eval/`), embedding plots (`embeddings/`), the model (Logged models) and `checkpoint/model.pt`.",
-        "- **Reproductions** (`harness reproduce <run id>`) land here too, tagged `reproduces` with the original's id.",
-        f"- **Command line**: `harness ui --experiment {experiment}` (this page), `harness reproduce <run id>`, "
-        "`harness analyze <run id>` (what each stage of the network learned).",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [  # one line a paragraph: the UI renders every newline as a break
+                "**Training runs** (`harness train`): one top-level run per command, named after the config's `name`.",
+                "",
+                "- **Each run**: the resolved config (parameters, `config.yaml`), per-epoch train/val loss and "
+                "accuracy "
+                "(Model metrics), test metrics `test_*`, confusion matrices, per-class table and misclassified images "
+                "(`eval/`), embedding plots (`embeddings/`), the model (Logged models) and `checkpoint/model.pt`.",
+                "- **Reproductions** (`harness reproduce <run id>`) land here too, tagged `reproduces` with the "
+                "original's id.",
+                f"- **Command line**: `harness ui --experiment {experiment}` (this page), `harness reproduce <run "
+                "id>`, "
+                "`harness analyze <run id>` (what each stage of the network learned).",
+            ]
+        )
+        + "\n"
+    )
 
 
-def reproduce(run_id: str, tracking_uri: str | None = None, data_dir: str | None = None,
-              progress: bool = True, seed: int | None = None) -> tuple[RunResult, dict[str, tuple[float, float]]]:
+def reproduce(
+    run_id: str,
+    tracking_uri: str | None = None,
+    data_dir: str | None = None,
+    progress: bool = True,
+    seed: int | None = None,
+) -> tuple[RunResult, dict[str, tuple[float, float]]]:
     """Retrain a run from its logged config and seed (or `seed`) into a new run tagged `reproduces`.
 
     Returns the new run and, per test metric, (original, reproduced). With `deterministic`
@@ -306,10 +378,15 @@ def reproduce(run_id: str, tracking_uri: str | None = None, data_dir: str | None
     name = f"reproduce-{original.info.run_name}" + (f"-seed{seed}" if seed is not None else "")
     run = RunLogger.start(client, exp_name, name, tags=tags)
     result = train_run(cfg, run, ds, progress=progress)
-    diffs = {k: (original.data.metrics[k], v) for k, v in result.metrics.items()
-             if k in original.data.metrics and not k.startswith(("test_precision_", "test_recall_", "test_f1_"))}
-    diffs["best_val_accuracy"] = (original.data.metrics.get("best_val_accuracy", float("nan")),
-                                  result.fit.best_val_accuracy)
+    diffs = {
+        k: (original.data.metrics[k], v)
+        for k, v in result.metrics.items()
+        if k in original.data.metrics and not k.startswith(("test_precision_", "test_recall_", "test_f1_"))
+    }
+    diffs["best_val_accuracy"] = (
+        original.data.metrics.get("best_val_accuracy", float("nan")),
+        result.fit.best_val_accuracy,
+    )
     return result, diffs
 
 
@@ -322,14 +399,20 @@ def refuse_transfer_child(run, what: str) -> None:
     if mode is None:
         return
     source = run.data.tags.get("source_run_id")
-    again = (f"run `harness transfer --from {source} --modes {run.info.run_name}` again" if source
-             else "run its split study again (`harness split-study`)")
-    raise RunNotFound(f"run {run.info.run_id} is a transfer child (mode {mode}): it starts from another run's "
-                      f"weights, so it cannot be {what} from its config alone; {again}")
+    again = (
+        f"run `harness transfer --from {source} --modes {run.info.run_name}` again"
+        if source
+        else "run its split study again (`harness split-study`)"
+    )
+    raise RunNotFound(
+        f"run {run.info.run_id} is a transfer child (mode {mode}): it starts from another run's "
+        f"weights, so it cannot be {what} from its config alone; {again}"
+    )
 
 
-def resume_run(run_id: str, tracking_uri: str | None = None, data_dir: str | None = None,
-               progress: bool = True) -> RunResult:
+def resume_run(
+    run_id: str, tracking_uri: str | None = None, data_dir: str | None = None, progress: bool = True
+) -> RunResult:
     """`harness train --resume RUN_ID`: a stopped run continues from its last checkpoint, in the
     same run, its metrics going on from the epoch it reached."""
     from harness.checkpoints import RunNotFound, get_run, load_run_config
@@ -338,18 +421,27 @@ def resume_run(run_id: str, tracking_uri: str | None = None, data_dir: str | Non
     original = get_run(client, run_id)
     refuse_transfer_child(original, "resumed")
     if original.data.tags.get("run_kind") == "trial":
-        raise RunNotFound(f"run {run_id} is a trial of study {original.data.tags.get('study')}: run the study's "
-                          "`harness tune` command again, which resumes its stopped trials")
+        raise RunNotFound(
+            f"run {run_id} is a trial of study {original.data.tags.get('study')}: run the study's "
+            "`harness tune` command again, which resumes its stopped trials"
+        )
     if original.info.status == "FINISHED":
         raise RunNotFound(f"run {run_id} finished: there is nothing to resume (`harness reproduce` retrains it)")
     path = resume.path_for(client.tracking_uri, run_id)
     if not path.is_file():
-        raise RunNotFound(f"run {run_id} left no checkpoint in {path.parent} (it stopped before its first, failed, "
-                          f"or ran with checkpoint_every=0; set ${resume.CHECKPOINT_DIR_ENV} if they live elsewhere)")
+        raise RunNotFound(
+            f"run {run_id} left no checkpoint in {path.parent} (it stopped before its first, failed, "
+            f"or ran with checkpoint_every=0; set ${resume.CHECKPOINT_DIR_ENV} if they live elsewhere)"
+        )
     cfg = load_run_config(client, run_id)
     if data_dir:
         cfg = C.replace(cfg, {"data": {"root": data_dir}})
     ds = load_dataset(cfg.data)
     client.update_run(run_id, status="RUNNING")
-    return train_run(cfg, RunLogger(client, run_id, experiment_id=original.info.experiment_id), ds,
-                     progress=progress, resume_from=run_id)
+    return train_run(
+        cfg,
+        RunLogger(client, run_id, experiment_id=original.info.experiment_id),
+        ds,
+        progress=progress,
+        resume_from=run_id,
+    )

@@ -13,8 +13,10 @@ worker starts its next trial while a process of its own, started with the worker
 A crash loses nothing: a job whose worker or finisher died stays in the spool, its lock freed
 with its process, and the next finisher on this store does it; `drain` does any left before a
 study's summary. The finisher pays the slow imports and loading UMAP's compiled code (compiled
-once per machine, harness.embeddings.load_umap) once, at start-up, and uses one thread (on a CPU it shares the cores with training; on a GPU machine it is free).
+once per machine, harness.embeddings.load_umap) once, at start-up, and uses one thread (on a
+CPU it shares the cores with training; on a GPU machine it is free).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -48,8 +50,17 @@ def write_job(spool: Path, run: RunLogger, cfg: C.Config, model: torch.nn.Module
     tmp.mkdir()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "model.pt")
     device = next(model.parameters()).device
-    (tmp / "job.json").write_text(json.dumps({"run_id": run.run_id, "tracking_uri": uri, "owner": os.getpid(),
-                                              "device": str(device), "config": C.to_dict(cfg)}))
+    (tmp / "job.json").write_text(
+        json.dumps(
+            {
+                "run_id": run.run_id,
+                "tracking_uri": uri,
+                "owner": os.getpid(),
+                "device": str(device),
+                "config": C.to_dict(cfg),
+            }
+        )
+    )
     final = spool / run.run_id
     os.replace(tmp, final)
     return final
@@ -219,8 +230,12 @@ class Finisher:
         self.spool = spool_dir(self.uri)
         ctx = multiprocessing.get_context("spawn")  # no forked CUDA or thread state
         self._stop = ctx.Event()
-        self._process = ctx.Process(target=_serve, args=(self.uri, self._stop, os.getpid(), threads, umap),
-                                    name="harness-finisher", daemon=False)
+        self._process = ctx.Process(
+            target=_serve,
+            args=(self.uri, self._stop, os.getpid(), threads, umap),
+            name="harness-finisher",
+            daemon=False,
+        )
         self._process.start()
 
     def submit(self, run: RunLogger, cfg: C.Config, model: torch.nn.Module) -> None:

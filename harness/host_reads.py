@@ -9,6 +9,7 @@ promise (no read per step) is kept by counting them:
         fit(model, splits, cfg, device)
     reads.total, reads.counts   # e.g. 2 per epoch: {"tolist": 2}
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -47,5 +48,6 @@ def _copies_to_a_device(args, kwargs) -> bool:
     if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu" or kwargs.get("non_blocking"):
         return False
     targets = [*args[1:], kwargs.get("device")]
-    return any(isinstance(t, (str, torch.device)) or (isinstance(t, torch.Tensor) and t.device.type != "cpu")
-               for t in targets)
+    return any(
+        isinstance(t, (str, torch.device)) or (isinstance(t, torch.Tensor) and t.device.type != "cpu") for t in targets
+    )

@@ -11,10 +11,11 @@ more after the first, ends the process at once; one sooner is the same signal ar
 (from a terminal's process group and from the parent that forwards it) and is ignored.
 
 `hold()` ... `release()` brackets steps that must not be cut in two (Optuna creating a trial and
-starting its heartbeat; Optuna recording a trial's end): a signal in between is raised at `release()`. A stop raised while
-Python runs a weakref callback or a `__del__` is printed and swallowed ("Exception ignored in"):
-`check()`, called at every epoch's end and before every trial, raises it again.
+starting its heartbeat; Optuna recording a trial's end): a signal in between is raised at
+`release()`. A stop raised while Python runs a weakref callback or a `__del__` is printed and
+swallowed ("Exception ignored in"): `check()`, called at every epoch's end and before every trial, raises it again.
 """
+
 from __future__ import annotations
 
 import os

@@ -10,6 +10,7 @@ others run on a quarter of the pixels (airbench's layout). The optional stem is 
 The named stages let analysis read features at any depth and transfer freeze the first k;
 `replace_head` swaps the classifier for a new label set.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -33,8 +34,15 @@ class ConvBlock(nn.Module):
         super().__init__()
         layers = []
         for i in range(cfg.convs_per_stage):
-            layers.append(nn.Conv2d(c_in if i == 0 else c_out, c_out, cfg.kernel_size,
-                                    padding=cfg.kernel_size // 2, bias=not cfg.batch_norm))
+            layers.append(
+                nn.Conv2d(
+                    c_in if i == 0 else c_out,
+                    c_out,
+                    cfg.kernel_size,
+                    padding=cfg.kernel_size // 2,
+                    bias=not cfg.batch_norm,
+                )
+            )
             if cfg.pool_first and i == 0:
                 layers.append(make_pool(cfg))
             if cfg.batch_norm:
@@ -57,8 +65,7 @@ class ConvBlock(nn.Module):
 
 def make_stage(c_in: int, c_out: int, cfg: ModelConfig) -> nn.Sequential:
     pool = nn.Identity() if cfg.pool_first else make_pool(cfg)  # (keeps the state-dict keys alike)
-    return nn.Sequential(OrderedDict(block=ConvBlock(c_in, c_out, cfg), pool=pool,
-                                     drop=nn.Dropout(cfg.dropout)))
+    return nn.Sequential(OrderedDict(block=ConvBlock(c_in, c_out, cfg), pool=pool, drop=nn.Dropout(cfg.dropout)))
 
 
 STEM_KERNEL = 2  # whitening stem: 2x2 patches, 12 numbers, so 24 filters (each eigenvector and its negative)
@@ -72,21 +79,23 @@ class CNN(nn.Module):
         side, c_in = image_size, 3
         self.stem = None
         if cfg.stem == "whiten":
-            c_in = 2 * 3 * STEM_KERNEL ** 2
+            c_in = 2 * 3 * STEM_KERNEL**2
             self.stem = nn.Sequential(nn.Conv2d(3, c_in, STEM_KERNEL, bias=False), ACTIVATIONS[cfg.activation]())
             self.stem[0].weight.requires_grad_(False)  # a fixed function of the data (see whiten_stem)
             side -= STEM_KERNEL - 1
         widths = [c_in] + list(cfg.widths)
-        self.stages = nn.Sequential(OrderedDict(
-            (f"stage{i + 1}", make_stage(widths[i], widths[i + 1], cfg)) for i in range(len(cfg.widths))))
+        self.stages = nn.Sequential(
+            OrderedDict((f"stage{i + 1}", make_stage(widths[i], widths[i + 1], cfg)) for i in range(len(cfg.widths)))
+        )
         side = side // 2 ** len(cfg.widths)
         pool = []
         if cfg.global_pool != "none":
             pool, side = [GLOBAL_POOLS[cfg.global_pool](1)], 1
         flat = widths[-1] * side * side
         if cfg.head_width > 0:
-            self.embedding = nn.Sequential(*pool, nn.Flatten(), nn.Linear(flat, cfg.head_width),
-                                           ACTIVATIONS[cfg.activation]())
+            self.embedding = nn.Sequential(
+                *pool, nn.Flatten(), nn.Linear(flat, cfg.head_width), ACTIVATIONS[cfg.activation]()
+            )
             self.embedding_dim = cfg.head_width
         else:
             self.embedding = nn.Sequential(*pool, nn.Flatten()) if pool else nn.Flatten()

@@ -5,6 +5,7 @@ train/validation split), each a run tagged `reproduces`; the report gives, per m
 seeds' mean with its 95% t interval, their spread, and the 95% prediction interval, where one
 more seed would fall: an original value outside it was unusual for its config (docs/uncertainty.md).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ class SeedReport:
     table: pd.DataFrame  # per metric: original, n, mean, interval, sd, min, max, prediction interval, inside
 
 
-def reproduce_seeds(run_id: str, seeds: int, tracking_uri: str | None = None, data_dir: str | None = None,
-                    progress: bool = True) -> SeedReport:
+def reproduce_seeds(
+    run_id: str, seeds: int, tracking_uri: str | None = None, data_dir: str | None = None, progress: bool = True
+) -> SeedReport:
     """Retrain `run_id`'s config with seeds base+1..base+N and compare the original with them."""
     from harness.checkpoints import get_run, load_run_config
     from harness.experiment import reproduce
@@ -35,8 +37,14 @@ def reproduce_seeds(run_id: str, seeds: int, tracking_uri: str | None = None, da
     rows = []
     for seed in range(base + 1, base + 1 + seeds):
         result, _ = reproduce(run_id, tracking_uri, data_dir, progress=progress, seed=seed)
-        rows.append({"seed": seed, "run_id": result.run_id, "best_val_accuracy": result.fit.best_val_accuracy,
-                     "test_accuracy": result.metrics.get("test_accuracy")})
+        rows.append(
+            {
+                "seed": seed,
+                "run_id": result.run_id,
+                "best_val_accuracy": result.fit.best_val_accuracy,
+                "test_accuracy": result.metrics.get("test_accuracy"),
+            }
+        )
     runs = pd.DataFrame(rows)
     return SeedReport(runs, seed_table(runs, original))
 
@@ -47,8 +55,20 @@ def seed_table(runs: pd.DataFrame, original: dict[str, float]) -> pd.DataFrame:
         values = runs[metric].dropna().tolist()
         s, (low, high) = mean_interval(values), prediction_interval(values)
         value = original.get(metric)
-        rows.append({"metric": metric, "original": value, "n": s.n, "mean": s.mean, "ci_low": s.low,
-                     "ci_high": s.high, "sd": s.std, "min": min(values, default=None),
-                     "max": max(values, default=None), "predict_low": low, "predict_high": high,
-                     "original_inside": None if value is None or s.n < 2 else bool(low <= value <= high)})
+        rows.append(
+            {
+                "metric": metric,
+                "original": value,
+                "n": s.n,
+                "mean": s.mean,
+                "ci_low": s.low,
+                "ci_high": s.high,
+                "sd": s.std,
+                "min": min(values, default=None),
+                "max": max(values, default=None),
+                "predict_low": low,
+                "predict_high": high,
+                "original_inside": None if value is None or s.n < 2 else bool(low <= value <= high),
+            }
+        )
     return pd.DataFrame(rows)

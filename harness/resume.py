@@ -11,6 +11,7 @@ SQLite store; `./mlruns/checkpoints` for a tracking server), or in `$HARNESS_CHE
 for studies over many machines, point it at a shared filesystem like the data. A run's file is
 removed once the run finished or failed for good, so a long study keeps one per trial in flight.
 """
+
 from __future__ import annotations
 
 import os

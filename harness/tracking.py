@@ -6,6 +6,7 @@ stock Optuna callback loses the nesting of trials under a study (see docs/design
 the README). Only `mlflow.pytorch.log_model`, which has no client form, resumes the run
 fluently for the moment it needs.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -109,8 +110,11 @@ def experiment_id(client: MlflowClient, name: str, description: str | None = Non
     root = artifact_root(client.tracking_uri)
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
     try:
-        return client.create_experiment(name, artifact_location=f"{root}/{slug}" if root else None,
-                                        tags={NOTE_TAG: description} if description else None)
+        return client.create_experiment(
+            name,
+            artifact_location=f"{root}/{slug}" if root else None,
+            tags={NOTE_TAG: description} if description else None,
+        )
     except mlflow.exceptions.MlflowException:  # another worker created it first (with the description)
         if client.get_experiment_by_name(name) is None:
             raise
@@ -124,8 +128,7 @@ def redact(url: str) -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -196,7 +199,7 @@ def _sqlite_wal(uri: str) -> None:
 
 def _chunks(items: list, n: int):
     for i in range(0, len(items), n):
-        yield items[i:i + n]
+        yield items[i : i + n]
 
 
 # Seconds between system-metric samples. Each sample costs the process about 25 ms of CPU
@@ -235,6 +238,7 @@ def stop_system_metrics(monitor) -> None:
         monitor.mlflow_logger.flush()
     except Exception as e:  # the run's own results matter more than its system metrics
         import logging
+
         logging.getLogger(__name__).warning("system metrics not logged: %s", error_line(e))
 
 
@@ -249,6 +253,7 @@ class RunLogger:
         with RunLogger.start(client, "cifar10-train", "default") as run:
             ...
     """
+
     client: MlflowClient
     run_id: str
     seconds: float = 0.0  # time spent in MLflow calls so far
@@ -260,8 +265,14 @@ class RunLogger:
     status: str | None = None  # how the run ended (None while it runs): ending it again does nothing
 
     @classmethod
-    def start(cls, client: MlflowClient, experiment: str, run_name: str, tags: dict | None = None,
-              parent_run_id: str | None = None) -> "RunLogger":
+    def start(
+        cls,
+        client: MlflowClient,
+        experiment: str,
+        run_name: str,
+        tags: dict | None = None,
+        parent_run_id: str | None = None,
+    ) -> "RunLogger":
         tags = {k: str(v) for k, v in (tags or {}).items()}
         if parent_run_id:
             tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
@@ -314,6 +325,7 @@ class RunLogger:
     def log_figure(self, fig, path: str) -> None:
         self.client.log_figure(self.run_id, fig, path)
         import matplotlib.pyplot as plt
+
         plt.close(fig)
 
     @_timed
@@ -341,8 +353,9 @@ class RunLogger:
         self.client.log_text(self.run_id, text, path)
 
     @_timed
-    def log_dataset(self, name: str, digest: str, images: np.ndarray, labels: np.ndarray,
-                    source: str, context: str) -> None:
+    def log_dataset(
+        self, name: str, digest: str, images: np.ndarray, labels: np.ndarray, source: str, context: str
+    ) -> None:
         """MLflow dataset tracking, with our content digest so differing copies are told apart."""
         import warnings
 
@@ -356,8 +369,7 @@ class RunLogger:
         self.client.log_inputs(self.run_id, [DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
     @_timed
-    def log_torch_model(self, model, input_example: np.ndarray, metadata: dict | None = None,
-                        signature=None) -> str:
+    def log_torch_model(self, model, input_example: np.ndarray, metadata: dict | None = None, signature=None) -> str:
         """`mlflow.pytorch.log_model` (a LoggedModel); returns its `models:/<model_id>`, also tagged on the run.
         A `signature` given spares MLflow inferring it by running the model on `input_example`."""
         import logging
@@ -373,9 +385,15 @@ class RunLogger:
         requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}", "numpy"]
         before = self.client.get_run(self.run_id).info
         with mlflow.start_run(run_id=self.run_id):  # links the model to the run; reopens an ended run...
-            info = mlflow.pytorch.log_model(model, name="model", input_example=input_example, metadata=metadata,
-                                            pip_requirements=requirements, signature=signature,
-                                            serialization_format="pickle")  # loads back as our CNN class
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                input_example=input_example,
+                metadata=metadata,
+                pip_requirements=requirements,
+                signature=signature,
+                serialization_format="pickle",
+            )  # loads back as our CNN class
         if before.status != "RUNNING":  # ...so a run a background finisher evaluates ends as it had, not now
             self.client.set_terminated(self.run_id, before.status, before.end_time)
         # on the run, so that registering it (a study's champion) needs no search of logged models
@@ -433,8 +451,12 @@ def error_line(e: BaseException) -> str:
 # which outlasts a server restart of a few minutes. Each try may wait 30 s (MLflow: 120) for a
 # server that does not answer at all, so such a one costs 8 x 30 + 244 s, about 8 minutes a call
 # instead of 20. Pinned, so that another MLflow's defaults change nothing here.
-HTTP_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
-                "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+HTTP_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 def use_http_retries(uri: str) -> None:
@@ -453,7 +475,7 @@ def retry_budget() -> tuple[int, float]:
     )
 
     retries, factor = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()
-    return retries, float(sum(min(120, factor * 2 ** k) for k in range(1, retries)))
+    return retries, float(sum(min(120, factor * 2**k) for k in range(1, retries)))
 
 
 class TrackingServerUnreachable(HarnessError, mlflow.exceptions.MlflowException):
@@ -478,8 +500,9 @@ def server_unreachable(e: BaseException, seconds: float | None = None) -> Tracki
         cause = cause.__cause__ or cause.__context__
     if isinstance(cause, TrackingServerUnreachable):
         return cause
-    if not isinstance(cause, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                              requests.exceptions.RetryError)):
+    if not isinstance(
+        cause, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError)
+    ):
         return None
     url = getattr(cause.request, "url", None) or ""
     if not url and (m := re.search(r"API request to (\S+) failed", str(e))):
@@ -490,9 +513,11 @@ def server_unreachable(e: BaseException, seconds: float | None = None) -> Tracki
     text = re.sub(r"^.*Failed to establish a new connection: ", "", str(reason or cause))
     text = " ".join(re.sub(r"\w*Connection(Pool)?\(host=[^)]*\):\s*", "", text).split())
     retries, budget = retry_budget()
-    return TrackingServerUnreachable(f"tracking server {server} unreachable for "
-                                     f"{budget if seconds is None else seconds:.0f} s "
-                                     f"(MLflow gave up after {retries} retr{'y' if retries == 1 else 'ies'}): {text}")
+    return TrackingServerUnreachable(
+        f"tracking server {server} unreachable for "
+        f"{budget if seconds is None else seconds:.0f} s "
+        f"(MLflow gave up after {retries} retr{'y' if retries == 1 else 'ies'}): {text}"
+    )
 
 
 def probe_server(client: MlflowClient) -> None:
@@ -525,4 +550,5 @@ def _param_value(v) -> str:
 
 def _now_ms() -> int:
     import time
+
     return int(time.time() * 1000)

@@ -8,6 +8,7 @@ live on the device, and the running loss and accuracy are summed there and read 
 epoch (with progress bars, twice more), so a GPU is never left idle while Python catches up.
 A non-finite loss is therefore noticed at the end of its epoch.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,8 +72,10 @@ def select_device(name: str = "auto") -> torch.device:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {name} asked for but CUDA is not available: use --set device=cpu")
         if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            raise ConfigError(f"device {name} asked for but only {torch.cuda.device_count()} CUDA device(s) "
-                              "exist: use --set device=cuda:0")
+            raise ConfigError(
+                f"device {name} asked for but only {torch.cuda.device_count()} CUDA device(s) "
+                "exist: use --set device=cuda:0"
+            )
         if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise ConfigError(f"device {name} asked for but MPS is not available: use --set device=cpu")
         return device
@@ -112,17 +115,23 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def _sgd(groups: list[dict], cfg: Config, fused) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=fused,
-                           nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(
+        groups,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        fused=fused,
+        nesterov=cfg.nesterov and cfg.momentum > 0,
+        weight_decay=cfg.weight_decay,
+    )
 
 
 # name -> optimizer from (param groups, config, fused); the names: config.CHOICES["optimizer"]
 OPTIMIZERS = {
     "sgd": _sgd,
-    "adam": lambda groups, cfg, fused: torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                                        fused=fused),
-    "adamw": lambda groups, cfg, fused: torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                                          fused=fused),
+    "adam": lambda groups, cfg, fused: torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused),
+    "adamw": lambda groups, cfg, fused: torch.optim.AdamW(
+        groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused
+    ),
 }
 
 
@@ -141,8 +150,9 @@ def _one_cycle(opt: torch.optim.Optimizer, cfg: Config, total: int, linear: bool
     # linear: airbench's triangle, from lr/5 up to lr and down to lr/15. OneCycleLR divides by
     # zero on a handful of steps: give tiny runs a slightly longer cycle
     shape = {"anneal_strategy": "linear", "div_factor": 5.0, "final_div_factor": 3.0} if linear else {}
-    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
-                                               total_steps=max(total, 8), pct_start=cfg.warmup, **shape)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=max(total, 8), pct_start=cfg.warmup, **shape
+    )
 
 
 # name -> (scheduler from (optimizer, config, total steps), whether it steps every batch);
@@ -151,10 +161,16 @@ SCHEDULES = {
     "onecycle": (_one_cycle, True),
     "linear": (lambda opt, cfg, total: _one_cycle(opt, cfg, total, linear=True), True),
     "cosine": (lambda opt, cfg, total: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total), True),
-    "step": (lambda opt, cfg, total: torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size,
-                                                                      gamma=cfg.gamma), False),
-    "plateau": (lambda opt, cfg, total: torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode="max", factor=cfg.gamma, patience=cfg.lr_patience), False),
+    "step": (
+        lambda opt, cfg, total: torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma),
+        False,
+    ),
+    "plateau": (
+        lambda opt, cfg, total: torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="max", factor=cfg.gamma, patience=cfg.lr_patience
+        ),
+        False,
+    ),
     "none": (lambda opt, cfg, total: None, False),
 }
 
@@ -177,15 +193,22 @@ class Lookahead:
 
     def step(self, step: int) -> None:
         if step % self.every == 0 or step == self.total:
-            decay = 1.0 if step == self.total else 0.95 ** 5 * (step / self.total) ** 3
+            decay = 1.0 if step == self.total else 0.95**5 * (step / self.total) ** 3
             torch._foreach_lerp_(self.slow, self.params, 1 - decay)
             torch._foreach_copy_(self.params, self.slow)
 
 
-def fit(model: torch.nn.Module, splits: Splits, cfg: Config, device: torch.device,
-        callbacks: list[Callback] = (), param_groups: list[dict] | None = None,
-        progress: bool = True, checkpoint: Callable[[dict], None] | None = None,
-        resume: dict | None = None) -> FitResult:
+def fit(
+    model: torch.nn.Module,
+    splits: Splits,
+    cfg: Config,
+    device: torch.device,
+    callbacks: list[Callback] = (),
+    param_groups: list[dict] | None = None,
+    progress: bool = True,
+    checkpoint: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
+) -> FitResult:
     """Train `model` on `splits` (tensors already on `device`) and restore its best weights.
 
     Early stopping (and a pruner, through the callbacks) watches validation accuracy, on the
@@ -207,7 +230,7 @@ def fit(model: torch.nn.Module, splits: Splits, cfg: Config, device: torch.devic
     scheduler, per_batch = build_scheduler(opt, cfg, steps_per_epoch)
     lookahead = Lookahead(model, cfg.epochs * steps_per_epoch) if cfg.lookahead else None
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    watch_x, watch_y = splits.val_x[:cfg.data.prune_subset], splits.val_y[:cfg.data.prune_subset]
+    watch_x, watch_y = splits.val_x[: cfg.data.prune_subset], splits.val_y[: cfg.data.prune_subset]
     result = FitResult()
     best_state = None
     since_best = 0
@@ -237,11 +260,17 @@ def fit(model: torch.nn.Module, splits: Splits, cfg: Config, device: torch.devic
         start = time.perf_counter()
         order = torch.randperm(n, device=device, generator=gen)
         sums = torch.zeros(2, device=device)  # loss * images, correct predictions
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
-                   leave=False, disable=not progress, dynamic_ncols=True)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch}/{cfg.epochs}",
+            unit="batch",
+            leave=False,
+            disable=not progress,
+            dynamic_ncols=True,
+        )
         show_at = {steps_per_epoch // 3, 2 * steps_per_epoch // 3} - {0}  # the bar's two reads
         for step in bar:
-            idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x = normalize(augment(splits.train_x[idx], gen))
             y = splits.train_y[idx]
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -259,13 +288,17 @@ def fit(model: torch.nn.Module, splits: Splits, cfg: Config, device: torch.devic
             if progress and step in show_at:
                 seen = (step + 1) * cfg.batch_size
                 loss_sum, correct = sums.tolist()
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
+                bar.set_postfix(
+                    loss=f"{loss_sum / seen:.3f}",
+                    acc=f"{correct / seen:.3f}",
+                    img_s=f"{seen / (time.perf_counter() - start):.0f}",
+                )
         loss_sum, correct = sums.tolist()  # the epoch's one wait for the device
         train_seconds = time.perf_counter() - start
         if not math.isfinite(loss_sum):
-            raise NonFiniteLoss(f"non-finite training loss ({loss_sum / n}) in epoch {epoch}: "
-                                f"lower the learning rate (lr={cfg.lr:g})")
+            raise NonFiniteLoss(
+                f"non-finite training loss ({loss_sum / n}) in epoch {epoch}: lower the learning rate (lr={cfg.lr:g})"
+            )
         val_loss, val_accuracy = validate(model, watch_x, watch_y, normalize, bf16, cfg)
         metrics = EpochMetrics(
             epoch=epoch,
@@ -281,9 +314,11 @@ def fit(model: torch.nn.Module, splits: Splits, cfg: Config, device: torch.devic
             scheduler.step(metrics.val_accuracy) if cfg.schedule == "plateau" else scheduler.step()
         result.history.append(metrics)
         if progress:
-            tqdm.write(f"epoch {epoch:3d}  train loss {metrics.train_loss:.4f} acc {metrics.train_accuracy:.4f}"
-                       f"  val loss {metrics.val_loss:.4f} acc {metrics.val_accuracy:.4f}"
-                       f"  lr {metrics.lr:.2e}  {metrics.images_per_s:.0f} img/s")
+            tqdm.write(
+                f"epoch {epoch:3d}  train loss {metrics.train_loss:.4f} acc {metrics.train_accuracy:.4f}"
+                f"  val loss {metrics.val_loss:.4f} acc {metrics.val_accuracy:.4f}"
+                f"  lr {metrics.lr:.2e}  {metrics.images_per_s:.0f} img/s"
+            )
         if metrics.val_accuracy > result.best_val_accuracy or best_state is None:
             result.best_epoch, result.best_val_accuracy = epoch, metrics.val_accuracy
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -295,16 +330,25 @@ def fit(model: torch.nn.Module, splits: Splits, cfg: Config, device: torch.devic
         if cfg.patience and since_best >= cfg.patience:
             result.stopped_early = True
             break
-        if checkpoint is not None and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 \
-                and epoch < cfg.epochs:
-            checkpoint({
-                "epoch": epoch, "steps": steps, "since_best": since_best, "model": _cpu(model.state_dict()),
-                "optimizer": _cpu(opt.state_dict()), "scheduler": scheduler.state_dict() if scheduler else None,
-                "lookahead": [t.cpu() for t in lookahead.slow] if lookahead else None,
-                "generator": gen.get_state().cpu(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-                "history": [vars(m) for m in result.history], "best_epoch": result.best_epoch,
-                "best_val_accuracy": result.best_val_accuracy, "best_state": _cpu(best_state)})
+        if checkpoint is not None and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 and epoch < cfg.epochs:
+            checkpoint(
+                {
+                    "epoch": epoch,
+                    "steps": steps,
+                    "since_best": since_best,
+                    "model": _cpu(model.state_dict()),
+                    "optimizer": _cpu(opt.state_dict()),
+                    "scheduler": scheduler.state_dict() if scheduler else None,
+                    "lookahead": [t.cpu() for t in lookahead.slow] if lookahead else None,
+                    "generator": gen.get_state().cpu(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                    "history": [vars(m) for m in result.history],
+                    "best_epoch": result.best_epoch,
+                    "best_val_accuracy": result.best_val_accuracy,
+                    "best_state": _cpu(best_state),
+                }
+            )
         interrupts.check()  # a stop Python swallowed mid-epoch (see harness/interrupts.py) stops here
 
     model.load_state_dict(best_state)
@@ -313,13 +357,15 @@ def fit(model: torch.nn.Module, splits: Splits, cfg: Config, device: torch.devic
     return result
 
 
-def validate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, normalize, bf16: bool,
-             cfg: Config) -> tuple[float, float]:
+def validate(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, normalize, bf16: bool, cfg: Config
+) -> tuple[float, float]:
     """(loss, accuracy) on validation images; the loss with the same label smoothing as the training
     loss, so the curves compare."""
     val = predict(model, x, normalize, batch_size=1000, bf16=bf16, tta=cfg.eval.tta)
-    loss, correct = torch.stack([F.cross_entropy(val.logits, y, label_smoothing=cfg.label_smoothing),
-                                 (val.logits.argmax(1) == y).sum().float()]).tolist()
+    loss, correct = torch.stack(
+        [F.cross_entropy(val.logits, y, label_smoothing=cfg.label_smoothing), (val.logits.argmax(1) == y).sum().float()]
+    ).tolist()
     return loss, correct / len(y)
 
 

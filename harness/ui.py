@@ -5,6 +5,7 @@ away (`?workflowType=machine_learning`: Runs, Models, Model registry), so the UR
 opened, where a graphical browser exists) goes straight there. The server runs in a process
 group of its own, stopped as a whole on Ctrl-C or SIGTERM.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,9 @@ UI_MODE = "workflowType=machine_learning"  # MLflow 3 opens experiments on its G
 UI_READY_SECONDS = 180  # a first start on a busy 2-core machine takes about 30 s
 
 
-def serve(tracking: str | None, study: str | None, experiment: str | None, host: str, port: int,
-          no_browser: bool) -> int:
+def serve(
+    tracking: str | None, study: str | None, experiment: str | None, host: str, port: int, no_browser: bool
+) -> int:
     """Serve the UI until Ctrl-C; returns the exit code (2: a study, experiment or port that can't be had)."""
     import signal
     import socket
@@ -38,17 +40,33 @@ def serve(tracking: str | None, study: str | None, experiment: str | None, host:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
             probe.bind((host, port))
     except OSError as e:
-        print(f"harness: error: cannot serve on {host}:{port} ({e.strerror or e}): "
-              "choose another --port (or --host)", file=sys.stderr)
+        print(
+            f"harness: error: cannot serve on {host}:{port} ({e.strerror or e}): choose another --port (or --host)",
+            file=sys.stderr,
+        )
         return 2
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(host, host)
     base = f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{port}"
     print(f"MLflow UI starting on {base} over {redact(uri)} ...", flush=True)
     # one worker is plenty for one person; the job runner serves GenAI judges only (7 more processes)
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION":
-           os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")}
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", host, "--port", str(port), "--workers", "1"]
+    env = {
+        **os.environ,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     # a process group of its own: Ctrl-C reaches this process, which then stops the whole server
     server = subprocess.Popen(cmd, env=env, start_new_session=True)
 
@@ -58,8 +76,11 @@ def serve(tracking: str | None, study: str | None, experiment: str | None, host:
     previous = signal.signal(signal.SIGTERM, on_term)  # `kill` stops it as cleanly as Ctrl-C
     try:
         if not _wait_until_answering(server, base):
-            why = (f"did not answer in {UI_READY_SECONDS} s" if server.poll() is None
-                   else f"stopped (exit code {server.returncode}) before it answered")
+            why = (
+                f"did not answer in {UI_READY_SECONDS} s"
+                if server.poll() is None
+                else f"stopped (exit code {server.returncode}) before it answered"
+            )
             print(f"harness: error: the MLflow UI server {why}: see its messages above", file=sys.stderr)
             return 1
         _show(client, base, exp_id, what, no_browser)
@@ -90,14 +111,24 @@ def _ui_target(client, study: str | None, experiment: str | None, store: str) ->
         runs = client.search_runs(ids, "tags.run_kind = 'study'", max_results=1000) if ids else []
         found = {r.data.tags.get("study"): r.info.experiment_id for r in runs}
         if study not in found:
-            raise missing("study", "studies", study, found,
-                          "pick one with --study" if found else "`harness tune --study NAME` makes one")
+            raise missing(
+                "study",
+                "studies",
+                study,
+                found,
+                "pick one with --study" if found else "`harness tune --study NAME` makes one",
+            )
         return found[study], f"study {study}: its study run and trials"
     if experiment:
         exp = client.get_experiment_by_name(experiment)
         if exp is None or exp.lifecycle_stage != "active":
-            raise missing("experiment", "experiments", experiment, [e.name for e in client.search_experiments()],
-                          "pick one with --experiment")
+            raise missing(
+                "experiment",
+                "experiments",
+                experiment,
+                [e.name for e in client.search_experiments()],
+                "pick one with --experiment",
+            )
         return exp.experiment_id, f"experiment {experiment}: its runs"
     return None, "experiments"
 
@@ -113,8 +144,10 @@ def _show(client, base: str, exp_id: str | None, what: str, no_browser: bool) ->
     url = _ui_url(base, exp_id)
     print(f"{what}, in Model-training mode: {url}", flush=True)
     if exp_id is None:  # the list's links drop the mode: give each experiment's own
-        print("(MLflow opens an experiment picked there on its GenAI overview until you switch it to "
-              "'Model training' once; the runs directly:)")
+        print(
+            "(MLflow opens an experiment picked there on its GenAI overview until you switch it to "
+            "'Model training' once; the runs directly:)"
+        )
         for exp in client.search_experiments(max_results=10, order_by=["last_update_time DESC"]):
             print(f"  {exp.name}: {_ui_url(base, exp.experiment_id)}", flush=True)
     graphical = os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform in ("darwin", "win32")
@@ -169,5 +202,3 @@ def _stop_server(server: subprocess.Popen) -> None:
                 time.sleep(0.1)
     finally:
         signal.signal(signal.SIGINT, previous)
-
-

@@ -6,6 +6,7 @@ All from scipy.stats (docs/uncertainty.md says what each one means and when it a
   (`mean_interval`), and the interval a further seed would fall in (`prediction_interval`);
 - two configurations' seeds: Welch's t-test (`welch_p`), no equal-variance assumption.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,6 +36,7 @@ def interval_metrics(name: str, accuracy: float, n: int) -> dict[str, float]:
 @dataclass(frozen=True)
 class Summary:
     """Seeds of one configuration: their mean and Student's t interval of it."""
+
     n: int
     mean: float
     std: float  # sample standard deviation (ddof=1); nan for one value

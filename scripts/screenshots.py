@@ -11,6 +11,7 @@ headless Chromium (tests/chrome.py, the browser test's client) and writes:
     summary.png         the study summary's interactive parallel-coordinates plot, rendered
     dashboard.png       optuna-dashboard on the study
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,25 @@ def shoot(chromium: str, url: str, path: Path, wait_for: tuple[str, ...], before
 
 def runs_table(chromium: str, study: str, tracking: str, out: Path) -> None:
     port = free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "harness.cli", "ui", "--study", study, "--no-browser",
-                           "--port", str(port), "--tracking-uri", tracking],
-                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    ui = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "ui",
+            "--study",
+            study,
+            "--no-browser",
+            "--port",
+            str(port),
+            "--tracking-uri",
+            tracking,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         url = None
         for line in ui.stdout:
@@ -86,8 +103,10 @@ def runs_table(chromium: str, study: str, tracking: str, out: Path) -> None:
 
 def artifacts(client, study_run: str, best_run: str, chromium: str, out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        for artifact, name in (("eval/confusion_normalized.png", "trial-confusion.png"),
-                               ("embeddings/umap.png", "trial-umap.png")):
+        for artifact, name in (
+            ("eval/confusion_normalized.png", "trial-confusion.png"),
+            ("embeddings/umap.png", "trial-umap.png"),
+        ):
             shutil.copy(client.download_artifacts(best_run, artifact, tmp), out / name)
             print(f"wrote {out / name}")
         html = client.download_artifacts(study_run, "summary/parallel_coordinate.html", tmp)
@@ -123,8 +142,9 @@ def main() -> int:
     client = MlflowClient(a.tracking_uri)
     study = optuna.load_study(study_name=a.study, storage=a.storage)
     runs_table(chromium, a.study, a.tracking_uri, a.out)
-    artifacts(client, study.user_attrs["mlflow_parent_run_id"], study.best_trial.user_attrs["mlflow_run_id"],
-              chromium, a.out)
+    artifacts(
+        client, study.user_attrs["mlflow_parent_run_id"], study.best_trial.user_attrs["mlflow_run_id"], chromium, a.out
+    )
     dashboard(chromium, a.study, a.storage, a.out)
     return 0
 

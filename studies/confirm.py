@@ -9,6 +9,7 @@ run's figures (`confirmation/runs.csv`) and a figure of the means with their int
 study's `champion` alias moves to the configuration with the best mean validation accuracy.
 What the numbers mean: docs/uncertainty.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,11 +43,19 @@ class ConfirmResult:
 def confirm(opts: TuneOptions) -> ConfirmResult:
     """Run (or resume) the confirmation of `opts.study`'s top `confirm_top` trials, then report it."""
     if opts.confirm_top < 1 or opts.confirm_seeds < 2:
-        raise StudyError(f"confirmation needs --top >= 1 and --seeds >= 2 (an interval needs two seeds), "
-                         f"not --top {opts.confirm_top} --seeds {opts.confirm_seeds}")
-    copts = replace(opts, study=confirmation_name(opts.study), confirms=opts.study,
-                    trials=opts.confirm_top * opts.confirm_seeds, sampler="random", pruner="none",
-                    objectives="accuracy")
+        raise StudyError(
+            f"confirmation needs --top >= 1 and --seeds >= 2 (an interval needs two seeds), "
+            f"not --top {opts.confirm_top} --seeds {opts.confirm_seeds}"
+        )
+    copts = replace(
+        opts,
+        study=confirmation_name(opts.study),
+        confirms=opts.study,
+        trials=opts.confirm_top * opts.confirm_seeds,
+        sampler="random",
+        pruner="none",
+        objectives="accuracy",
+    )
     study, client, parent = run_workers(copts)
     drain(opts.tracking_uri)  # test accuracies of runs evaluated in the background
     return report_confirmation(study, client, parent)
@@ -67,8 +76,13 @@ def report_confirmation(study: optuna.Study, client, parent: str) -> ConfirmResu
     logger.log_figure(means_figure(table, runs), "confirmation/means.png")
     best = table.iloc[0]
     logger.set_tags({"confirmed_trial": int(best["trial"]), "confirmation": verdict})
-    logger.log_metrics({"confirmed_val_accuracy_mean": best["val_mean"], "confirmed_test_accuracy_mean":
-                        best["test_mean"], "confirmation_runs": len(runs)})
+    logger.log_metrics(
+        {
+            "confirmed_val_accuracy_mean": best["val_mean"],
+            "confirmed_test_accuracy_mean": best["test_mean"],
+            "confirmation_runs": len(runs),
+        }
+    )
     champion, run_id = settle_confirmed_champion(client, study, runs, best, parent)
     return ConfirmResult(table, runs, verdict, champion, run_id)
 
@@ -79,8 +93,15 @@ def confirmation_runs(study: optuna.Study, client) -> pd.DataFrame:
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         run_id = t.user_attrs.get("mlflow_run_id")
         metrics = client.get_run(run_id).data.metrics if run_id else {}
-        rows.append({"trial": t.user_attrs["confirms_trial"], "seed": t.user_attrs["seed"], "val_accuracy": t.value,
-                     "test_accuracy": metrics.get("test_accuracy", math.nan), "run_id": run_id})
+        rows.append(
+            {
+                "trial": t.user_attrs["confirms_trial"],
+                "seed": t.user_attrs["seed"],
+                "val_accuracy": t.value,
+                "test_accuracy": metrics.get("test_accuracy", math.nan),
+                "run_id": run_id,
+            }
+        )
     return pd.DataFrame(rows, columns=["trial", "seed", "val_accuracy", "test_accuracy", "run_id"])
 
 
@@ -90,9 +111,18 @@ def confirmation_table(runs: pd.DataFrame, original: dict | None = None) -> pd.D
     rows = []
     for trial, group in runs.groupby("trial"):
         val, test = mean_interval(group["val_accuracy"]), mean_interval(group["test_accuracy"])
-        rows.append({"trial": int(trial), "n": val.n, "val_mean": val.mean, "val_ci_low": val.low,
-                     "val_ci_high": val.high, "test_mean": test.mean, "test_ci_low": test.low,
-                     "test_ci_high": test.high})
+        rows.append(
+            {
+                "trial": int(trial),
+                "n": val.n,
+                "val_mean": val.mean,
+                "val_ci_low": val.low,
+                "val_ci_high": val.high,
+                "test_mean": test.mean,
+                "test_ci_low": test.low,
+                "test_ci_high": test.high,
+            }
+        )
     table = pd.DataFrame(rows).sort_values(["val_mean", "trial"], ascending=[False, True]).reset_index(drop=True)
     best = runs.loc[runs["trial"] == table.loc[0, "trial"], "val_accuracy"]
     p = [welch_p(runs.loc[runs["trial"] == t, "val_accuracy"], best) for t in table["trial"]]
@@ -110,11 +140,15 @@ def verdict_line(table: pd.DataFrame, n: int) -> str:
     if len(table) == 1:
         return f"trial {best}: one configuration confirmed at n={n} (nothing to tell it apart from)"
     if len(tied) == 1:
-        return (f"trial {best} is best: every other confirmed configuration is worse "
-                f"(Welch's t-test, p < {ALPHA:g}, n={n} seeds each)")
+        return (
+            f"trial {best} is best: every other confirmed configuration is worse "
+            f"(Welch's t-test, p < {ALPHA:g}, n={n} seeds each)"
+        )
     names = ", ".join(str(t) for t in tied[:-1]) + f" and {tied[-1]}"
-    return (f"trials {names}: not distinguishable at n={n} (Welch's t-test, p >= {ALPHA:g}); "
-            f"trial {best} has the best mean validation accuracy")
+    return (
+        f"trials {names}: not distinguishable at n={n} (Welch's t-test, p >= {ALPHA:g}); "
+        f"trial {best} has the best mean validation accuracy"
+    )
 
 
 def means_figure(table: pd.DataFrame, runs: pd.DataFrame):
@@ -128,8 +162,11 @@ def means_figure(table: pd.DataFrame, runs: pd.DataFrame):
     labels = [f"trial {t}" for t in table["trial"]]
     for ax, what in zip(axes, ("val", "test")):
         for i, row in table.iterrows():
-            colour = "tab:green" if row["verdict"] == "best" else (
-                "tab:blue" if row["verdict"] == "not distinguishable" else "tab:grey")
+            colour = (
+                "tab:green"
+                if row["verdict"] == "best"
+                else ("tab:blue" if row["verdict"] == "not distinguishable" else "tab:grey")
+            )
             err = [[row[f"{what}_mean"] - row[f"{what}_ci_low"]], [row[f"{what}_ci_high"] - row[f"{what}_mean"]]]
             ax.errorbar(row[f"{what}_mean"], i, xerr=err, fmt="o", color=colour, capsize=4, markersize=7)
             seeds = runs.loc[runs["trial"] == row["trial"], f"{what}_accuracy"]
@@ -138,8 +175,10 @@ def means_figure(table: pd.DataFrame, runs: pd.DataFrame):
         ax.set_yticks(range(len(table)), labels)
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"Confirmation: {int(table['n'].min())} seeds per configuration "
-                 "(green: best mean; blue: not distinguishable from it; grey: worse)")
+    fig.suptitle(
+        f"Confirmation: {int(table['n'].min())} seeds per configuration "
+        "(green: best mean; blue: not distinguishable from it; grey: worse)"
+    )
     fig.tight_layout()
     return fig
 
@@ -152,17 +191,35 @@ def settle_confirmed_champion(client, study: optuna.Study, runs: pd.DataFrame, b
     chosen = mine.sort_values(["distance", "seed"]).iloc[0]
     tuning = optuna.load_study(study_name=study.user_attrs["confirms"], storage=study._storage)
     uri = client.get_run(chosen["run_id"]).data.tags.get(MODEL_URI_TAG)
-    summary = {"trial": int(best["trial"]), "run_id": chosen["run_id"], "n": int(best["n"]),
-               "val_mean": float(best["val_mean"]), "val_ci": [float(best["val_ci_low"]), float(best["val_ci_high"])],
-               "test_mean": float(best["test_mean"])}
+    summary = {
+        "trial": int(best["trial"]),
+        "run_id": chosen["run_id"],
+        "n": int(best["n"]),
+        "val_mean": float(best["val_mean"]),
+        "val_ci": [float(best["val_ci_low"]), float(best["val_ci_high"])],
+        "test_mean": float(best["test_mean"]),
+    }
     tuning.set_user_attr("confirmed_champion", summary)
     if not uri:
         return None, chosen["run_id"]
-    tags = {"study": tuning.study_name, "trial_number": str(int(best["trial"])), "seed": str(int(chosen["seed"])),
-            "confirmed": "true", "n": str(int(best["n"])), "val_accuracy_mean": f"{best['val_mean']:.6g}",
-            "val_accuracy_ci95": f"[{best['val_ci_low']:.6g}, {best['val_ci_high']:.6g}]",
-            "test_accuracy_mean": f"{best['test_mean']:.6g}"}
-    register_champion(client, tuning.study_name, chosen["run_id"], uri, tags, parent,
-                      description=f"trial {int(best['trial'])} of study {tuning.study_name}, confirmed with "
-                                  f"{int(best['n'])} seeds (seed {int(chosen['seed'])})")
+    tags = {
+        "study": tuning.study_name,
+        "trial_number": str(int(best["trial"])),
+        "seed": str(int(chosen["seed"])),
+        "confirmed": "true",
+        "n": str(int(best["n"])),
+        "val_accuracy_mean": f"{best['val_mean']:.6g}",
+        "val_accuracy_ci95": f"[{best['val_ci_low']:.6g}, {best['val_ci_high']:.6g}]",
+        "test_accuracy_mean": f"{best['test_mean']:.6g}",
+    }
+    register_champion(
+        client,
+        tuning.study_name,
+        chosen["run_id"],
+        uri,
+        tags,
+        parent,
+        description=f"trial {int(best['trial'])} of study {tuning.study_name}, confirmed with "
+        f"{int(best['n'])} seeds (seed {int(chosen['seed'])})",
+    )
     return champion_uri(tuning.study_name), chosen["run_id"]

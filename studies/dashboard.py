@@ -15,6 +15,7 @@ requests that would write are answered 405 before they reach the storage.
 
 Each trial's note (written by the worker, `note_run_link`) links its run in the MLflow UI.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,20 +65,27 @@ def read_only_storage(url: str):
         engine = {"connect_args": {"options": "-c default_transaction_read_only=on"}, "pool_pre_ping": True}
     else:
         engine = {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine, skip_compatibility_check=True,
-                                      skip_table_creation=True)
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs=engine, skip_compatibility_check=True, skip_table_creation=True
+    )
 
 
 def refuse_writes(app):
     """WSGI: only GET and HEAD reach optuna-dashboard; the rest is answered 405 with the reason."""
-    reason = json.dumps({"reason": "this dashboard is read-only (harness dashboard): it never writes to a "
-                                   "study that workers are running"}).encode()
+    reason = json.dumps(
+        {
+            "reason": "this dashboard is read-only (harness dashboard): it never writes to a "
+            "study that workers are running"
+        }
+    ).encode()
 
     def wrapped(environ, start_response):
         if environ.get("REQUEST_METHOD", "GET") in ("GET", "HEAD"):
             return app(environ, start_response)
-        start_response("405 Method Not Allowed", [("Content-Type", "application/json"), ("Allow", "GET, HEAD"),
-                                                  ("Content-Length", str(len(reason)))])
+        start_response(
+            "405 Method Not Allowed",
+            [("Content-Type", "application/json"), ("Allow", "GET, HEAD"), ("Content-Length", str(len(reason)))],
+        )
         return [reason]
 
     return wrapped
@@ -107,11 +115,15 @@ def open_dashboard(study: str, storage: str | None = None, host: str = "127.0.0.
         ro = read_only_storage(url)
         names = {s.study_name: s._study_id for s in ro.get_all_studies()}
     except Exception as e:
-        raise StudyError(f"cannot read study storage {redact(url)} ({error_line(e)}): check the --storage URL "
-                         "and that the database server is running") from None
+        raise StudyError(
+            f"cannot read study storage {redact(url)} ({error_line(e)}): check the --storage URL "
+            "and that the database server is running"
+        ) from None
     if study not in names:
-        raise StudyError(f"study {study!r} not found in {redact(url)}; studies there: "
-                         f"{', '.join(names) or 'none'} (pass --storage if it lives elsewhere)")
+        raise StudyError(
+            f"study {study!r} not found in {redact(url)}; studies there: "
+            f"{', '.join(names) or 'none'} (pass --storage if it lives elsewhere)"
+        )
     app = refuse_writes(optuna_dashboard.wsgi(ro))
     try:
         server = make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)
@@ -126,8 +138,7 @@ def serve(study: str, storage: str | None = None, host: str = "127.0.0.1", port:
 
     server, page, url = open_dashboard(study, storage, host, port)
     print(f"optuna-dashboard (read-only) for study {study!r} on {page}", flush=True)
-    print(f"storage {redact(url)}; each trial's note (Trials tab) links its MLflow run; Ctrl-C stops it",
-          flush=True)
+    print(f"storage {redact(url)}; each trial's note (Trials tab) links its MLflow run; Ctrl-C stops it", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

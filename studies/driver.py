@@ -9,6 +9,7 @@ left over are finished and the study's summary is written on its study run. Stop
 opened, how a worker runs trials, how a dead worker's leftovers are set straight and how results
 are looked up live in studies/study.py, worker.py, reconcile.py and results.py.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -21,9 +22,9 @@ import optuna
 from harness.finisher import drain
 from harness.interrupts import TimeUp, stop_cleanly
 from studies.options import StudyError, TuneOptions
+from studies.plans import prepare_plan
 from studies.report import write_summary
 from studies.space import load_space
-from studies.plans import prepare_plan
 from studies.study import directions, open_storage
 from studies.worker import remaining, run_worker, worker_process
 
@@ -91,9 +92,13 @@ def _run_workers(opts: TuneOptions) -> tuple[optuna.Study, object, str]:
         ctx = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // opts.workers)
         gpus = gpu_count()
-        procs = [ctx.Process(target=worker_process, args=(
-                     replace(opts, progress=False, device=worker_device(i, base.device, gpus)), threads))
-                 for i in range(opts.workers)]
+        procs = [
+            ctx.Process(
+                target=worker_process,
+                args=(replace(opts, progress=False, device=worker_device(i, base.device, gpus)), threads),
+            )
+            for i in range(opts.workers)
+        ]
         restore = stop_cleanly(on_signal=lambda signum: _forward(signum, procs))
         try:
             for p in procs:
@@ -109,6 +114,8 @@ def _run_workers(opts: TuneOptions) -> tuple[optuna.Study, object, str]:
         finally:
             restore()
         if any(p.exitcode != 0 for p in procs):
-            raise StudyError(f"{sum(p.exitcode != 0 for p in procs)} of {opts.workers} workers failed: "
-                             "see their output above; run the same command to resume")
+            raise StudyError(
+                f"{sum(p.exitcode != 0 for p in procs)} of {opts.workers} workers failed: "
+                "see their output above; run the same command to resume"
+            )
     return study, client, parent

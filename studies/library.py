@@ -1,8 +1,9 @@
 """The configs and search spaces shipped with the project, found by name or by path.
 
-    studies/configs/<name>.yaml   run configs: `harness train --config fast`
-    studies/spaces/<name>.yaml    search spaces: `harness tune --space cnn`
+studies/configs/<name>.yaml   run configs: `harness train --config fast`
+studies/spaces/<name>.yaml    search spaces: `harness tune --space cnn`
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,6 +34,8 @@ def config_path(name_or_path: str | Path | None) -> Path:
         return DEFAULT_CONFIG
     path = find(name_or_path, CONFIGS_DIR)
     if path is None:
-        raise ConfigError(f"config file {name_or_path} not found: pass an existing YAML file to --config "
-                          f"or one of: {known(CONFIGS_DIR)}")
+        raise ConfigError(
+            f"config file {name_or_path} not found: pass an existing YAML file to --config "
+            f"or one of: {known(CONFIGS_DIR)}"
+        )
     return path

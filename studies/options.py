@@ -2,6 +2,7 @@
 
 Light on purpose: the command line builds its parser from these without importing Optuna.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -7,6 +7,7 @@ A confirmation is an Optuna study of its own, `<study>:confirm`, in the study's 
 trial per (configuration, seed), queued by whoever creates it, each carrying the trial it confirms
 and its seed. Its runs nest under the tuning study's run (run_kind `confirmation`).
 """
+
 from __future__ import annotations
 
 import os
@@ -36,6 +37,7 @@ class Plan(Protocol):
 @dataclass
 class SearchPlan:
     """Tuning: each trial's config is `base` with the space's parameters sampled by Optuna."""
+
     space: Space
     base: C.Config
     study: str
@@ -57,6 +59,7 @@ class SearchPlan:
 @dataclass
 class ConfirmationPlan:
     """Confirmation: the config of the run a queued trial confirms, with the trial's seed."""
+
     configs: dict[int, C.Config]  # tuning trial number -> its run's config
     study: str  # the tuning study
     run_kind: str = "confirmation"
@@ -69,8 +72,13 @@ class ConfirmationPlan:
 
     def tags(self, trial) -> dict:
         a = trial.user_attrs
-        return {"study": self.study, "run_kind": self.run_kind, "confirms_trial": a["confirms_trial"],
-                "confirms_run": a["confirms_run"], "seed": a["seed"]}
+        return {
+            "study": self.study,
+            "run_kind": self.run_kind,
+            "confirms_trial": a["confirms_trial"],
+            "confirms_run": a["confirms_run"],
+            "seed": a["seed"],
+        }
 
     def run_name(self, trial) -> str:
         return f"confirm-{trial.user_attrs['confirms_trial']}-seed{trial.user_attrs['seed']}"
@@ -119,30 +127,46 @@ def prepare_confirmation(opts: TuneOptions):
     configs = {t.number: _rerun_config(load_run_config(client, _run_id(t)), opts) for t in top}
     storage = open_storage(opts)
     try:
-        study = optuna.create_study(study_name=opts.study, storage=storage, direction="maximize",
-                                    sampler=optuna.samplers.RandomSampler(), pruner=optuna.pruners.NopPruner())
+        study = optuna.create_study(
+            study_name=opts.study,
+            storage=storage,
+            direction="maximize",
+            sampler=optuna.samplers.RandomSampler(),
+            pruner=optuna.pruners.NopPruner(),
+        )
         created = True
     except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=opts.study, storage=storage, sampler=optuna.samplers.RandomSampler(),
-                                  pruner=optuna.pruners.NopPruner())
+        study = optuna.load_study(
+            study_name=opts.study,
+            storage=storage,
+            sampler=optuna.samplers.RandomSampler(),
+            pruner=optuna.pruners.NopPruner(),
+        )
         created = False
     plan = {"trials": [t.number for t in top], "seeds": opts.confirm_seeds}
     if created:
-        for key, value in {"confirms": opts.confirms, "run_kind": "confirmation", "plan": plan,
-                           "mlflow_experiment": tuning.user_attrs.get("mlflow_experiment", opts.confirms),
-                           "mlflow_parent_run_id": parent,
-                           "original_values": {str(t.number): t.values[0] for t in top}}.items():
+        for key, value in {
+            "confirms": opts.confirms,
+            "run_kind": "confirmation",
+            "plan": plan,
+            "mlflow_experiment": tuning.user_attrs.get("mlflow_experiment", opts.confirms),
+            "mlflow_parent_run_id": parent,
+            "original_values": {str(t.number): t.values[0] for t in top},
+        }.items():
             study.set_user_attr(key, value)
         for t in top:
             for seed in seeds_for(configs[t.number].seed, opts.confirm_seeds):
-                study.enqueue_trial({}, user_attrs={"confirms_trial": t.number, "confirms_run": _run_id(t),
-                                                    "seed": seed})
+                study.enqueue_trial(
+                    {}, user_attrs={"confirms_trial": t.number, "confirms_run": _run_id(t), "seed": seed}
+                )
     elif study.user_attrs.get("plan") != plan:
         stored = study.user_attrs.get("plan") or {}
-        raise StudyError(f"study {opts.confirms} was confirmed before with trials {stored.get('trials')} x "
-                         f"{stored.get('seeds')} seeds, not {plan['trials']} x {plan['seeds']} (the top trials or "
-                         f"--seeds changed): rerun with --top {len(stored.get('trials') or [])} --seeds "
-                         f"{stored.get('seeds')} to resume it, or delete study {opts.study!r} to start over")
+        raise StudyError(
+            f"study {opts.confirms} was confirmed before with trials {stored.get('trials')} x "
+            f"{stored.get('seeds')} seeds, not {plan['trials']} x {plan['seeds']} (the top trials or "
+            f"--seeds changed): rerun with --top {len(stored.get('trials') or [])} --seeds "
+            f"{stored.get('seeds')} to resume it, or delete study {opts.study!r} to start over"
+        )
     base = next(iter(configs.values()))
     return ConfirmationPlan(configs, opts.confirms), base, study, parent, client
 

@@ -5,6 +5,7 @@ its run RUNNING in MLflow. Its heartbeat stops, so the next worker to start on t
 the trial (the storage's retry callback queues it again, to resume from its checkpoint) and
 then ends the run FAILED with the reason.
 """
+
 from __future__ import annotations
 
 from datetime import datetime, timedelta
@@ -29,8 +30,9 @@ def reconcile_runs(study: optuna.Study, client, run_kind: str = "trial") -> int:
         return 0
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
     reasons = {t.number: t.user_attrs.get("fail_reason") for t in study.get_trials(deepcopy=False)}
-    running = client.search_runs([exp.experiment_id], f"attributes.status = 'RUNNING' and tags.run_kind = '{run_kind}'",
-                                 max_results=1000)
+    running = client.search_runs(
+        [exp.experiment_id], f"attributes.status = 'RUNNING' and tags.run_kind = '{run_kind}'", max_results=1000
+    )
     ended = 0
     for run in running:
         number = int(run.data.tags.get("trial_number", -1))
@@ -38,8 +40,12 @@ def reconcile_runs(study: optuna.Study, client, run_kind: str = "trial") -> int:
             logger = RunLogger(client, run.info.run_id)
             logger.set_tags({"trial_state": states[number].name})
             # a trial with a reason failed while its tracking server was away: its run could not be ended then
-            logger.end("FAILED", reasons.get(number) or "the worker stopped during this trial (its heartbeat was "
-                                                        "lost); Optuna marked the trial FAIL and re-queued it")
+            logger.end(
+                "FAILED",
+                reasons.get(number)
+                or "the worker stopped during this trial (its heartbeat was "
+                "lost); Optuna marked the trial FAIL and re-queued it",
+            )
             ended += 1
     return ended
 
@@ -66,8 +72,11 @@ def fail_silent_trials(study: optuna.Study, now: Callable[[], datetime] = dateti
         if trial.datetime_start is None or now() - trial.datetime_start < grace:
             continue  # just created: its heartbeat is about to start
         try:
-            storage.set_trial_user_attr(trial_id, "fail_reason", "its worker died as the trial started (no "
-                                                                 "heartbeat was ever recorded); re-queued")
+            storage.set_trial_user_attr(
+                trial_id,
+                "fail_reason",
+                "its worker died as the trial started (no heartbeat was ever recorded); re-queued",
+            )
             if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -85,6 +94,13 @@ def silent_trial_ids(study: optuna.Study) -> list[int]:
 
     storage = getattr(study._storage, "_backend", study._storage)
     with storage.engine.connect() as conn:
-        return [row[0] for row in conn.execute(sqlalchemy.text(
-            "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
-            "WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.trial_id IS NULL"), {"study": study._study_id})]
+        return [
+            row[0]
+            for row in conn.execute(
+                sqlalchemy.text(
+                    "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+                    "WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.trial_id IS NULL"
+                ),
+                {"study": study._study_id},
+            )
+        ]

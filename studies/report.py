@@ -5,6 +5,7 @@ trial and run, and the champion model in the Model Registry, so the MLflow runs 
 live study on one row. `write_summary` runs when a study ends (and on `harness report`): the same,
 plus the trials table and Optuna's plots, as PNG and as self-contained interactive HTML.
 """
+
 from __future__ import annotations
 
 import re
@@ -37,10 +38,14 @@ HTML_PLOTS = {
     "parallel_coordinate": optuna.visualization.plot_parallel_coordinate,
     "slice": optuna.visualization.plot_slice,
 }
-OBJECTIVE_NAMES = {"accuracy": ["val_accuracy"], "accuracy,params": ["val_accuracy", "num_params"],
-                   "accuracy,latency": ["val_accuracy", "latency_ms"]}
+OBJECTIVE_NAMES = {
+    "accuracy": ["val_accuracy"],
+    "accuracy,params": ["val_accuracy", "num_params"],
+    "accuracy,latency": ["val_accuracy", "latency_ms"],
+}
 CHAMPION = "champion"  # the registry alias of a study's best model
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
 
 def _figure(axes):
     """Optuna's matplotlib plots return an Axes or an array of them."""
@@ -48,8 +53,16 @@ def _figure(axes):
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
-    df = study.trials_dataframe(attrs=("number", "value" if len(study.directions) == 1 else "values",
-                                       "state", "duration", "params", "user_attrs"))
+    df = study.trials_dataframe(
+        attrs=(
+            "number",
+            "value" if len(study.directions) == 1 else "values",
+            "state",
+            "duration",
+            "params",
+            "user_attrs",
+        )
+    )
     return df.rename(columns=lambda c: c.removeprefix("user_attrs_"))
 
 
@@ -70,8 +83,9 @@ def champion_version(client, study_name: str):
         return None
 
 
-def update_study_run(study: optuna.Study, client, parent_run_id: str, recheck: bool = False,
-                     settled: dict | None = None) -> dict:
+def update_study_run(
+    study: optuna.Study, client, parent_run_id: str, recheck: bool = False, settled: dict | None = None
+) -> dict:
     """The study run's live state: trial counts, best value, trial and run, and the champion model.
 
     Cheap enough for every trial: one read of the trials (and Optuna's best-trial query) and one
@@ -99,8 +113,9 @@ def update_study_run(study: optuna.Study, client, parent_run_id: str, recheck: b
         try:
             version, done = settle_champion(client, study, best, parent_run_id)
         except MlflowException as e:
-            print(f"harness: champion model of study {study.study_name} not registered: {error_line(e)}",
-                  file=sys.stderr)
+            print(
+                f"harness: champion model of study {study.study_name} not registered: {error_line(e)}", file=sys.stderr
+            )
             return summary  # (asked again after the next trial)
         if done:
             settled[parent_run_id] = run_id
@@ -126,30 +141,47 @@ def settle_champion(client, study: optuna.Study, best: optuna.trial.FrozenTrial,
     if not uri:
         return current, run.data.params.get("eval.log_model") == "False"
     tags = {"study": study.study_name, "trial_number": str(best.number), "val_accuracy": f"{best.values[0]:.6g}"}
-    version = register_champion(client, study.study_name, run_id, uri, tags, parent_run_id,
-                                description=f"trial {best.number} of study {study.study_name}")
+    version = register_champion(
+        client,
+        study.study_name,
+        run_id,
+        uri,
+        tags,
+        parent_run_id,
+        description=f"trial {best.number} of study {study.study_name}",
+    )
     return version, True
 
 
-def register_champion(client, study_name: str, run_id: str, uri: str, tags: dict, parent_run_id: str,
-                      description: str):
+def register_champion(client, study_name: str, run_id: str, uri: str, tags: dict, parent_run_id: str, description: str):
     """Register the model `uri` of `run_id` as a new version of the study's model and point the
     `champion` alias at it; the study run names it (tags `champion_model`, `champion_version`)."""
     name = model_name(study_name)
     if champion_version(client, study_name) is None:
         try:
-            client.create_registered_model(name, tags={"study": study_name},
-                                           description=f"Best trials of Optuna study {study_name}; "
-                                                       f"alias {CHAMPION}: the best so far")
+            client.create_registered_model(
+                name,
+                tags={"study": study_name},
+                description=f"Best trials of Optuna study {study_name}; alias {CHAMPION}: the best so far",
+            )
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":  # (or another worker registered it first)
                 raise
     mlflow.set_tracking_uri(client.tracking_uri)  # MLflow's SQL registry resolves models:/<id> through it
-    version = client.create_model_version(name, uri, run_id=run_id, model_id=uri.removeprefix("models:/"),
-                                          await_creation_for=0, tags=tags, description=description)
+    version = client.create_model_version(
+        name,
+        uri,
+        run_id=run_id,
+        model_id=uri.removeprefix("models:/"),
+        await_creation_for=0,
+        tags=tags,
+        description=description,
+    )
     client.set_registered_model_alias(name, CHAMPION, version.version)
-    client.log_batch(parent_run_id, tags=[RunTag("champion_model", champion_uri(study_name)),
-                                          RunTag("champion_version", str(version.version))])
+    client.log_batch(
+        parent_run_id,
+        tags=[RunTag("champion_model", champion_uri(study_name)), RunTag("champion_version", str(version.version))],
+    )
     return version
 
 
@@ -181,8 +213,17 @@ def write_summary(study: optuna.Study, client, parent_run_id: str) -> dict:
             warnings.simplefilter("ignore")
             axes = optuna.visualization.matplotlib.plot_pareto_front(study, target_names=names)
         run.log_figure(_figure(axes), "summary/pareto_front.png")
-        pareto = pd.DataFrame([{"number": t.number, **dict(zip(names, t.values)), **t.params,
-                                "mlflow_run_id": t.user_attrs.get("mlflow_run_id")} for t in study.best_trials])
+        pareto = pd.DataFrame(
+            [
+                {
+                    "number": t.number,
+                    **dict(zip(names, t.values)),
+                    **t.params,
+                    "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+                }
+                for t in study.best_trials
+            ]
+        )
         run.log_table(pareto, "summary/pareto_front.csv")
     log_html_plots(run, study, names, len(complete))
     return summary
@@ -214,7 +255,9 @@ def log_html_plots(run: RunLogger, study: optuna.Study, names: list[str], comple
     return logged
 
 
-def compare_table(client, study: optuna.Study, sort: str = "val_accuracy", columns: list[str] | None = None) -> pd.DataFrame:
+def compare_table(
+    client, study: optuna.Study, sort: str = "val_accuracy", columns: list[str] | None = None
+) -> pd.DataFrame:
     """One row per trial run from `mlflow.search_runs`, newest metrics, sorted best first."""
     import mlflow
 
@@ -223,26 +266,30 @@ def compare_table(client, study: optuna.Study, sort: str = "val_accuracy", colum
     if not parent or exp is None:
         return pd.DataFrame()
     mlflow.set_tracking_uri(client.tracking_uri)
-    runs = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' "
-                                                                   "and tags.run_kind = 'trial'")
+    runs = mlflow.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.run_kind = 'trial'"
+    )
     if runs.empty or "tags.trial_number" not in runs:  # (no run a harness worker made)
         return pd.DataFrame()
-    table = pd.DataFrame({
-        "trial": runs["tags.trial_number"].astype(int),
-        "state": runs["tags.trial_state"],
-        # pruned trials never reach best_val_accuracy: show their last validation accuracy
-        "val_accuracy": runs["metrics.best_val_accuracy"].fillna(runs["metrics.val_accuracy"])
-        if "metrics.best_val_accuracy" in runs else runs.get("metrics.val_accuracy"),
-        "val_ci_low": runs.get("metrics.best_val_accuracy_ci_low"),
-        "val_ci_high": runs.get("metrics.best_val_accuracy_ci_high"),
-        "vs_best": "",
-        "test_accuracy": runs.get("metrics.test_accuracy"),
-        "test_ci_low": runs.get("metrics.test_accuracy_ci_low"),
-        "test_ci_high": runs.get("metrics.test_accuracy_ci_high"),
-        "epochs": runs.get("metrics.epochs_trained"),
-        "params": runs.get("metrics.num_params").astype("Int64") if "metrics.num_params" in runs else None,
-        "run_id": runs["run_id"],
-    })
+    table = pd.DataFrame(
+        {
+            "trial": runs["tags.trial_number"].astype(int),
+            "state": runs["tags.trial_state"],
+            # pruned trials never reach best_val_accuracy: show their last validation accuracy
+            "val_accuracy": runs["metrics.best_val_accuracy"].fillna(runs["metrics.val_accuracy"])
+            if "metrics.best_val_accuracy" in runs
+            else runs.get("metrics.val_accuracy"),
+            "val_ci_low": runs.get("metrics.best_val_accuracy_ci_low"),
+            "val_ci_high": runs.get("metrics.best_val_accuracy_ci_high"),
+            "vs_best": "",
+            "test_accuracy": runs.get("metrics.test_accuracy"),
+            "test_ci_low": runs.get("metrics.test_accuracy_ci_low"),
+            "test_ci_high": runs.get("metrics.test_accuracy_ci_high"),
+            "epochs": runs.get("metrics.epochs_trained"),
+            "params": runs.get("metrics.num_params").astype("Int64") if "metrics.num_params" in runs else None,
+            "run_id": runs["run_id"],
+        }
+    )
     searched = {("model.widths" if builds_widths(n) else n) for t in study.get_trials(deepcopy=False) for n in t.params}
     for key in sorted(searched):
         if f"params.{key}" in runs:
@@ -270,8 +317,13 @@ def mark_best(table: pd.DataFrame) -> list[str]:
     marks = []
     for i, row in table.iterrows():
         ok = row["state"] == "COMPLETE" and pd.notna(row["val_ci_low"]) and pd.notna(low)
-        marks.append("best" if i == best else "~best" if ok and overlaps((row["val_ci_low"], row["val_ci_high"]),
-                                                                          (low, high)) else "")
+        marks.append(
+            "best"
+            if i == best
+            else "~best"
+            if ok and overlaps((row["val_ci_low"], row["val_ci_high"]), (low, high))
+            else ""
+        )
     return marks
 
 

@@ -1,4 +1,5 @@
 """Looking a study up after (or while) it runs: the study, its best trial, that trial's run."""
+
 from __future__ import annotations
 
 import optuna
@@ -15,8 +16,10 @@ def load(study_name: str, storage: str | None = None) -> optuna.Study:
         return optuna.load_study(study_name=study_name, storage=url)
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(url)]
-        raise StudyError(f"study {study_name!r} not found in {redact(url)}; studies there: "
-                         f"{', '.join(names) or 'none'} (pass --storage if it lives elsewhere)") from None
+        raise StudyError(
+            f"study {study_name!r} not found in {redact(url)}; studies there: "
+            f"{', '.join(names) or 'none'} (pass --storage if it lives elsewhere)"
+        ) from None
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:

@@ -13,6 +13,7 @@ so the script `exec`s the worker: the worker *is* the batch shell. On SIGUSR1 it
 SIGTERM and requeues its own task while the study has trials left (`requeue_self`), so a study
 outlives any one job's time limit. scripts/slurm/harness-array.sbatch is `template()`.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,9 +33,13 @@ TAG_ARRAY_JOB_ID = "slurm_array_job_id"
 TAG_ARRAY_TASK_ID = "slurm_array_task_id"
 TAG_RESTART_COUNT = "slurm_restart_count"
 TAG_NODE = "slurm_node"
-TAG_ENV = {TAG_JOB_ID: "SLURM_JOB_ID", TAG_ARRAY_JOB_ID: "SLURM_ARRAY_JOB_ID",
-           TAG_ARRAY_TASK_ID: "SLURM_ARRAY_TASK_ID", TAG_RESTART_COUNT: "SLURM_RESTART_COUNT",
-           TAG_NODE: "SLURMD_NODENAME"}
+TAG_ENV = {
+    TAG_JOB_ID: "SLURM_JOB_ID",
+    TAG_ARRAY_JOB_ID: "SLURM_ARRAY_JOB_ID",
+    TAG_ARRAY_TASK_ID: "SLURM_ARRAY_TASK_ID",
+    TAG_RESTART_COUNT: "SLURM_RESTART_COUNT",
+    TAG_NODE: "SLURMD_NODENAME",
+}
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "scripts" / "slurm" / "harness-array.sbatch"
 TIME_FORMATS = "MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
@@ -73,10 +78,19 @@ class SlurmOptions:
 
 # the documented template in the repo (scripts/slurm/harness-array.sbatch) is this, rendered
 EXAMPLE = SlurmOptions(
-    study="cifar10-cnn", tune_args=["--space", "cnn", "--trials", "200", "--data-dir", "/datasets"],
-    array_size=8, partition="gpu", time="1-00:00:00", gpus_per_task=1, cpus_per_task=8, mem="32G",
-    storage="postgresql://user:pass@db/optuna", tracking_uri="http://db:5000",
-    python="/path/to/project/.venv/bin/python", workdir="/path/to/project")
+    study="cifar10-cnn",
+    tune_args=["--space", "cnn", "--trials", "200", "--data-dir", "/datasets"],
+    array_size=8,
+    partition="gpu",
+    time="1-00:00:00",
+    gpus_per_task=1,
+    cpus_per_task=8,
+    mem="32G",
+    storage="postgresql://user:pass@db/optuna",
+    tracking_uri="http://db:5000",
+    python="/path/to/project/.venv/bin/python",
+    workdir="/path/to/project",
+)
 
 
 def time_seconds(text: str) -> int | None:
@@ -102,18 +116,24 @@ def check_options(opts: SlurmOptions) -> None:
         raise SlurmError(f"--signal-seconds {opts.signal_seconds}: give the seconds before the time limit, at least 1")
     limit = time_seconds(opts.time) if opts.time else None
     if limit is not None and limit <= opts.signal_seconds:
-        raise SlurmError(f"--time {opts.time} ({limit} s) is not longer than --signal-seconds {opts.signal_seconds}: "
-                         "each worker would be told to stop as it starts; raise --time or lower --signal-seconds")
+        raise SlurmError(
+            f"--time {opts.time} ({limit} s) is not longer than --signal-seconds {opts.signal_seconds}: "
+            "each worker would be told to stop as it starts; raise --time or lower --signal-seconds"
+        )
     for flag in ("--study", "--workers"):
         if any(a == flag or a.startswith(flag + "=") for a in opts.tune_args):
-            raise SlurmError(f"{flag} after `--`: give it to `harness slurm` itself "
-                             "(--study names the study, --array-size the workers, one per array task)")
+            raise SlurmError(
+                f"{flag} after `--`: give it to `harness slurm` itself "
+                "(--study names the study, --array-size the workers, one per array task)"
+            )
 
 
 def require_slurm() -> None:
     if shutil.which("sbatch") is None:
-        raise SlurmError("no Slurm on this machine (sbatch is not on PATH): run `harness slurm` on the "
-                         "cluster's login node, or use --dry-run to print the script")
+        raise SlurmError(
+            "no Slurm on this machine (sbatch is not on PATH): run `harness slurm` on the "
+            "cluster's login node, or use --dry-run to print the script"
+        )
 
 
 def partitions() -> list[str]:
@@ -121,7 +141,9 @@ def partitions() -> list[str]:
     try:
         out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.SubprocessError) as e:
-        raise SlurmError(f"cannot list Slurm's partitions (sinfo: {e}): check that Slurm's controller answers") from None
+        raise SlurmError(
+            f"cannot list Slurm's partitions (sinfo: {e}): check that Slurm's controller answers"
+        ) from None
     if out.returncode != 0:
         why = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise SlurmError(f"cannot list Slurm's partitions (sinfo: {why}): check that Slurm's controller answers")
@@ -131,8 +153,9 @@ def partitions() -> list[str]:
 def check_partition(name: str) -> None:
     known = partitions()
     if name not in known:
-        raise SlurmError(f"no Slurm partition {name!r}: choose one of {', '.join(known) or '(none listed)'} "
-                         "(sinfo lists them)")
+        raise SlurmError(
+            f"no Slurm partition {name!r}: choose one of {', '.join(known) or '(none listed)'} (sinfo lists them)"
+        )
 
 
 def _storage(opts: SlurmOptions) -> str:
@@ -150,11 +173,13 @@ def _tracking(opts: SlurmOptions) -> str:
 def render(opts: SlurmOptions) -> str:
     """The sbatch script: one `harness tune` worker of the study per array task."""
     q = shlex.quote
-    resources = [f"--partition={opts.partition}" if opts.partition else None,
-                 f"--time={opts.time}" if opts.time else None,
-                 f"--cpus-per-task={opts.cpus_per_task}" if opts.cpus_per_task else None,
-                 f"--gpus-per-task={opts.gpus_per_task}" if opts.gpus_per_task else None,
-                 f"--mem={opts.mem}" if opts.mem else None]
+    resources = [
+        f"--partition={opts.partition}" if opts.partition else None,
+        f"--time={opts.time}" if opts.time else None,
+        f"--cpus-per-task={opts.cpus_per_task}" if opts.cpus_per_task else None,
+        f"--gpus-per-task={opts.gpus_per_task}" if opts.gpus_per_task else None,
+        f"--mem={opts.mem}" if opts.mem else None,
+    ]
     tune = [opts.python, "-m", "harness.cli", "tune", "--study", opts.study, "--quiet", *opts.tune_args]
     lines = [
         "#!/bin/bash",
@@ -176,8 +201,10 @@ def render(opts: SlurmOptions) -> str:
         f"export HARNESS_STORAGE={q(_storage(opts))}",
         f"export MLFLOW_TRACKING_URI={q(_tracking(opts))}",
         'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}" PYTHONUNBUFFERED=1',
-        ('echo "harness: task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} (job $SLURM_JOB_ID) on $(hostname),'
-         ' restart ${SLURM_RESTART_COUNT:-0}, $(date -Is)"'),
+        (
+            'echo "harness: task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} (job $SLURM_JOB_ID) on $(hostname),'
+            ' restart ${SLURM_RESTART_COUNT:-0}, $(date -Is)"'
+        ),
         "# exec: the worker replaces this shell, so SIGUSR1 (above) and SIGTERM (preemption, scancel) reach it",
         "exec " + " ".join(q(a) for a in tune),
         "",
@@ -199,8 +226,7 @@ def submit(opts: SlurmOptions) -> str:
     """Submit the job array; returns its job id."""
     text = script(opts)
     Path(opts.workdir, opts.log_dir).mkdir(parents=True, exist_ok=True)  # Slurm does not create it
-    out = subprocess.run(["sbatch", "--parsable"], input=text, capture_output=True, text=True, timeout=60,
-                         check=False)
+    out = subprocess.run(["sbatch", "--parsable"], input=text, capture_output=True, text=True, timeout=60, check=False)
     if out.returncode != 0:
         why = (out.stderr.strip().splitlines() or ["no output"])[-1]
         raise SlurmError(f"sbatch refused the job array ({why}): see `harness slurm --dry-run` for the script")
@@ -248,8 +274,10 @@ def requeue_self(env=None) -> str:
 def template() -> str:
     """scripts/slurm/harness-array.sbatch: `render(EXAMPLE)` with a note on what to edit."""
     shebang, rest = render(EXAMPLE).split("\n", 1)
-    note = ("# TEMPLATE (python -m studies.slurm regenerates it): edit the partition, resources, URIs, paths\n"
-            "# and the options after `tune`, or let `harness slurm --dry-run` write one for you.\n")
+    note = (
+        "# TEMPLATE (python -m studies.slurm regenerates it): edit the partition, resources, URIs, paths\n"
+        "# and the options after `tune`, or let `harness slurm --dry-run` write one for you.\n"
+    )
     return f"{shebang}\n{note}{rest}"
 
 

@@ -17,6 +17,7 @@ per-stage scales of the base config's widths, `model.width_scale.1`, `model.widt
 profile's network and 1.0 is the config's own). An optional `config: fast` names the run config
 the trials start from (studies/configs/).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ def builds_widths(name: str) -> bool:
 def scale_stage(name: str) -> int:
     """The 1-based stage a `model.width_scale.<k>` key scales."""
     return int(name.removeprefix(SCALE_PREFIX))
+
+
 TYPES = {"float", "int", "categorical"}
 
 
@@ -81,8 +84,9 @@ def resolve_path(space: str) -> Path:
     """A path to a YAML file, or the name of one in studies/spaces/."""
     path = library.find(space, library.SPACES_DIR)
     if path is None:
-        raise SpaceError(f"search space {space!r} not found: pass a YAML file or one of: "
-                         f"{library.known(library.SPACES_DIR)}")
+        raise SpaceError(
+            f"search space {space!r} not found: pass a YAML file or one of: {library.known(library.SPACES_DIR)}"
+        )
     return path
 
 
@@ -102,31 +106,41 @@ def load_space(space: str) -> Space:
         raise SpaceError(f"search space {path}: needs a non-empty 'params' mapping")
     unknown = set(raw) - {"params", "profiles", "description", "config"}
     if unknown:
-        raise SpaceError(f"search space {path}: unknown section(s) {', '.join(sorted(unknown))}; "
-                         "valid: params, profiles, description, config")
+        raise SpaceError(
+            f"search space {path}: unknown section(s) {', '.join(sorted(unknown))}; "
+            "valid: params, profiles, description, config"
+        )
     config = raw.get("config")
     if config is not None:
         found = library.find(config, library.CONFIGS_DIR) or library.find(path.parent / str(config), path.parent)
         if found is None:
-            raise SpaceError(f"search space {path}: config {config!r} not found: name one of "
-                             f"{library.known(library.CONFIGS_DIR)} or a YAML file beside the space")
+            raise SpaceError(
+                f"search space {path}: config {config!r} not found: name one of "
+                f"{library.known(library.CONFIGS_DIR)} or a YAML file beside the space"
+            )
         config = str(found)
     params = [_param(path, name, spec) for name, spec in raw["params"].items()]
     scales = [p.name for p in params if p.name in SCALE_KEYS]
     builders = [p.name for p in params if p.name in WIDTH_KEYS]
     if scales and builders:
-        raise SpaceError(f"search space {path}: parameter {scales[0]}: per-stage width scales cannot be combined "
-                         f"with {builders[0]} (scales multiply the config's widths): search one or the other")
+        raise SpaceError(
+            f"search space {path}: parameter {scales[0]}: per-stage width scales cannot be combined "
+            f"with {builders[0]} (scales multiply the config's widths): search one or the other"
+        )
     for i, p in enumerate(params):
         above = {q.name: q for q in params[:i]}
         for key, want in (p.when or {}).items():
             if key not in above:
-                raise SpaceError(f"search space {path}: parameter {p.name}: condition on {key!r}, "
-                                 "which is not a parameter defined above it")
+                raise SpaceError(
+                    f"search space {path}: parameter {p.name}: condition on {key!r}, "
+                    "which is not a parameter defined above it"
+                )
             for value in want if isinstance(want, list) else [want]:
                 if not _can_take(above[key], value):
-                    raise SpaceError(f"search space {path}: parameter {p.name}: condition {key}={value!r} "
-                                     f"can never hold ({key} never takes that value)")
+                    raise SpaceError(
+                        f"search space {path}: parameter {p.name}: condition {key}={value!r} "
+                        f"can never hold ({key} never takes that value)"
+                    )
     profiles = raw.get("profiles") or {}
     if not isinstance(profiles, dict):
         raise SpaceError(f"search space {path}: 'profiles' must map profile names to settings")
@@ -154,8 +168,11 @@ def _param(path: Path, name: str, spec) -> Param:
     when = spec.pop("if", None)
     if when is not None and not isinstance(when, dict):
         raise SpaceError(f"{where}: 'if' must map parameter names to values")
-    allowed = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
-               "categorical": {"choices"}}[kind]
+    allowed = {
+        "float": {"low", "high", "log", "step"},
+        "int": {"low", "high", "log", "step"},
+        "categorical": {"choices"},
+    }[kind]
     extra = set(spec) - allowed
     if extra:
         raise SpaceError(f"{where}: unknown field(s) {', '.join(sorted(extra))} for type {kind}")
@@ -165,9 +182,11 @@ def _param(path: Path, name: str, spec) -> Param:
             raise SpaceError(f"{where}: choices must be a non-empty list")
         for choice in p.choices:
             if choice is not None and not isinstance(choice, (bool, int, float, str)):
-                raise SpaceError(f"{where}: choice {choice!r} is not a number, string, boolean or null "
-                                 "(Optuna stores only these; for widths search model.width_scale.<stage> "
-                                 "or model.stages/base_width)")
+                raise SpaceError(
+                    f"{where}: choice {choice!r} is not a number, string, boolean or null "
+                    "(Optuna stores only these; for widths search model.width_scale.<stage> "
+                    "or model.stages/base_width)"
+                )
             _check_value(where, name, choice)
     else:
         number = int if kind == "int" else (int, float)
@@ -176,8 +195,9 @@ def _param(path: Path, name: str, spec) -> Param:
         for field_name in ("low", "high") + (("step",) if p.step is not None else ()):
             value = getattr(p, field_name)
             if isinstance(value, bool) or not isinstance(value, number):
-                raise SpaceError(f"{where}: {field_name} must be {'an integer' if kind == 'int' else 'a number'} "
-                                 f"(got {value!r})")
+                raise SpaceError(
+                    f"{where}: {field_name} must be {'an integer' if kind == 'int' else 'a number'} (got {value!r})"
+                )
         if not isinstance(p.log, bool):
             raise SpaceError(f"{where}: log must be true or false (got {p.log!r})")
         if p.low >= p.high:
@@ -244,7 +264,7 @@ def sample(space: Space, trial: optuna.Trial, base: C.Config) -> C.Config:
         stages = int(sampled.get("model.stages", len(base.model.widths)))
         width = sampled.get("model.base_width", base.model.widths[0])
         mult = sampled.get("model.width_multiplier", WIDTH_KEYS["model.width_multiplier"])
-        sampled["model.widths"] = [int(round(width * mult ** i)) for i in range(stages)]
+        sampled["model.widths"] = [int(round(width * mult**i)) for i in range(stages)]
     if any(k in sampled for k in SCALE_KEYS):
         sampled["model.widths"] = scaled_widths(space, base.model.widths, sampled)
     updates = {k: v for k, v in sampled.items() if not builds_widths(k)}
@@ -263,8 +283,10 @@ def check_stages(space: Space, widths: list[int]) -> None:
     trial (the study calls this on its base config), in one line."""
     for p in space.params:
         if p.name in SCALE_KEYS and scale_stage(p.name) > len(widths):
-            raise SpaceError(f"search space {space.path}: parameter {p.name}: the network has "
-                             f"{len(widths)} stages (model.widths={widths}); scale stages 1 to {len(widths)}")
+            raise SpaceError(
+                f"search space {space.path}: parameter {p.name}: the network has "
+                f"{len(widths)} stages (model.widths={widths}); scale stages 1 to {len(widths)}"
+            )
 
 
 def starting_point(space: Space, base: C.Config) -> dict:
@@ -272,17 +294,26 @@ def starting_point(space: Space, base: C.Config) -> dict:
     trial, so that its best is never worse than the config it starts from."""
     values = C.flatten(C.to_dict(base))
     widths = base.model.widths
-    values.update({"model.stages": len(widths), "model.base_width": widths[0],
-                   "model.width_multiplier": widths[1] / widths[0] if len(widths) > 1 else None,
-                   **{k: 1.0 for k in SCALE_KEYS}})  # scales of the config's own widths
+    values.update(
+        {
+            "model.stages": len(widths),
+            "model.base_width": widths[0],
+            "model.width_multiplier": widths[1] / widths[0] if len(widths) > 1 else None,
+            **{k: 1.0 for k in SCALE_KEYS},
+        }
+    )  # scales of the config's own widths
     point = {}
     for p in space.params:
         if not _active(p, values):
             continue
         v = values.get(p.name)
         if (p.type == "categorical" and v in p.choices) or (
-                p.type != "categorical" and isinstance(v, (int, float)) and not isinstance(v, bool)
-                and p.low <= v <= p.high and (p.type == "float" or float(v).is_integer())):
+            p.type != "categorical"
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and p.low <= v <= p.high
+            and (p.type == "float" or float(v).is_integer())
+        ):
             point[p.name] = v
     return point
 

@@ -26,6 +26,7 @@ study (everything depends on it).
 All children share one config, seed and budget; a re-initialised layer gets the same initial
 weights in every child (the same seed), so depth and origin are the only differences.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,15 +42,23 @@ from harness.models import CNN, build_model
 from harness.tracking import RunLogger, client_for, experiment_id
 from harness.training import select_device
 from studies import library
-from studies.transfer import (CHILD_EVAL, ChildResult, TransferError, children_table, log_summary_table, parent_run,
-                              run_child)
+from studies.transfer import (
+    CHILD_EVAL,
+    ChildResult,
+    TransferError,
+    children_table,
+    log_summary_table,
+    parent_run,
+    run_child,
+)
 
 VARIANTS = ("AnB", "BnB", "AnB+", "BnB+")
 # By profile: on a CPU a small budget, 14 runs of the default 3-stage net in about 15 minutes on
 # 2 cores (4,000 training images of each half, 4 epochs); on a GPU 15 epochs. --set overrides it.
-SPLIT_BUDGETS = {"quick": {"epochs": 4, "patience": 0,
-                           "data": {"train_subset": 4000, "val_subset": 1000, "test_subset": None}},
-                 "full": {"epochs": 15, "patience": 0}}
+SPLIT_BUDGETS = {
+    "quick": {"epochs": 4, "patience": 0, "data": {"train_subset": 4000, "val_subset": 1000, "test_subset": None}},
+    "full": {"epochs": 15, "patience": 0},
+}
 
 
 @dataclass
@@ -70,26 +79,29 @@ class SplitResult:
         return next(c for c in self.children if c.name == name)
 
 
-def split_classes(num_classes: int, seed: int = 0, classes_a: list | None = None,
-                  names: list[str] | None = None) -> tuple[list[int], list[int]]:
+def split_classes(
+    num_classes: int, seed: int = 0, classes_a: list | None = None, names: list[str] | None = None
+) -> tuple[list[int], list[int]]:
     """Halves A and B of the class indices: `classes_a` (indices or names) and the rest, or a
     seeded random half."""
     if classes_a is None:
         order = np.random.default_rng(seed).permutation(num_classes)
-        a = sorted(int(i) for i in order[:num_classes // 2])
+        a = sorted(int(i) for i in order[: num_classes // 2])
     else:
         a = []
         for c in classes_a:
             if isinstance(c, str) and not c.strip().isdigit():
                 if not names or c not in names:
-                    raise TransferError(f"unknown class {c!r} in classes_a: use class indices or names "
-                                        f"({', '.join(names or [])})")
+                    raise TransferError(
+                        f"unknown class {c!r} in classes_a: use class indices or names ({', '.join(names or [])})"
+                    )
                 a.append(names.index(c))
             else:
                 a.append(int(c))
         if len(set(a)) != len(a) or not all(0 <= i < num_classes for i in a) or not 0 < len(a) < num_classes:
-            raise TransferError(f"bad classes_a {classes_a}: distinct classes of 0..{num_classes - 1}, "
-                                "leaving at least one for B")
+            raise TransferError(
+                f"bad classes_a {classes_a}: distinct classes of 0..{num_classes - 1}, leaving at least one for B"
+            )
         a = sorted(a)
     return a, [i for i in range(num_classes) if i not in a]
 
@@ -100,15 +112,25 @@ def select_classes(ds: Dataset, classes: list[int], name: str | None = None) -> 
     lut[list(classes)] = np.arange(len(classes))
     train = lut[ds.train_labels] >= 0
     test = lut[ds.test_labels] >= 0
-    out = Dataset(name or f"{ds.name}[{','.join(map(str, classes))}]",
-                  ds.train_images[train], lut[ds.train_labels[train]],
-                  ds.test_images[test], lut[ds.test_labels[test]], [ds.classes[i] for i in classes], "")
+    out = Dataset(
+        name or f"{ds.name}[{','.join(map(str, classes))}]",
+        ds.train_images[train],
+        lut[ds.train_labels[train]],
+        ds.test_images[test],
+        lut[ds.test_labels[test]],
+        [ds.classes[i] for i in classes],
+        "",
+    )
     out.digest = digest(out.train_images, out.train_labels, out.test_images, out.test_labels)
     return out
 
 
-def split_config(config: str | None = None, data_dir: str | None = None,
-                 overrides: list[str] | dict | None = None, profile: str = "auto") -> C.Config:
+def split_config(
+    config: str | None = None,
+    data_dir: str | None = None,
+    overrides: list[str] | dict | None = None,
+    profile: str = "auto",
+) -> C.Config:
     """The config every split-study run shares: defaults < YAML (the default config, and its
     profile) < the split study's budget for the profile < overrides."""
     cfg = C.load(library.config_path(config), None, data_dir, profile)
@@ -132,25 +154,42 @@ def copied_model(cfg: C.Config, base: CNN, depth: int, num_classes: int, frozen:
 
 def split_description(experiment: str, dataset: str) -> str:
     """The split study experiment's description in the MLflow UI: what it holds and how to browse it."""
-    return "\n".join([  # one line a paragraph: the UI renders every newline as a break
-        f"**Split studies on {dataset}** (`harness split-study`; Yosinski et al., 2014): the classes split into "
-        "halves A and B; one parent run per split (`split-seed<k>`, `split-given`) with its networks nested under "
-        "it: `baseA`, `baseB`, and at each depth n `AnB`, `BnB` (first n stages copied and frozen) and `AnB+`, "
-        "`BnB+` (copied, fine-tuned), all tested on B.",
-        "",
-        "- **Children**: expand a parent run (+) in the Runs table; tags `depth`, `copied_from` and the halves' "
-        "classes.",
-        "- **Summary**: on the parent run, `summary/split_study.png` (the four curves by depth, baseB as a line), "
-        "the curves as CSV and Markdown, and metrics `AnB_test_accuracy`, ... with the depth as step.",
-        f"- **Command line**: `harness ui --experiment {experiment}` (this page).",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [  # one line a paragraph: the UI renders every newline as a break
+                f"**Split studies on {dataset}** (`harness split-study`; Yosinski et al., 2014): the classes split "
+                "into "
+                "halves A and B; one parent run per split (`split-seed<k>`, `split-given`) with its networks nested "
+                "under "
+                "it: `baseA`, `baseB`, and at each depth n `AnB`, `BnB` (first n stages copied and frozen) and `AnB+`, "
+                "`BnB+` (copied, fine-tuned), all tested on B.",
+                "",
+                "- **Children**: expand a parent run (+) in the Runs table; tags `depth`, `copied_from` and the "
+                "halves' "
+                "classes.",
+                "- **Summary**: on the parent run, `summary/split_study.png` (the four curves by depth, baseB as a "
+                "line), "
+                "the curves as CSV and Markdown, and metrics `AnB_test_accuracy`, ... with the depth as step.",
+                f"- **Command line**: `harness ui --experiment {experiment}` (this page).",
+            ]
+        )
+        + "\n"
+    )
 
 
-def run_split_study(data_dir: str | None = None, tracking_uri: str | None = None,
-                    overrides: list[str] | dict | None = None, config: str | None = None,
-                    classes_a: list | str | None = None, class_seed: int = 0, depths: list[int] | str | None = None,
-                    variants=VARIANTS, experiment: str | None = None, progress: bool = True,
-                    profile: str = "auto") -> SplitResult:
+def run_split_study(
+    data_dir: str | None = None,
+    tracking_uri: str | None = None,
+    overrides: list[str] | dict | None = None,
+    config: str | None = None,
+    classes_a: list | str | None = None,
+    class_seed: int = 0,
+    depths: list[int] | str | None = None,
+    variants=VARIANTS,
+    experiment: str | None = None,
+    progress: bool = True,
+    profile: str = "auto",
+) -> SplitResult:
     """Train baseA, baseB and AnB/BnB/AnB+/BnB+ at each depth under one parent run.
 
     `classes_a`: A's classes (indices or names, a list or "a,b,c"), B the rest; by default a
@@ -179,22 +218,46 @@ def run_split_study(data_dir: str | None = None, tracking_uri: str | None = None
     experiment = experiment or f"transfer-split-{ds.name}"
     experiment_id(client, experiment, description=split_description(experiment, ds.name))
     names_a, names_b = [ds.classes[i] for i in a], [ds.classes[i] for i in b]
-    common = {"split_classes_a": ",".join(names_a), "split_classes_b": ",".join(names_b),
-              "class_seed": class_seed if classes_a is None else "given"}
-    parent = RunLogger.start(client, experiment, f"split-{'given' if classes_a else f'seed{class_seed}'}",
-                             tags={**common, "run_kind": "split_study", "dataset": ds.name,
-                                   "dataset_digest": ds.digest, "depths": ",".join(map(str, depths)),
-                                   "variants": ",".join(variants)})
+    common = {
+        "split_classes_a": ",".join(names_a),
+        "split_classes_b": ",".join(names_b),
+        "class_seed": class_seed if classes_a is None else "given",
+    }
+    parent = RunLogger.start(
+        client,
+        experiment,
+        f"split-{'given' if classes_a else f'seed{class_seed}'}",
+        tags={
+            **common,
+            "run_kind": "split_study",
+            "dataset": ds.name,
+            "dataset_digest": ds.digest,
+            "depths": ",".join(map(str, depths)),
+            "variants": ",".join(variants),
+        },
+    )
     children: list[ChildResult] = []
     total = 2 + len(depths) * len(variants)
 
     def child(name, mode, frozen, data, build, tags):
-        c = run_child(client, experiment, parent.run_id, name, mode, frozen, cfg, data, build,
-                      {**common, **tags}, progress=progress)
+        c = run_child(
+            client,
+            experiment,
+            parent.run_id,
+            name,
+            mode,
+            frozen,
+            cfg,
+            data,
+            build,
+            {**common, **tags},
+            progress=progress,
+        )
         children.append(c)
         if progress:
-            status = f"test accuracy {c.metrics['test_accuracy']:.4f}" if c.status == "FINISHED" else \
-                f"FAILED ({c.error})"
+            status = (
+                f"test accuracy {c.metrics['test_accuracy']:.4f}" if c.status == "FINISHED" else f"FAILED ({c.error})"
+            )
             print(f"[{len(children)}/{total}] {name}: {status}  (run {c.run_id})", flush=True)
         return c
 
@@ -211,9 +274,14 @@ def run_split_study(data_dir: str | None = None, tracking_uri: str | None = None
             for v in variants:
                 origin, frozen = v[0], not v.endswith("+")
                 name = f"{origin}{n}B{'' if frozen else '+'}"
-                child(name, v, n if frozen else 0, ds_b,
-                      lambda: copied_model(cfg, bases[origin], n, len(ds_b.classes), frozen),
-                      {"half": "B", "depth": n, "copied_from": f"base{origin}", "copied_stages": n})
+                child(
+                    name,
+                    v,
+                    n if frozen else 0,
+                    ds_b,
+                    lambda: copied_model(cfg, bases[origin], n, len(ds_b.classes), frozen),
+                    {"half": "B", "depth": n, "copied_from": f"base{origin}", "copied_stages": n},
+                )
         table = children_table(children, ("depth",))
         table["depth"] = table["depth"].astype(int)
         curves = _curves(table, variants)
@@ -242,8 +310,12 @@ def curves_markdown(curves: pd.DataFrame) -> str:
 def split_figure(curves: pd.DataFrame, title: str) -> Figure:
     fig = Figure(figsize=(6.5, 4.5), constrained_layout=True)
     ax = fig.subplots()
-    styles = {"AnB": ("tab:red", "-", "o"), "BnB": ("tab:blue", "-", "o"),
-              "AnB+": ("tab:red", "--", "^"), "BnB+": ("tab:blue", "--", "^")}
+    styles = {
+        "AnB": ("tab:red", "-", "o"),
+        "BnB": ("tab:blue", "-", "o"),
+        "AnB+": ("tab:red", "--", "^"),
+        "BnB+": ("tab:blue", "--", "^"),
+    }
     base_b = curves["baseB"].iloc[0] if len(curves) else np.nan
     if np.isfinite(base_b):
         ax.axhline(base_b, color="black", linestyle=":", label=f"baseB ({base_b:.3f})")
@@ -260,21 +332,32 @@ def split_figure(curves: pd.DataFrame, title: str) -> Figure:
     return fig
 
 
-def _log_summary(parent: RunLogger, table: pd.DataFrame, curves: pd.DataFrame, children: list[ChildResult],
-                 names_a: list[str], names_b: list[str]) -> None:
+def _log_summary(
+    parent: RunLogger,
+    table: pd.DataFrame,
+    curves: pd.DataFrame,
+    children: list[ChildResult],
+    names_a: list[str],
+    names_b: list[str],
+) -> None:
     flat = {}
     for c in children:
         if c.status == "FINISHED":
             flat[f"{metric_key(c.name)}_test_accuracy"] = c.metrics["test_accuracy"]
     parent.log_metrics(flat)
     for depth, row in curves.iterrows():  # the curves as metric histories, depth as the step
-        parent.log_metrics({f"{metric_key(v)}_test_accuracy": row[v] for v in curves.columns
-                            if v != "baseB" and np.isfinite(row[v])}, step=int(depth))
+        parent.log_metrics(
+            {f"{metric_key(v)}_test_accuracy": row[v] for v in curves.columns if v != "baseB" and np.isfinite(row[v])},
+            step=int(depth),
+        )
     log_summary_table(parent, table, "summary/split_study_runs")
     shown = curves.rename_axis("depth n").reset_index()
     parent.log_text(shown.to_csv(index=False), "summary/split_study.csv")
-    parent.log_text(f"A = {', '.join(names_a)}; B = {', '.join(names_b)}; test accuracy on B\n\n"
-                    + curves_markdown(curves) + "\n", "summary/split_study.md")
+    parent.log_text(
+        f"A = {', '.join(names_a)}; B = {', '.join(names_b)}; test accuracy on B\n\n" + curves_markdown(curves) + "\n",
+        "summary/split_study.md",
+    )
     if len(curves):
-        parent.log_figure(split_figure(curves, f"A = {', '.join(names_a)}\nB = {', '.join(names_b)}"),
-                          "summary/split_study.png")
+        parent.log_figure(
+            split_figure(curves, f"A = {', '.join(names_a)}\nB = {', '.join(names_b)}"), "summary/split_study.png"
+        )

@@ -6,6 +6,7 @@ process. Here the study's parent run id is stored in the study itself (Optuna us
 every worker, in any process on any machine, finds the one study run and nests its trial runs
 under it (studies/worker.py).
 """
+
 from __future__ import annotations
 
 import os
@@ -69,8 +70,10 @@ def existing_storage(url: str | None, study: str) -> str:
     """`storage_url` for the commands that only read: a missing SQLite file is one line, not created."""
     url = storage_url(url)
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).expanduser().is_file():
-        raise StudyError(f"no study storage at {url.removeprefix('sqlite:///')}: run `harness tune --study {study}` "
-                         "first, or pass --storage")
+        raise StudyError(
+            f"no study storage at {url.removeprefix('sqlite:///')}: run `harness tune --study {study}` "
+            "first, or pass --storage"
+        )
     return url
 
 
@@ -81,8 +84,12 @@ def open_storage(opts: TuneOptions) -> optuna.storages.RDBStorage:
         try:
             with store_lock(url):
                 return optuna.storages.RDBStorage(
-                    url, engine_kwargs=engine, heartbeat_interval=opts.heartbeat, grace_period=3 * opts.heartbeat,
-                    heartbeat_stale_trial_callback=requeue)
+                    url,
+                    engine_kwargs=engine,
+                    heartbeat_interval=opts.heartbeat,
+                    grace_period=3 * opts.heartbeat,
+                    heartbeat_stale_trial_callback=requeue,
+                )
         except Exception as e:
             # a database server's fresh schema created by two machines at once: the loser retries
             concurrent = any(w in str(e) for w in ("already exists", "duplicate key", "UniqueViolation"))
@@ -90,8 +97,10 @@ def open_storage(opts: TuneOptions) -> optuna.storages.RDBStorage:
                 time.sleep(0.5 + attempt)
                 continue
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise StudyError(f"cannot open study storage {redact(url)} ({type(e).__name__}: {first}): "
-                             "check the --storage URL and that the database server is running") from None
+            raise StudyError(
+                f"cannot open study storage {redact(url)} ({type(e).__name__}: {first}): "
+                "check the --storage URL and that the database server is running"
+            ) from None
 
 
 class TrialSeeded(optuna.samplers.BaseSampler):
@@ -141,8 +150,9 @@ SAMPLER_FACTORIES: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
 }
 # name -> pruner from the trials' epochs; the names: studies/options.py PRUNERS
 PRUNER_FACTORIES: dict[str, Callable[[int], optuna.pruners.BasePruner]] = {
-    "hyperband": lambda epochs: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 2),
-                                                               reduction_factor=3),
+    "hyperband": lambda epochs: optuna.pruners.HyperbandPruner(
+        min_resource=1, max_resource=max(epochs, 2), reduction_factor=3
+    ),
     "median": lambda epochs: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
     "none": lambda epochs: optuna.pruners.NopPruner(),
 }
@@ -201,19 +211,21 @@ def _check_space(study: optuna.Study, name: str, defined: dict | None) -> None:
     attrs = study.user_attrs
     made_with = attrs.get("space")
     if defined is not None and "space_params" in attrs:
-        differ = sorted(k for k in {*attrs["space_params"], *defined}
-                        if attrs["space_params"].get(k) != defined.get(k))
+        differ = sorted(k for k in {*attrs["space_params"], *defined} if attrs["space_params"].get(k) != defined.get(k))
         how = f"which defines other parameters ({', '.join(differ[:5])})"
     else:
         differ = made_with is not None and made_with != name
         how = "(compared by name: the study stores no parameters)"
     if differ:
-        raise StudyError(f"study {study.study_name} was made with search space {made_with!r} {how}: "
-                         f"run it with --space {made_with}, or use a new --study name for --space {name}")
+        raise StudyError(
+            f"study {study.study_name} was made with search space {made_with!r} {how}: "
+            f"run it with --space {made_with}, or use a new --study name for --space {name}"
+        )
 
 
-def open_study(opts: TuneOptions, storage, base: C.Config, client=None,
-               first_trial: dict | None = None, space: Space | None = None) -> tuple[optuna.Study, str]:
+def open_study(
+    opts: TuneOptions, storage, base: C.Config, client=None, first_trial: dict | None = None, space: Space | None = None
+) -> tuple[optuna.Study, str]:
     """Create or join the study; exactly one study run exists for it, whoever starts first.
 
     Creating the Optuna study is the atomic step: the worker that creates it also creates the
@@ -228,25 +240,45 @@ def open_study(opts: TuneOptions, storage, base: C.Config, client=None,
     sampler = make_sampler(opts.sampler, opts.seed)
     pruner = make_pruner(opts.pruner, base.epochs, multi)
     try:
-        study = optuna.create_study(study_name=opts.study, storage=storage, directions=dirs,
-                                    sampler=sampler, pruner=pruner)
+        study = optuna.create_study(
+            study_name=opts.study, storage=storage, directions=dirs, sampler=sampler, pruner=pruner
+        )
         created = True
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=opts.study, storage=storage, sampler=sampler, pruner=pruner)
         created = False
     if [d.name.lower() for d in study.directions] != dirs:
-        raise StudyError(f"study {opts.study} was created with other objectives "
-                         f"({study.user_attrs.get('objectives')}): use the same --objectives or a new --study name")
+        raise StudyError(
+            f"study {opts.study} was created with other objectives "
+            f"({study.user_attrs.get('objectives')}): use the same --objectives or a new --study name"
+        )
     if created:
         client = client or open_client(opts.tracking_uri)
         experiment_id(client, opts.study, description=study_description(opts.study))
-        run = RunLogger.start(client, opts.study, f"study-{opts.study}",
-                              tags={"study": opts.study, "run_kind": "study", "sampler": opts.sampler,
-                                    "pruner": opts.pruner, "objectives": opts.objectives,
-                                    "storage": redact(storage.url if hasattr(storage, "url") else str(storage)),
-                                    **slurm_tags()})
-        run.log_params({"space": opts.space, "trials": opts.trials, "sampler": opts.sampler,
-                        "pruner": opts.pruner, "seed": opts.seed, "objectives": opts.objectives})
+        run = RunLogger.start(
+            client,
+            opts.study,
+            f"study-{opts.study}",
+            tags={
+                "study": opts.study,
+                "run_kind": "study",
+                "sampler": opts.sampler,
+                "pruner": opts.pruner,
+                "objectives": opts.objectives,
+                "storage": redact(storage.url if hasattr(storage, "url") else str(storage)),
+                **slurm_tags(),
+            },
+        )
+        run.log_params(
+            {
+                "space": opts.space,
+                "trials": opts.trials,
+                "sampler": opts.sampler,
+                "pruner": opts.pruner,
+                "seed": opts.seed,
+                "objectives": opts.objectives,
+            }
+        )
         run.log_text(C.to_yaml(base), "base_config.yaml")
         study.set_user_attr("base_config", _comparable(C.to_dict(base)))
         study.set_user_attr("space", opts.space)
@@ -263,27 +295,36 @@ def open_study(opts: TuneOptions, storage, base: C.Config, client=None,
     stored, ours = study.user_attrs.get("base_config") or {}, _comparable(C.to_dict(base))
     diff = [k for k in stored if k in ours and stored[k] != ours[k]]  # (keys newer than the study: defaults)
     if diff:
-        raise StudyError(f"study {opts.study} was started with other fixed settings ({', '.join(diff[:5])}): "
-                         "run it with the same --profile/--set/--config, or use a new --study name")
+        raise StudyError(
+            f"study {opts.study} was started with other fixed settings ({', '.join(diff[:5])}): "
+            "run it with the same --profile/--set/--config, or use a new --study name"
+        )
     return study, parent
 
 
 def study_description(name: str) -> str:
     """The study experiment's description in the MLflow UI: what it holds and how to browse it."""
-    return "\n".join([  # one line a paragraph: the UI renders every newline as a break
-        f"**Optuna study `{name}`** (`harness tune --study {name}`): one study run, `study-{name}`, and one run "
-        "per trial, `trial-<n>`, nested under it.",
-        "",
-        f"- **Trials**: in the Runs table, expand `study-{name}` (+) to list them. Each is tagged `trial_number` "
-        "and `trial_state` (COMPLETE, PRUNED, FAIL) and holds the trial's parameters, per-epoch curves, test "
-        "metrics and figures; a pruned trial keeps its curves up to the pruning epoch.",
-        "- **Summary**: on the study run. Artifacts `summary/`: optimization history, parameter importances, "
-        "parallel coordinates and slice plots (PNG and interactive HTML; the Pareto front for two objectives) "
-        "and `trials.csv`; tags `best_trial` and `best_run_id` name the best trial and its run.",
-        f"- **Command line**: `harness compare --study {name}` (a table of the trials), `harness best --study "
-        f"{name}` (the best trial, its parameters and run), `harness report --study {name}` (refresh the "
-        f"summary), `harness ui --study {name}` (this page).",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [  # one line a paragraph: the UI renders every newline as a break
+                f"**Optuna study `{name}`** (`harness tune --study {name}`): one study run, `study-{name}`, and one "
+                "run "
+                "per trial, `trial-<n>`, nested under it.",
+                "",
+                f"- **Trials**: in the Runs table, expand `study-{name}` (+) to list them. Each is tagged "
+                "`trial_number` "
+                "and `trial_state` (COMPLETE, PRUNED, FAIL) and holds the trial's parameters, per-epoch curves, test "
+                "metrics and figures; a pruned trial keeps its curves up to the pruning epoch.",
+                "- **Summary**: on the study run. Artifacts `summary/`: optimization history, parameter importances, "
+                "parallel coordinates and slice plots (PNG and interactive HTML; the Pareto front for two objectives) "
+                "and `trials.csv`; tags `best_trial` and `best_run_id` name the best trial and its run.",
+                f"- **Command line**: `harness compare --study {name}` (a table of the trials), `harness best --study "
+                f"{name}` (the best trial, its parameters and run), `harness report --study {name}` (refresh the "
+                f"summary), `harness ui --study {name}` (this page).",
+            ]
+        )
+        + "\n"
+    )
 
 
 def _wait_for_parent(study: optuna.Study, timeout: float = 120.0) -> str:
@@ -293,8 +334,10 @@ def _wait_for_parent(study: optuna.Study, timeout: float = 120.0) -> str:
         if "mlflow_parent_run_id" in attrs:
             return attrs["mlflow_parent_run_id"]
         if time.time() > deadline:
-            raise StudyError(f"study {study.study_name} has no MLflow study run after {timeout:.0f} s: the worker "
-                             "that created it died while starting; delete the study (optuna delete-study) and retry")
+            raise StudyError(
+                f"study {study.study_name} has no MLflow study run after {timeout:.0f} s: the worker "
+                "that created it died while starting; delete the study (optuna delete-study) and retry"
+            )
         time.sleep(0.5)
 
 

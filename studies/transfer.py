@@ -29,6 +29,7 @@ parent's `failed_modes` tag and goes on: one diverging mode should not waste the
 parent ends FINISHED when at least one child finished, FAILED when none did; Ctrl-C ends it KILLED.
 Callers (the CLI) should exit non-zero when `TransferResult.failed` is not empty.
 """
+
 from __future__ import annotations
 
 import copy
@@ -119,8 +120,10 @@ def resolve_source(source: str, tracking_uri: str | None = None, storage: str | 
     try:
         from studies.results import best_run_id
     except ImportError:
-        raise TransferError(f"cannot resolve best:{study}: studies.results.best_run_id is not available "
-                            "in this install; pass the run id instead (--from RUN_ID)") from None
+        raise TransferError(
+            f"cannot resolve best:{study}: studies.results.best_run_id is not available "
+            "in this install; pass the run id instead (--from RUN_ID)"
+        ) from None
     return best_run_id(study, storage=storage, tracking_uri=tracking_uri), study
 
 
@@ -136,24 +139,32 @@ def _model_source_run(uri: str, tracking_uri: str | None = None) -> str:
         try:
             return client.get_logged_model(name).source_run_id
         except MlflowException:
-            raise TransferError(f"no logged model {name!r} in {client.tracking_uri}: check the URI "
-                                "(models:/STUDY@champion, models:/NAME/VERSION) or pass --tracking-uri") from None
+            raise TransferError(
+                f"no logged model {name!r} in {client.tracking_uri}: check the URI "
+                "(models:/STUDY@champion, models:/NAME/VERSION) or pass --tracking-uri"
+            ) from None
     try:
         model = client.get_registered_model(name)
     except MlflowException:
         known = [m.name for m in client.search_registered_models(max_results=20)]
-        raise TransferError(f"no registered model {name!r} in {client.tracking_uri} (registered: "
-                            f"{', '.join(known) or 'none'}): a study registers its champion once a trial that "
-                            "logged its model completes; check the name or pass --tracking-uri") from None
+        raise TransferError(
+            f"no registered model {name!r} in {client.tracking_uri} (registered: "
+            f"{', '.join(known) or 'none'}): a study registers its champion once a trial that "
+            "logged its model completes; check the name or pass --tracking-uri"
+        ) from None
     aliases = ", ".join(sorted(model.aliases)) or "none"
     if alias and alias not in model.aliases:
-        raise TransferError(f"registered model {name!r} has no alias {alias!r} (its aliases: {aliases}): "
-                            f"use e.g. models:/{name}@champion")
+        raise TransferError(
+            f"registered model {name!r} has no alias {alias!r} (its aliases: {aliases}): "
+            f"use e.g. models:/{name}@champion"
+        )
     try:
         run_id = client.get_model_version(name, model.aliases[alias] if alias else version).run_id
     except MlflowException:
-        raise TransferError(f"registered model {name!r} has no version {version!r}: check the version "
-                            f"or name an alias (its aliases: {aliases})") from None
+        raise TransferError(
+            f"registered model {name!r} has no version {version!r}: check the version "
+            f"or name an alias (its aliases: {aliases})"
+        ) from None
     if not run_id:
         raise TransferError(f"{uri} was registered without its run: pass the run id instead (--from RUN_ID)")
     return run_id
@@ -172,15 +183,22 @@ def _overrides(overrides: list[str] | dict | None) -> dict:
     return C.parse_overrides(list(overrides)) if not isinstance(overrides, dict) else overrides
 
 
-def target_config(source_cfg: C.Config, target: str, data_dir: str | None = None,
-                  overrides: list[str] | dict | None = None, label: str = "fine") -> C.Config:
+def target_config(
+    source_cfg: C.Config,
+    target: str,
+    data_dir: str | None = None,
+    overrides: list[str] | dict | None = None,
+    label: str = "fine",
+) -> C.Config:
     """The source's config (architecture, optimizer, seed) on the target dataset, with the
     transfer budget for the device it will run on, then `--set` overrides (for every child)."""
     if target not in C.CHOICES["data.dataset"]:
         raise TransferError(f"unknown target {target!r}: choose one of {', '.join(C.CHOICES['data.dataset'])}")
     root = data_dir or os.environ.get(C.DATA_DIR_ENV) or source_cfg.data.root
-    cfg = C.replace(source_cfg, C.merge({"name": f"transfer-{target}",
-                                         "data": {"dataset": target, "label": label, "root": root}}, CHILD_EVAL))
+    cfg = C.replace(
+        source_cfg,
+        C.merge({"name": f"transfer-{target}", "data": {"dataset": target, "label": label, "root": root}}, CHILD_EVAL),
+    )
     extra = _overrides(overrides)
     select_device(extra.get("device", cfg.device))  # a device this machine lacks: one line, here
     budget = TRANSFER_BUDGETS[C.pick_profile("auto", extra.get("device", cfg.device))]
@@ -232,14 +250,17 @@ def expand_modes(modes, num_stages: int) -> list[tuple[str, str, int]]:
         elif m in ("finetune", "scratch"):
             out.append((m, m, 0))
         else:
-            raise TransferError(f"unknown transfer mode {m!r}: choose from probe, finetune, freeze "
-                                f"(all depths) or freeze_0..freeze_{num_stages}, scratch")
+            raise TransferError(
+                f"unknown transfer mode {m!r}: choose from probe, finetune, freeze "
+                f"(all depths) or freeze_0..freeze_{num_stages}, scratch"
+            )
     seen = set()
     return [x for x in out if not (x[0] in seen or seen.add(x[0]))]
 
 
-def build_child(source: CNN, mode: str, frozen: int, num_classes: int,
-                backbone_lr_scale: float = BACKBONE_LR_SCALE, seed: int = 0) -> tuple[CNN | None, list[dict] | None]:
+def build_child(
+    source: CNN, mode: str, frozen: int, num_classes: int, backbone_lr_scale: float = BACKBONE_LR_SCALE, seed: int = 0
+) -> tuple[CNN | None, list[dict] | None]:
     """The model and optimizer parameter groups of one mode (scratch: (None, None): a fresh model)."""
     if mode == "scratch":
         return None, None
@@ -248,8 +269,10 @@ def build_child(source: CNN, mode: str, frozen: int, num_classes: int,
         model.freeze(len(model.stages), embedding=True)
         return model, [{"params": head_parameters(model)}]
     if mode == "finetune":
-        return model, [{"params": backbone_parameters(model), "lr_scale": backbone_lr_scale},
-                       {"params": head_parameters(model)}]  # the head last: fit logs its lr
+        return model, [
+            {"params": backbone_parameters(model), "lr_scale": backbone_lr_scale},
+            {"params": head_parameters(model)},
+        ]  # the head last: fit logs its lr
     model.freeze(frozen)
     return model, [{"params": model.trainable_parameters()}]
 
@@ -258,9 +281,19 @@ def build_child(source: CNN, mode: str, frozen: int, num_classes: int,
 # Running children under a parent (shared with the split study)
 
 
-def run_child(client, experiment: str, parent_run_id: str, name: str, mode: str, frozen: int,
-              cfg: C.Config, ds: Dataset, build: Callable[[], tuple], tags: dict,
-              progress: bool = True) -> ChildResult:
+def run_child(
+    client,
+    experiment: str,
+    parent_run_id: str,
+    name: str,
+    mode: str,
+    frozen: int,
+    cfg: C.Config,
+    ds: Dataset,
+    build: Callable[[], tuple],
+    tags: dict,
+    progress: bool = True,
+) -> ChildResult:
     """One nested child: create it, build its model, `train_run` it; a failure ends it FAILED and
     comes back as a FAILED ChildResult (KeyboardInterrupt propagates, the child ended KILLED)."""
     from harness.experiment import train_run
@@ -271,24 +304,36 @@ def run_child(client, experiment: str, parent_run_id: str, name: str, mode: str,
         with run:  # a failure ends the child FAILED (a stop: KILLED), whether in building or training
             model, groups = build()
             if model is not None:
-                run.set_tags({"trainable_params": sum(p.numel() for g in groups for p in g["params"]),
-                              "frozen_modules": ",".join(model.frozen) or "none"})
+                run.set_tags(
+                    {
+                        "trainable_params": sum(p.numel() for g in groups for p in g["params"]),
+                        "frozen_modules": ",".join(model.frozen) or "none",
+                    }
+                )
             else:
                 run.set_tags({"trainable_params": "all"})
-            result = train_run(C.replace(cfg, {"name": name}), run, ds, progress=progress, model=model,
-                               param_groups=groups)
+            result = train_run(
+                C.replace(cfg, {"name": name}), run, ds, progress=progress, model=model, param_groups=groups
+            )
     except Exception as e:
         return ChildResult(name, mode, frozen, run.run_id, "FAILED", error=error_line(e), tags=tags)
-    metrics = {**result.metrics, "best_val_accuracy": result.fit.best_val_accuracy,
-               "epochs_trained": len(result.fit.history)}
+    metrics = {
+        **result.metrics,
+        "best_val_accuracy": result.fit.best_val_accuracy,
+        "epochs_trained": len(result.fit.history),
+    }
     return ChildResult(name, mode, frozen, run.run_id, "FINISHED", metrics, tags=tags, model=result.model)
 
 
 def children_table(children: list[ChildResult], extra_tags: tuple[str, ...] = ()) -> pd.DataFrame:
     rows = []
     for c in children:
-        row = {"name": c.name, "mode": c.mode, "frozen_stages": c.frozen_stages,
-               "test_accuracy": c.metrics.get("test_accuracy", np.nan)}
+        row = {
+            "name": c.name,
+            "mode": c.mode,
+            "frozen_stages": c.frozen_stages,
+            "test_accuracy": c.metrics.get("test_accuracy", np.nan),
+        }
         if any("test_coarse_accuracy" in k.metrics for k in children):
             row["test_coarse_accuracy"] = c.metrics.get("test_coarse_accuracy", np.nan)
         row["best_val_accuracy"] = c.metrics.get("best_val_accuracy", np.nan)
@@ -330,8 +375,9 @@ def finish_parent(run: RunLogger, children: list[ChildResult]) -> None:
 # Summary
 
 
-def depth_figure(table: pd.DataFrame, title: str, num_classes: int | None = None,
-                 num_coarse: int | None = None) -> Figure:
+def depth_figure(
+    table: pd.DataFrame, title: str, num_classes: int | None = None, num_coarse: int | None = None
+) -> Figure:
     """Target test accuracy against frozen depth (fine, and coarse when present); probe,
     full fine-tune and scratch as horizontal lines."""
     ok = table[table["status"] == "FINISHED"]
@@ -341,8 +387,11 @@ def depth_figure(table: pd.DataFrame, title: str, num_classes: int | None = None
         metrics.append(("test_coarse_accuracy", f"coarse, {num_coarse or '?'} superclasses"))
     fig = Figure(figsize=(5.5 * len(metrics), 4.2), constrained_layout=True)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    lines = {"probe": ("tab:green", "--", "linear probe"), "finetune": ("tab:purple", "-.", "full fine-tune"),
-             "scratch": ("tab:gray", ":", "from scratch")}
+    lines = {
+        "probe": ("tab:green", "--", "linear probe"),
+        "finetune": ("tab:purple", "-.", "full fine-tune"),
+        "scratch": ("tab:gray", ":", "from scratch"),
+    }
     for ax, (key, label) in zip(axes, metrics):
         freeze = ok[ok["mode"] == "freeze"].sort_values("frozen_stages")
         if len(freeze):
@@ -369,24 +418,43 @@ def depth_figure(table: pd.DataFrame, title: str, num_classes: int | None = None
 
 def transfer_description(experiment: str, target: str) -> str:
     """The transfer experiment's description in the MLflow UI: what it holds and how to browse it."""
-    return "\n".join([  # one line a paragraph: the UI renders every newline as a break
-        f"**Transfer to {target}** (`harness transfer`, `harness tune --transfer`): one parent run per transfer, "
-        "`<source>-><target>`, with one run per mode nested under it: `probe` (new head only), `finetune` (all, "
-        "the backbone at a smaller learning rate), `freeze_<k>` (first k stages frozen), `scratch` (random weights).",
-        "",
-        "- **Children**: expand a parent run (+) in the Runs table. Every run is tagged with its source "
-        "(`source_run_id`, `source_study`, `source_trial_number`) and the source's label smoothing and dropout.",
-        "- **Summary**: on the parent run, `summary/`: test accuracy against frozen depth (PNG) and the table of "
-        "children (CSV, Markdown).",
-        f"- **Command line**: `harness ui --experiment {experiment}` (this page), `harness analyze <child run id>` "
-        "(features stage by stage, with CKA against the source model).",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [  # one line a paragraph: the UI renders every newline as a break
+                f"**Transfer to {target}** (`harness transfer`, `harness tune --transfer`): one parent run per "
+                "transfer, "
+                "`<source>-><target>`, with one run per mode nested under it: `probe` (new head only), `finetune` "
+                "(all, "
+                "the backbone at a smaller learning rate), `freeze_<k>` (first k stages frozen), `scratch` (random "
+                "weights).",
+                "",
+                "- **Children**: expand a parent run (+) in the Runs table. Every run is tagged with its source "
+                "(`source_run_id`, `source_study`, `source_trial_number`) and the source's label smoothing and "
+                "dropout.",
+                "- **Summary**: on the parent run, `summary/`: test accuracy against frozen depth (PNG) and the "
+                "table of "
+                "children (CSV, Markdown).",
+                f"- **Command line**: `harness ui --experiment {experiment}` (this page), `harness analyze <child "
+                "run id>` "
+                "(features stage by stage, with CKA against the source model).",
+            ]
+        )
+        + "\n"
+    )
 
 
-def run_transfer(source: str, target: str = "cifar100", data_dir: str | None = None,
-                 tracking_uri: str | None = None, overrides: list[str] | dict | None = None,
-                 modes=MODES, backbone_lr_scale: float = BACKBONE_LR_SCALE, storage: str | None = None,
-                 experiment: str | None = None, progress: bool = True) -> TransferResult:
+def run_transfer(
+    source: str,
+    target: str = "cifar100",
+    data_dir: str | None = None,
+    tracking_uri: str | None = None,
+    overrides: list[str] | dict | None = None,
+    modes=MODES,
+    backbone_lr_scale: float = BACKBONE_LR_SCALE,
+    storage: str | None = None,
+    experiment: str | None = None,
+    progress: bool = True,
+) -> TransferResult:
     """Transfer `source` (a run id or `best:STUDY`) to `target`: one parent run, one child per mode.
 
     Everything that can fail for all children (source run, checkpoint, config, target data)
@@ -403,40 +471,68 @@ def run_transfer(source: str, target: str = "cifar100", data_dir: str | None = N
     num_classes = len(ds.classes)
 
     study = study or src.data.tags.get("study")  # a study's trial run knows its study
-    source_tags = {"source_run_id": source_run_id, "source_study": study or "",
-                   "source_run_name": src.info.run_name, "source_dataset": source_cfg.data.dataset,
-                   "source_label_smoothing": source_cfg.label_smoothing,
-                   "source_dropout": source_cfg.model.dropout,
-                   "source_test_accuracy": src.data.metrics.get("test_accuracy")}
+    source_tags = {
+        "source_run_id": source_run_id,
+        "source_study": study or "",
+        "source_run_name": src.info.run_name,
+        "source_dataset": source_cfg.data.dataset,
+        "source_label_smoothing": source_cfg.label_smoothing,
+        "source_dropout": source_cfg.model.dropout,
+        "source_test_accuracy": src.data.metrics.get("test_accuracy"),
+    }
     source_tags = {k: v for k, v in source_tags.items() if v not in (None, "")}
     if "trial_number" in src.data.tags:
         source_tags["source_trial_number"] = src.data.tags["trial_number"]
     experiment = experiment or f"transfer-{target}"
     experiment_id(client, experiment, description=transfer_description(experiment, target))
-    parent = RunLogger.start(client, experiment, f"{study or src.info.run_name or source_run_id[:8]}->{target}",
-                             tags={**source_tags, "target_dataset": target, "dataset_digest": ds.digest,
-                                   "transfer_modes": ",".join(n for n, _, _ in children_spec),
-                                   "backbone_lr_scale": backbone_lr_scale})
+    parent = RunLogger.start(
+        client,
+        experiment,
+        f"{study or src.info.run_name or source_run_id[:8]}->{target}",
+        tags={
+            **source_tags,
+            "target_dataset": target,
+            "dataset_digest": ds.digest,
+            "transfer_modes": ",".join(n for n, _, _ in children_spec),
+            "backbone_lr_scale": backbone_lr_scale,
+        },
+    )
     children: list[ChildResult] = []
     with parent_run(parent, children):
-        parent.log_params({**C.flatten(C.to_dict(cfg)), "backbone_lr_scale": backbone_lr_scale,
-                           "source_run_id": source_run_id})
+        parent.log_params(
+            {**C.flatten(C.to_dict(cfg)), "backbone_lr_scale": backbone_lr_scale, "source_run_id": source_run_id}
+        )
         parent.log_text(C.to_yaml(cfg), "config.yaml")
         for i, (name, mode, frozen) in enumerate(children_spec, 1):
             child = run_child(
-                client, experiment, parent.run_id, name, mode, frozen, cfg, ds,
+                client,
+                experiment,
+                parent.run_id,
+                name,
+                mode,
+                frozen,
+                cfg,
+                ds,
                 lambda: build_child(source_model, mode, frozen, num_classes, backbone_lr_scale, cfg.seed),
                 {**source_tags, "backbone_lr_scale": backbone_lr_scale if mode == "finetune" else 1.0},
-                progress=progress)
+                progress=progress,
+            )
             children.append(child)
             if progress:
                 print(_child_line(i, len(children_spec), child), flush=True)
         table = children_table(children, ("source_label_smoothing", "source_dropout"))
-        title = (f"{source_cfg.data.dataset} run {source_run_id[:8]} -> {target} "
-                 f"(source label smoothing {source_cfg.label_smoothing:g}, dropout {source_cfg.model.dropout:g})")
-        _log_summary(parent, table, children,
-                     depth_figure(table, title, num_classes, len(ds.coarse_classes or []) or None)
-                     if (table["status"] == "FINISHED").any() else None)
+        title = (
+            f"{source_cfg.data.dataset} run {source_run_id[:8]} -> {target} "
+            f"(source label smoothing {source_cfg.label_smoothing:g}, dropout {source_cfg.model.dropout:g})"
+        )
+        _log_summary(
+            parent,
+            table,
+            children,
+            depth_figure(table, title, num_classes, len(ds.coarse_classes or []) or None)
+            if (table["status"] == "FINISHED").any()
+            else None,
+        )
     return TransferResult(parent.run_id, experiment, source_run_id, study, target, children, table)
 
 
@@ -455,10 +551,13 @@ def _log_summary(parent: RunLogger, table: pd.DataFrame, children: list[ChildRes
             if key in c.metrics:
                 metrics[f"{c.name}_{key}"] = c.metrics[key]
     parent.log_metrics(metrics)
-    for c in sorted((c for c in children if c.mode == "freeze" and c.status == "FINISHED"),
-                    key=lambda c: c.frozen_stages):  # a curve by depth in the UI's charts
-        parent.log_metrics({f"freeze_{k}": v for k, v in c.metrics.items()
-                            if k in ("test_accuracy", "test_coarse_accuracy")}, step=c.frozen_stages)
+    for c in sorted(
+        (c for c in children if c.mode == "freeze" and c.status == "FINISHED"), key=lambda c: c.frozen_stages
+    ):  # a curve by depth in the UI's charts
+        parent.log_metrics(
+            {f"freeze_{k}": v for k, v in c.metrics.items() if k in ("test_accuracy", "test_coarse_accuracy")},
+            step=c.frozen_stages,
+        )
     log_summary_table(parent, table, "summary/transfer")
     if figure is not None:
         parent.log_figure(figure, "summary/accuracy_by_frozen_depth.png")

@@ -6,6 +6,7 @@ the run's `error` tag) and the loop goes on (three in a row stop it). Ctrl-C or 
 trial FAIL and its run KILLED, and queue the trial again: the retry resumes from the run's last
 checkpoint. A worker killed outright is found by the next one (studies/reconcile.py).
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,8 @@ from harness.models import count_parameters
 from harness.tracking import RunLogger, error_line, last_try, server_unreachable
 from harness.uncertainty import accuracy_interval
 from studies.options import StudyError, TuneOptions
-from studies.reconcile import finish_study_run, reconcile_runs
 from studies.plans import Plan, prepare_plan
+from studies.reconcile import finish_study_run, reconcile_runs
 from studies.report import update_study_run
 from studies.slurm import slurm_tags
 from studies.study import requeue
@@ -44,6 +45,7 @@ class _QuietTrials(logging.Filter):
     and a stopped one (Ctrl-C, SIGTERM) is said once, in one line, by the command: both go unsaid.
     A trial that failed for a reason the user can fix (a HarnessError: a non-finite loss, missing
     data) keeps Optuna's one line, without the traceback; anything else, a bug, keeps it."""
+
     numbers: set[int] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -85,6 +87,7 @@ def is_surplus(study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
 @dataclass
 class Worker:
     """One worker's trial loop; `objective` is what Optuna calls."""
+
     opts: TuneOptions
     plan: Plan  # what each trial trains: a sampled config, or a top trial's again with a new seed
     study: optuna.Study
@@ -110,8 +113,11 @@ class Worker:
         if is_surplus(self.study, trial, self.opts.trials) or not self.plan.has_work(trial):
             _QuietTrials.numbers.add(trial.number)
             trial.set_user_attr("surplus", True)
-            trial.set_user_attr("fail_reason", f"surplus: the study reached its {self.opts.trials} trials "
-                                               "while this worker was starting one; given up without a run")
+            trial.set_user_attr(
+                "fail_reason",
+                f"surplus: the study reached its {self.opts.trials} trials "
+                "while this worker was starting one; given up without a run",
+            )
             raise SurplusTrial(f"study {self.opts.study} already has its {self.opts.trials} trials")
         try:  # before the run exists: a failure here (the tracking server away too) leaves no run behind
             cfg = self.plan.config(trial)
@@ -123,8 +129,13 @@ class Worker:
             if retry_of:
                 tags["retry_of_run"] = retry_of
                 resume_from = self.lineage_checkpoint(trial, retry_of)
-            run = RunLogger.start(self.client, self.study.user_attrs.get("mlflow_experiment", self.opts.study),
-                                  self.plan.run_name(trial), tags=tags, parent_run_id=self.parent_run_id)
+            run = RunLogger.start(
+                self.client,
+                self.study.user_attrs.get("mlflow_experiment", self.opts.study),
+                self.plan.run_name(trial),
+                tags=tags,
+                parent_run_id=self.parent_run_id,
+            )
         except BaseException as e:
             trial.set_user_attr("fail_reason", error_line(e)[:1000])
             raise
@@ -145,10 +156,18 @@ class Worker:
                 from studies.dashboard import (
                     note_run_link,  # here: the CLI does not load it at start-up
                 )
+
                 note_run_link(trial, run)  # the trial's optuna-dashboard note links its run; never fails it
-                result = train_run(cfg, run, self.dataset, callbacks=[report], progress=self.opts.progress,
-                                   ok_exceptions=(optuna.TrialPruned,), finisher=self.finisher,
-                                   resume_from=resume_from)
+                result = train_run(
+                    cfg,
+                    run,
+                    self.dataset,
+                    callbacks=[report],
+                    progress=self.opts.progress,
+                    ok_exceptions=(optuna.TrialPruned,),
+                    finisher=self.finisher,
+                    resume_from=resume_from,
+                )
         except optuna.TrialPruned:
             run.set_tags({"trial_state": "PRUNED"})
             raise
@@ -197,8 +216,13 @@ class Worker:
             self.trial_id = None
             hold()  # a stop while Optuna creates the trial would leave it RUNNING without a heartbeat
             try:  # (the objective releases the hold while it runs)
-                self.study.optimize(self.objective, n_trials=1, catch=(Exception,), gc_after_trial=True,
-                                    callbacks=[lambda s, t: last.update(trial=t)])
+                self.study.optimize(
+                    self.objective,
+                    n_trials=1,
+                    catch=(Exception,),
+                    gc_after_trial=True,
+                    callbacks=[lambda s, t: last.update(trial=t)],
+                )
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trial is FAIL; queue it again to resume
                 if self.trial_id is not None:
                     requeue(self.study, self.study._storage.get_trial(self.trial_id))
@@ -214,8 +238,10 @@ class Worker:
             failures = failures + 1 if trial.state == TrialState.FAIL else 0
             if failures >= MAX_CONSECUTIVE_FAILURES:
                 reason = trial.user_attrs.get("fail_reason", "see the trial runs")
-                raise StudyError(f"{failures} trials in a row failed, the last with {reason}: "
-                                 "fix the cause and run the same command to resume")
+                raise StudyError(
+                    f"{failures} trials in a row failed, the last with {reason}: "
+                    "fix the cause and run the same command to resume"
+                )
 
 
 def measure_latency(model, batch: int = 1, repeats: int = 20) -> float:
@@ -269,8 +295,10 @@ def run_worker(opts: TuneOptions) -> Worker:
     except Exception as e:  # the tracking server outlasted the retries again, after a trial failed on it
         if (gone := server_unreachable(e)) is None:
             raise
-        raise StudyError(f"{gone}; runs it could not end stay RUNNING until a worker reaches it again: "
-                         "run the same command to resume once it answers") from None
+        raise StudyError(
+            f"{gone}; runs it could not end stay RUNNING until a worker reaches it again: "
+            "run the same command to resume once it answers"
+        ) from None
     finally:
         if finisher is not None and not stopped:
             finisher.close()  # its last trials' evaluations (a killed finisher leaves them in the spool)

@@ -1,5 +1,6 @@
 """Headless Chromium driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`, so no
 extra package): what tests/test_ui.py and scripts/screenshots.py load pages with."""
+
 from __future__ import annotations
 
 import base64
@@ -14,9 +15,17 @@ import time
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 # as root on a closed network: no sandbox, no GPU, and none of Chromium's own connections
-CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--window-size=1400,1000"]
+CHROME_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1000",
+]
 
 
 def find_chromium() -> str | None:
@@ -36,10 +45,14 @@ class Chrome:
             os.dup2(r, 3)
             os.dup2(w, 4)
 
-        self.proc = subprocess.Popen([executable, *CHROME_FLAGS, f"--user-data-dir={self.profile}",
-                                      "--remote-debugging-pipe", url],
-                                     preexec_fn=give_fds, close_fds=False, start_new_session=True,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [executable, *CHROME_FLAGS, f"--user-data-dir={self.profile}", "--remote-debugging-pipe", url],
+            preexec_fn=give_fds,
+            close_fds=False,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(to_chrome_r)
         os.close(from_chrome_w)
         self._buffer, self._id, self._session = b"", 0, None
@@ -48,8 +61,10 @@ class Chrome:
             if pages:
                 break
             time.sleep(0.1)
-        self._session = self.send("Target.attachToTarget", {"targetId": pages[0]["targetId"], "flatten": True},
-                                  )["sessionId"]
+        self._session = self.send(
+            "Target.attachToTarget",
+            {"targetId": pages[0]["targetId"], "flatten": True},
+        )["sessionId"]
 
     def send(self, method: str, params: dict | None = None, timeout: float = 30) -> dict:
         self._id += 1
@@ -104,8 +119,10 @@ class Chrome:
         """The page (or the element `selector` picks) as a PNG."""
         params = {"format": "png"}
         if selector:
-            box = self.js(f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
-                          " return [r.x, r.y, r.width, r.height]; })()")
+            box = self.js(
+                f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+                " return [r.x, r.y, r.width, r.height]; })()"
+            )
             params["clip"] = dict(zip(("x", "y", "width", "height"), box), scale=1)
         data = self.send("Page.captureScreenshot", params)["data"]
         with open(path, "wb") as f:

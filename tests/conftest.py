@@ -10,6 +10,7 @@ under pixel noise, so a tiny CNN trained for an epoch or two beats chance clearl
 Real data: set HARNESS_TEST_DATA_DIR to a data root holding cifar-10-batches-py/; tests that
 take the `real_data_root` fixture skip, with the reason, where it is unset or incomplete.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,17 @@ REAL_DATA_ENV = "HARNESS_TEST_DATA_DIR"
 
 # A config that trains in about a second on a few hundred 32x32 images on one CPU core.
 TINY = {
-    "name": "tiny", "seed": 0, "epochs": 1, "batch_size": 32, "device": "cpu", "precision": "fp32",
-    "optimizer": "adamw", "lr": 0.01, "weight_decay": 0.0, "schedule": "none", "patience": 0,
+    "name": "tiny",
+    "seed": 0,
+    "epochs": 1,
+    "batch_size": 32,
+    "device": "cpu",
+    "precision": "fp32",
+    "optimizer": "adamw",
+    "lr": 0.01,
+    "weight_decay": 0.0,
+    "schedule": "none",
+    "patience": 0,
     "model": {"widths": [8, 16], "head_width": 16, "dropout": 0.0},
     "data": {"download": False, "test_subset": None},
     "eval": {"tsne": False, "umap": False, "embedding_samples": 60, "misclassified": 4, "log_model": False},
@@ -39,8 +49,11 @@ TINY = {
 def pytest_configure(config):
     config.addinivalue_line("markers", f"real_data: needs real CIFAR-10 under ${REAL_DATA_ENV}")
     # the fast inner loop is `pytest -m "not slow"` (under a minute on 2 idle cores); CI runs everything
-    config.addinivalue_line("markers", "slow: a study, worker, server, browser, subprocess or full-run test of "
-                                       "more than a few seconds (deselect with -m 'not slow')")
+    config.addinivalue_line(
+        "markers",
+        "slow: a study, worker, server, browser, subprocess or full-run test of "
+        "more than a few seconds (deselect with -m 'not slow')",
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -50,6 +63,7 @@ def pytest_configure(config):
 @dataclass
 class FakeCifar:
     """What was written: root (the data root) and the arrays as the loader should return them."""
+
     root: Path
     train_images: np.ndarray  # (n, 3, 32, 32) uint8
     train_labels: np.ndarray  # int64; cifar100: fine labels
@@ -111,22 +125,32 @@ def write_cifar10(root: Path, n_train: int = 600, n_test: int = 200, seed: int =
     test_images = fake_images(test_labels, 10, rng)
     chunks = np.array_split(np.arange(n_train), 5)
     for b, idx in enumerate(chunks, 1):
-        _dump(folder / f"data_batch_{b}", {
-            "batch_label": f"training batch {b} of 5",
-            "labels": train_labels[idx].tolist(),
-            "data": _rows(train_images[idx]),
-            "filenames": [f"{classes[y]}_{i:05d}.png" for i, y in zip(idx, train_labels[idx])],
-        }, bytes_keys=b == 2)
-    _dump(folder / "test_batch", {
-        "batch_label": "testing batch 1 of 1", "labels": test_labels.tolist(), "data": _rows(test_images),
-        "filenames": [f"{classes[y]}_{i:05d}.png" for i, y in enumerate(test_labels)]})
-    _dump(folder / "batches.meta", {"label_names": classes, "num_cases_per_batch": len(chunks[0]),
-                                    "num_vis": 3072})
+        _dump(
+            folder / f"data_batch_{b}",
+            {
+                "batch_label": f"training batch {b} of 5",
+                "labels": train_labels[idx].tolist(),
+                "data": _rows(train_images[idx]),
+                "filenames": [f"{classes[y]}_{i:05d}.png" for i, y in zip(idx, train_labels[idx])],
+            },
+            bytes_keys=b == 2,
+        )
+    _dump(
+        folder / "test_batch",
+        {
+            "batch_label": "testing batch 1 of 1",
+            "labels": test_labels.tolist(),
+            "data": _rows(test_images),
+            "filenames": [f"{classes[y]}_{i:05d}.png" for i, y in enumerate(test_labels)],
+        },
+    )
+    _dump(folder / "batches.meta", {"label_names": classes, "num_cases_per_batch": len(chunks[0]), "num_vis": 3072})
     return FakeCifar(Path(root), train_images, train_labels, test_images, test_labels, classes)
 
 
-def write_cifar100(root: Path, n_train: int = 500, n_test: int = 200, seed: int = 0,
-                   num_fine: int = 100, num_coarse: int = 20) -> FakeCifar:
+def write_cifar100(
+    root: Path, n_train: int = 500, n_test: int = 200, seed: int = 0, num_fine: int = 100, num_coarse: int = 20
+) -> FakeCifar:
     """`root/cifar-100-python/`: train, test (fine and coarse labels), meta (both name lists).
     Fewer classes than the real 100/20 keep the same layout (tests that train many runs)."""
     folder = Path(root) / "cifar-100-python"
@@ -140,16 +164,33 @@ def write_cifar100(root: Path, n_train: int = 500, n_test: int = 200, seed: int 
     def split(n: int, name: str):
         fine = balanced_labels(n, num_fine, rng)
         images = fake_images(fine, num_fine, rng)
-        _dump(folder / name, {"filenames": [f"img_{i:05d}.png" for i in range(n)], "batch_label": f"{name}ing batch",
-                              "fine_labels": fine.tolist(), "coarse_labels": fine_to_coarse[fine].tolist(),
-                              "data": _rows(images)})
+        _dump(
+            folder / name,
+            {
+                "filenames": [f"img_{i:05d}.png" for i in range(n)],
+                "batch_label": f"{name}ing batch",
+                "fine_labels": fine.tolist(),
+                "coarse_labels": fine_to_coarse[fine].tolist(),
+                "data": _rows(images),
+            },
+        )
         return images, fine
 
     train_images, train_fine = split(n_train, "train")
     test_images, test_fine = split(n_test, "test")
     _dump(folder / "meta", {"fine_label_names": fine_names, "coarse_label_names": coarse_names})
-    return FakeCifar(Path(root), train_images, train_fine, test_images, test_fine, fine_names,
-                     fine_to_coarse[train_fine], fine_to_coarse[test_fine], coarse_names, fine_to_coarse)
+    return FakeCifar(
+        Path(root),
+        train_images,
+        train_fine,
+        test_images,
+        test_fine,
+        fine_names,
+        fine_to_coarse[train_fine],
+        fine_to_coarse[test_fine],
+        coarse_names,
+        fine_to_coarse,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -241,11 +282,16 @@ def real_data_root() -> Path:
     """The data root named by HARNESS_TEST_DATA_DIR; skips with the reason where it is absent."""
     value = os.environ.get(REAL_DATA_ENV)
     if not value:
-        pytest.skip(f"real-data test: set {REAL_DATA_ENV} to a data root holding cifar-10-batches-py/ "
-                    "(.ci/run materializes one)")
+        pytest.skip(
+            f"real-data test: set {REAL_DATA_ENV} to a data root holding cifar-10-batches-py/ "
+            "(.ci/run materializes one)"
+        )
     root = Path(value).expanduser()
-    missing = [n for n in ["batches.meta", "test_batch", *(f"data_batch_{i}" for i in range(1, 6))]
-               if not (root / "cifar-10-batches-py" / n).is_file()]
+    missing = [
+        n
+        for n in ["batches.meta", "test_batch", *(f"data_batch_{i}" for i in range(1, 6))]
+        if not (root / "cifar-10-batches-py" / n).is_file()
+    ]
     if missing:
         pytest.skip(f"real-data test: {REAL_DATA_ENV}={value} lacks cifar-10-batches-py/{missing[0]}")
     return root
@@ -265,9 +311,22 @@ params:
 """
 
 # `--set` items of a study trial of a second or two on the generated data
-TINY_TRIAL = ["epochs=2", "batch_size=32", "model.widths=[8,16]", "data.train_subset=200", "data.val_subset=100",
-              "data.test_subset=100", "eval.tsne=false", "eval.umap=false", "eval.figures=false",
-              "eval.log_model=false", "data.download=false", "device=cpu", "precision=fp32", "patience=0"]
+TINY_TRIAL = [
+    "epochs=2",
+    "batch_size=32",
+    "model.widths=[8,16]",
+    "data.train_subset=200",
+    "data.val_subset=100",
+    "data.test_subset=100",
+    "eval.tsne=false",
+    "eval.umap=false",
+    "eval.figures=false",
+    "eval.log_model=false",
+    "data.download=false",
+    "device=cpu",
+    "precision=fp32",
+    "patience=0",
+]
 
 
 def tiny_trial(*changes: str) -> list[str]:
@@ -303,4 +362,7 @@ def wait_until(condition, what: str, procs=(), logs=(), timeout: float = 300.0):
         time.sleep(0.2)
     for p in procs:
         p.kill()
-    pytest.fail(f"no {what} (a process ended, or {timeout:.0f} s passed):\n" + "\n".join(f"--- {Path(log).name}\n{Path(log).read_text()[-3000:]}" for log in logs))
+    pytest.fail(
+        f"no {what} (a process ended, or {timeout:.0f} s passed):\n"
+        + "\n".join(f"--- {Path(log).name}\n{Path(log).read_text()[-3000:]}" for log in logs)
+    )

@@ -10,10 +10,22 @@ import torch
 from matplotlib.figure import Figure
 
 from analysis.cka import cka_matrix, linear_cka, plot_cka_heatmap
-from analysis.figures import (feature_maps_figure, filters_figure, image_grid, nearest_neighbours, neighbour_grid,
-                              stage_metrics_figure)
-from analysis.metrics import (cluster_scores, flatten_features, knn_accuracy, knn_accuracy_loo, linear_probe_accuracy,
-                              purity)
+from analysis.figures import (
+    feature_maps_figure,
+    filters_figure,
+    image_grid,
+    nearest_neighbours,
+    neighbour_grid,
+    stage_metrics_figure,
+)
+from analysis.metrics import (
+    cluster_scores,
+    flatten_features,
+    knn_accuracy,
+    knn_accuracy_loo,
+    linear_probe_accuracy,
+    purity,
+)
 from harness.embeddings import plot_embedding_2d, project_tsne, project_umap, sample_indices
 
 
@@ -114,15 +126,15 @@ def test_sample_indices():
 # ---------------------------------------------------------------- CKA
 
 
-def hsic_unbiased_gram(k, l):
+def hsic_unbiased_gram(k, m):
     """Unbiased HSIC (Song et al. 2012) written directly on Gram matrices, as a reference."""
     n = len(k)
-    k, l = k.copy(), l.copy()
+    k, m = k.copy(), m.copy()
     np.fill_diagonal(k, 0)
-    np.fill_diagonal(l, 0)
+    np.fill_diagonal(m, 0)
     one = np.ones(n)
     return (
-        np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2)) - 2 / (n - 2) * (one @ k @ l @ one)
+        np.trace(k @ m) + (one @ k @ one) * (one @ m @ one) / ((n - 1) * (n - 2)) - 2 / (n - 2) * (one @ k @ m @ one)
     ) / (n * (n - 3))
 
 
@@ -261,8 +273,9 @@ def test_neighbour_grid():
     # one row per query: the query, then its neighbours' classes, green where they match the query's
     assert titles == [t for i in range(3) for t in [f"query: {names[q_lab[i]]}", *names[nb_lab[i]]]]
     colours = [ax.title.get_color() for ax in fig.axes]
-    assert colours == [c for i in range(3) for c in
-                       ["black", *("green" if lab == q_lab[i] else "red" for lab in nb_lab[i])]]
+    assert colours == [
+        c for i in range(3) for c in ["black", *("green" if lab == q_lab[i] else "red" for lab in nb_lab[i])]
+    ]
     np.testing.assert_array_equal(fig.axes[6].images[0].get_array(), q[1].transpose(1, 2, 0))  # row 2: query 1
     np.testing.assert_array_equal(fig.axes[8].images[0].get_array(), nb[1, 1].transpose(1, 2, 0))
     check_figure(fig, 3 * 6)
@@ -290,10 +303,15 @@ def test_filters_figure():
     assert fig.get_suptitle() == "conv1 filters (64 x 3 x 3 x 3)"
     # each filter as an RGB tile stretched to [0, 1] on its own
     w = weight[5].numpy()
-    np.testing.assert_allclose(fig.axes[5].images[0].get_array(),
-                               ((w - w.min()) / (w.max() - w.min())).transpose(1, 2, 0), rtol=1e-5, atol=1e-6)
-    assert all(ax.images[0].get_array().min() == 0 and ax.images[0].get_array().max() == pytest.approx(1)
-               for ax in fig.axes)
+    np.testing.assert_allclose(
+        fig.axes[5].images[0].get_array(),
+        ((w - w.min()) / (w.max() - w.min())).transpose(1, 2, 0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert all(
+        ax.images[0].get_array().min() == 0 and ax.images[0].get_array().max() == pytest.approx(1) for ax in fig.axes
+    )
     check_figure(fig, 64)
     fig = filters_figure(torch.randn(10, 3, 5, 5))
     assert fig.get_suptitle() == "conv1 filters (10 x 3 x 5 x 5)"

@@ -1,4 +1,5 @@
 """`analyze_run` end to end on generated data: tiny trained runs in a temporary MLflow store."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -50,8 +51,14 @@ def store(tmp_path_factory, cifar10_root):
     fine_tuned = _run_with(client, exp, cfg_text, tuned, {"source_run_id": result.run_id})
     dead = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in state.items()}
     dead_run = _run_with(client, exp, cfg_text, dead)  # every image maps to the same features
-    return {"uri": uri, "run_id": result.run_id, "no_model": no_model, "fine_tuned": fine_tuned,
-            "dead": dead_run, "client": client}
+    return {
+        "uri": uri,
+        "run_id": result.run_id,
+        "no_model": no_model,
+        "fine_tuned": fine_tuned,
+        "dead": dead_run,
+        "client": client,
+    }
 
 
 def _artifacts(client, run_id, path="analysis"):
@@ -87,10 +94,16 @@ def test_analyze_logs_stage_metrics_table_and_figures(store):
     assert {*METRICS, "dim"} <= set(table.columns)
 
     logged = _artifacts(client, run_id)
-    expected = {"analysis/stage_metrics.png", "analysis/cka_stages.png", "analysis/cka_stages.csv",
-                "analysis/filters_conv1.png", "analysis/summary.json",
-                *(f"analysis/tsne/{i}_{s}.png" for i, s in enumerate(stages)),
-                "analysis/neighbours/0_stage1.png", "analysis/neighbours/2_embedding.png"}
+    expected = {
+        "analysis/stage_metrics.png",
+        "analysis/cka_stages.png",
+        "analysis/cka_stages.csv",
+        "analysis/filters_conv1.png",
+        "analysis/summary.json",
+        *(f"analysis/tsne/{i}_{s}.png" for i, s in enumerate(stages)),
+        "analysis/neighbours/0_stage1.png",
+        "analysis/neighbours/2_embedding.png",
+    }
     assert expected <= logged, expected - logged
     assert any(p.startswith("analysis/feature_maps/") for p in logged)
     assert not any(p.startswith("analysis/umap/") for p in logged)
@@ -108,8 +121,9 @@ def test_cka_with_itself_is_one_on_the_diagonal(store):
     client, run_id = store["client"], store["run_id"]
     exp = client.get_run(run_id).info.experiment_id
     target = client.create_run(exp, run_name="analysis-target").info.run_id
-    result = analyze_run(run_id, store["uri"], samples=120, compare_run_id=run_id, log_to=target,
-                         progress=False, projections=())
+    result = analyze_run(
+        run_id, store["uri"], samples=120, compare_run_id=run_id, log_to=target, progress=False, projections=()
+    )
     assert result.n_images == 120 and result.logged_to == target
     assert result.source_run_id == run_id
     cka = result.cka_source

@@ -1,5 +1,6 @@
 """`harness train` from the command line: a tiny run, the data-root option and variable, and each
 bad input failing with exit code 2 and one `harness: error:` line."""
+
 from __future__ import annotations
 
 import re
@@ -15,9 +16,21 @@ from harness import config as C
 from harness.cli import main
 
 # on top of studies/configs/default.yaml: a run of a few seconds
-TINY_SETS = ["epochs=1", "batch_size=32", "model.widths=[8,16]", "model.head_width=16", "data.test_subset=100",
-             "data.download=false", "device=cpu", "precision=fp32", "eval.tsne=false", "eval.umap=false",
-             "eval.embedding_samples=50", "eval.misclassified=4", "eval.log_model=false"]
+TINY_SETS = [
+    "epochs=1",
+    "batch_size=32",
+    "model.widths=[8,16]",
+    "model.head_width=16",
+    "data.test_subset=100",
+    "data.download=false",
+    "device=cpu",
+    "precision=fp32",
+    "eval.tsne=false",
+    "eval.umap=false",
+    "eval.embedding_samples=50",
+    "eval.misclassified=4",
+    "eval.log_model=false",
+]
 
 
 def sets(*items: str) -> list[str]:
@@ -39,8 +52,19 @@ def run_id_from(out: str) -> str:
 
 
 def test_train_succeeds_and_prints_the_run_id(cifar10_root, tracking_uri, capsys):
-    code = main(["train", "--data-dir", str(cifar10_root), "--tracking-uri", tracking_uri, "--quiet",
-                 "--experiment", "cli", *sets(*TINY_SETS, "name=cli-run")])
+    code = main(
+        [
+            "train",
+            "--data-dir",
+            str(cifar10_root),
+            "--tracking-uri",
+            tracking_uri,
+            "--quiet",
+            "--experiment",
+            "cli",
+            *sets(*TINY_SETS, "name=cli-run"),
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     run_id = run_id_from(out)
@@ -72,8 +96,9 @@ def test_data_dir_option_beats_the_environment(cifar10_root, tracking_uri, tmp_p
     monkeypatch.setenv(C.DATA_DIR_ENV, str(tmp_path / "nothing-here"))
     assert main(["train", "--quiet", "--tracking-uri", tracking_uri, *sets(*TINY_SETS)]) == 2
     assert str(tmp_path / "nothing-here") in error_line(capsys)
-    code = main(["train", "--quiet", "--tracking-uri", tracking_uri, "--data-dir", str(cifar10_root),
-                 *sets(*TINY_SETS)])
+    code = main(
+        ["train", "--quiet", "--tracking-uri", tracking_uri, "--data-dir", str(cifar10_root), *sets(*TINY_SETS)]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     run = MlflowClient(tracking_uri).get_run(run_id_from(out))
@@ -89,12 +114,15 @@ def test_unknown_set_key(capsys):
     assert capsys.readouterr().out == ""
 
 
-@pytest.mark.parametrize("item, expected", [
-    ("epochs=many", "bad value 'many' for epochs: expected int"),
-    ("optimizer=rmsprop", "bad value 'rmsprop' for optimizer: choose one of sgd, adam, adamw"),
-    ("model.widths=[0,8]", "for model.widths: widths must be positive"),
-    ("epochs", "write key=value"),
-])
+@pytest.mark.parametrize(
+    "item, expected",
+    [
+        ("epochs=many", "bad value 'many' for epochs: expected int"),
+        ("optimizer=rmsprop", "bad value 'rmsprop' for optimizer: choose one of sgd, adam, adamw"),
+        ("model.widths=[0,8]", "for model.widths: widths must be positive"),
+        ("epochs", "write key=value"),
+    ],
+)
 def test_bad_values(item, expected, capsys):
     assert main(["train", "--set", item]) == 2
     assert expected in error_line(capsys)
@@ -119,17 +147,38 @@ def test_missing_and_broken_config_files(tmp_path, capsys):
 
 def test_unavailable_device(cifar10_root, tracking_uri, capsys):
     device = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
-    code = main(["train", "--data-dir", str(cifar10_root), "--tracking-uri", tracking_uri,
-                 *sets(*TINY_SETS, f"device={device}")])
+    code = main(
+        [
+            "train",
+            "--data-dir",
+            str(cifar10_root),
+            "--tracking-uri",
+            tracking_uri,
+            *sets(*TINY_SETS, f"device={device}"),
+        ]
+    )
     assert code == 2
     assert f"device {device} asked for" in error_line(capsys)
-    assert MlflowClient(tracking_uri).search_runs(
-        [e.experiment_id for e in MlflowClient(tracking_uri).search_experiments()]) == []
+    assert (
+        MlflowClient(tracking_uri).search_runs(
+            [e.experiment_id for e in MlflowClient(tracking_uri).search_experiments()]
+        )
+        == []
+    )
 
 
 def test_non_finite_loss_is_one_line(cifar10_root, tracking_uri, capsys):
-    code = main(["train", "--data-dir", str(cifar10_root), "--tracking-uri", tracking_uri, "--quiet",
-                 *sets(*TINY_SETS, "lr=1e30", "schedule=none", "eval.log_model=false")])
+    code = main(
+        [
+            "train",
+            "--data-dir",
+            str(cifar10_root),
+            "--tracking-uri",
+            tracking_uri,
+            "--quiet",
+            *sets(*TINY_SETS, "lr=1e30", "schedule=none", "eval.log_model=false"),
+        ]
+    )
     assert code == 2
     line = error_line(capsys)
     assert "non-finite training loss" in line and "lr=1e+30" in line
@@ -140,18 +189,27 @@ def test_installed_console_script_reports_bad_input(tmp_path):
     script = Path(sys.executable).parent / "harness"
     assert script.exists(), f"console script missing: {script} (pip install -e .)"
     env = {"PATH": str(script.parent), "HOME": str(tmp_path), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/db"}
-    proc = subprocess.run([str(script), "train", "--set", "model.pool=min"], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [str(script), "train", "--set", "model.pool=min"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "harness: error: bad value 'min' for model.pool: choose one of max, avg"
     assert proc.stdout == ""
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["trian"], "invalid choice: 'trian'"),
-    (["tune", "--trials", "many"], "argument --trials: invalid int value: 'many'"),
-    (["tune", "--study", "s", "--sampler", "grid"], "argument --sampler: invalid choice: 'grid'"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["trian"], "invalid choice: 'trian'"),
+        (["tune", "--trials", "many"], "argument --trials: invalid int value: 'many'"),
+        (["tune", "--study", "s", "--sampler", "grid"], "argument --sampler: invalid choice: 'grid'"),
+    ],
+)
 def test_bad_command_line_is_one_line(argv, expected, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)

@@ -1,4 +1,5 @@
 """Config: defaults, YAML files, dotted --set overrides, one-line errors, hash, data-root env var."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,10 +27,20 @@ def test_defaults_and_default_file_load():
 
 def test_yaml_file_then_dotted_set_overrides(tmp_path):
     path = tmp_path / "exp.yaml"
-    path.write_text("name: exp\nepochs: 7\nlr: 0.1\nmodel:\n  widths: [16, 32]\n  activation: gelu\n"
-                    "data:\n  train_subset: 500\n")
-    cfg = C.load(path, ["epochs=1", "data.train_subset=10000", "model.widths=[8,16]", "eval.umap=false",
-                        "data.test_subset=none", "lr=1e-3"])
+    path.write_text(
+        "name: exp\nepochs: 7\nlr: 0.1\nmodel:\n  widths: [16, 32]\n  activation: gelu\ndata:\n  train_subset: 500\n"
+    )
+    cfg = C.load(
+        path,
+        [
+            "epochs=1",
+            "data.train_subset=10000",
+            "model.widths=[8,16]",
+            "eval.umap=false",
+            "data.test_subset=none",
+            "lr=1e-3",
+        ],
+    )
     assert cfg.name == "exp"
     assert cfg.epochs == 1 and cfg.lr == pytest.approx(1e-3)
     assert cfg.data.train_subset == 10000 and cfg.data.test_subset is None
@@ -60,36 +71,42 @@ def test_unknown_key_in_a_file_is_one_line(tmp_path):
     assert msg.startswith("unknown key model.depth; valid keys:") and "model.kernel_size" in msg
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("epochs=abc", "bad value 'abc' for epochs: expected int"),
-    ("epochs=1.5", "for epochs: expected int"),
-    ("epochs=0", "for epochs: must be positive"),
-    ("lr=fast", "for lr: expected float"),
-    ("deterministic=maybe", "for deterministic: expected bool"),
-    ("model.widths=[]", "for model.widths: expected a list"),
-    ("model.widths=[8,x]", "bad value [8, 'x'] for model.widths: expected a list"),
-    ("model.widths=[8,16,32,64,128,256]", "at most 5 stages"),
-    ("model.kernel_size=4", "must be odd"),
-    ("model.dropout=1.0", "for model.dropout: must be in [0, 1)"),
-    ("data.val_fraction=0", "for data.val_fraction: must be in (0, 1)"),
-    ("data.train_subset=-5", "for data.train_subset: must be positive"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("epochs=abc", "bad value 'abc' for epochs: expected int"),
+        ("epochs=1.5", "for epochs: expected int"),
+        ("epochs=0", "for epochs: must be positive"),
+        ("lr=fast", "for lr: expected float"),
+        ("deterministic=maybe", "for deterministic: expected bool"),
+        ("model.widths=[]", "for model.widths: expected a list"),
+        ("model.widths=[8,x]", "bad value [8, 'x'] for model.widths: expected a list"),
+        ("model.widths=[8,16,32,64,128,256]", "at most 5 stages"),
+        ("model.kernel_size=4", "must be odd"),
+        ("model.dropout=1.0", "for model.dropout: must be in [0, 1)"),
+        ("data.val_fraction=0", "for data.val_fraction: must be in (0, 1)"),
+        ("data.train_subset=-5", "for data.train_subset: must be positive"),
+    ],
+)
 def test_bad_values_are_one_line_naming_the_key(override, expected):
     with pytest.raises(C.ConfigError) as e:
         C.load(None, [override])
     assert expected in one_line_error(e)
 
 
-@pytest.mark.parametrize("override, choices", [
-    ("optimizer=rmsprop", "sgd, adam, adamw"),
-    ("schedule=triangle", "onecycle, linear, cosine, step, plateau, none"),
-    ("model.pool=min", "max, avg"),
-    ("model.activation=tanh", "relu, gelu, silu"),
-    ("data.dataset=mnist", "cifar10, cifar100"),
-    ("data.label=medium", "fine, coarse"),
-    ("precision=fp8", "auto, bf16, fp32"),
-    ("device=gpu", "auto, cpu, cuda, cuda:N, mps"),
-])
+@pytest.mark.parametrize(
+    "override, choices",
+    [
+        ("optimizer=rmsprop", "sgd, adam, adamw"),
+        ("schedule=triangle", "onecycle, linear, cosine, step, plateau, none"),
+        ("model.pool=min", "max, avg"),
+        ("model.activation=tanh", "relu, gelu, silu"),
+        ("data.dataset=mnist", "cifar10, cifar100"),
+        ("data.label=medium", "fine, coarse"),
+        ("precision=fp8", "auto, bf16, fp32"),
+        ("device=gpu", "auto, cpu, cuda, cuda:N, mps"),
+    ],
+)
 def test_bad_choice_lists_the_valid_choices(override, choices):
     key, value = override.split("=")
     with pytest.raises(C.ConfigError) as e:
@@ -134,6 +151,7 @@ def test_config_hash_is_stable_and_ignores_name_and_data_root():
     assert len(h) == 12 and h == C.config_hash(C.load(None, ["epochs=3"]))
     # through the logged YAML and back: what `reproduce` does
     import yaml
+
     assert C.config_hash(C.from_dict(yaml.safe_load(C.to_yaml(a)))) == h
     assert C.config_hash(C.replace(a, {"name": "other", "data": {"root": "/elsewhere"}})) == h
     assert C.config_hash(C.replace(a, {"lr": 0.01})) != h

@@ -9,6 +9,7 @@ One tuning study is built for the module, its trials fixed so the answer is know
 Its confirmation (top 3 x 3 seeds) must call 0 and 1 not distinguishable, 2 worse, and move the
 study's champion to trial 0 or 1.
 """
+
 from __future__ import annotations
 
 import signal
@@ -43,13 +44,45 @@ class Env:
         return ["--storage", self.storage, "--tracking-uri", self.tracking]
 
     def tune(self, study: str, trials: int) -> int:
-        return main(["tune", "--study", study, "--space", str(self.tmp / "space.yaml"), "--trials", str(trials),
-                     "--data-dir", str(self.data), "--sampler", "random", "--pruner", "none", "--quiet",
-                     "--evaluate", "inline", *self.stores(), *as_sets(FIXED)])
+        return main(
+            [
+                "tune",
+                "--study",
+                study,
+                "--space",
+                str(self.tmp / "space.yaml"),
+                "--trials",
+                str(trials),
+                "--data-dir",
+                str(self.data),
+                "--sampler",
+                "random",
+                "--pruner",
+                "none",
+                "--quiet",
+                "--evaluate",
+                "inline",
+                *self.stores(),
+                *as_sets(FIXED),
+            ]
+        )
 
     def confirm_args(self, study: str, top: int, seeds: int) -> list[str]:
-        return ["confirm", "--study", study, "--top", str(top), "--seeds", str(seeds), "--quiet",
-                "--data-dir", str(self.data), "--heartbeat", "1", *self.stores()]
+        return [
+            "confirm",
+            "--study",
+            study,
+            "--top",
+            str(top),
+            "--seeds",
+            str(seeds),
+            "--quiet",
+            "--data-dir",
+            str(self.data),
+            "--heartbeat",
+            "1",
+            *self.stores(),
+        ]
 
     def make_study(self, study: str) -> None:
         assert self.tune(study, 0) == 0  # the study, its run and its first trial (the base config)
@@ -105,7 +138,8 @@ def test_confirmation_tells_seeds_from_configurations(env, confirmed, capsys):
     best_runs = {r.info.run_id for r in runs if int(r.data.tags["confirms_trial"]) == table.loc[0, "trial"]}
     assert version.run_id in best_runs
     assert version.tags["n"] == "3" and float(version.tags["val_accuracy_mean"]) == pytest.approx(
-        table.loc[0, "val_mean"], abs=1e-5)
+        table.loc[0, "val_mean"], abs=1e-5
+    )
     assert tuning.user_attrs["confirmed_champion"]["run_id"] == version.run_id
 
     # the printed output says it plainly; `harness best` names the confirmed result
@@ -143,8 +177,7 @@ def test_a_stopped_confirmation_resumes_to_exactly_k_times_n_runs(env, tmp_path)
     log = tmp_path / "confirm.log"
     args = [sys.executable, "-m", "harness.cli", *env.confirm_args("stopped", 2, 3)]
     with open(log, "w") as out:
-        proc = subprocess.Popen(args, env=harness_env(), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(args, env=harness_env(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     storage = env.storage
 
     def complete() -> int:
@@ -170,14 +203,29 @@ def test_reproduce_with_seeds_reports_the_distribution(env, confirmed, capsys):
     tuning = optuna.load_study(study_name="known", storage=env.storage)
     run_id = tuning.trials[0].user_attrs["mlflow_run_id"]
     capsys.readouterr()
-    assert main(["reproduce", run_id, "--seeds", "2", "--quiet", "--data-dir", str(env.data),
-                 "--tracking-uri", env.tracking]) == 0
+    assert (
+        main(
+            [
+                "reproduce",
+                run_id,
+                "--seeds",
+                "2",
+                "--quiet",
+                "--data-dir",
+                str(env.data),
+                "--tracking-uri",
+                env.tracking,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     client = MlflowClient(env.tracking)
     exp = client.get_run(run_id).info.experiment_id
     copies = client.search_runs([exp], f"tags.reproduces = '{run_id}'")
     assert sorted(r.data.tags["seed"] for r in copies) == ["1", "2"] and all(
-        r.info.status == "FINISHED" for r in copies)
+        r.info.status == "FINISHED" for r in copies
+    )
     assert "best_val_accuracy" in out and "predict_low" in out
     assert "95% prediction interval" in out and ("inside" in out or "OUTSIDE" in out)
     assert main(["reproduce", run_id, "--seeds", "1", "--tracking-uri", env.tracking]) == 2

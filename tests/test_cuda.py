@@ -4,6 +4,7 @@ On the GPU the promises that matter most: the training loop reads nothing back f
 per step, the augmentation's generator lives on the device and repeats with its seed, and a
 short run of the fast recipe trains, evaluates and logs there.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,9 @@ from harness.host_reads import HostReads
 from harness.models import build_model
 from harness.training import fit
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="no CUDA GPU here: the CUDA subset runs on machines with one")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU here: the CUDA subset runs on machines with one"
+)
 CUDA = torch.device("cuda")
 
 
@@ -29,9 +31,18 @@ def test_augmentation_draws_on_the_gpu_and_repeats_with_its_seed():
 
 
 def test_an_epoch_on_the_gpu_reads_back_twice(cifar10_root, tiny_config):
-    cfg = tiny_config(cifar10_root, epochs=2, batch_size=4, device="cuda", precision="bf16", optimizer="sgd",
-                      schedule="onecycle", lookahead=True, eval={"tta": True},
-                      data={"train_subset": 440, "val_subset": 40})
+    cfg = tiny_config(
+        cifar10_root,
+        epochs=2,
+        batch_size=4,
+        device="cuda",
+        precision="bf16",
+        optimizer="sgd",
+        schedule="onecycle",
+        lookahead=True,
+        eval={"tta": True},
+        data={"train_subset": 440, "val_subset": 40},
+    )
     ds = load_dataset(cfg.data)
     splits = make_splits(ds, cfg.data, CUDA)
     model = build_model(cfg.model, len(ds.classes)).to(CUDA)
@@ -48,9 +59,19 @@ def test_a_fast_recipe_run_trains_and_logs_on_the_gpu(cifar10_root, tracking_uri
     from harness.experiment import run_experiment
     from studies.library import config_path
 
-    cfg = C.load(config_path("fast"), ["device=cuda", "epochs=2", "eval.umap=false", "eval.tsne=false",
-                                       "data.download=false", "eval.embedding_samples=60"],
-                 str(cifar10_root), profile="full")
+    cfg = C.load(
+        config_path("fast"),
+        [
+            "device=cuda",
+            "epochs=2",
+            "eval.umap=false",
+            "eval.tsne=false",
+            "data.download=false",
+            "eval.embedding_samples=60",
+        ],
+        str(cifar10_root),
+        profile="full",
+    )
     result = run_experiment(cfg, tracking_uri, progress=False)
     run = MlflowClient(tracking_uri).get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["device"].startswith("cuda")

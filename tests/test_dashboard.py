@@ -7,6 +7,7 @@
   in progress makes a worker's commit fail in rollback-journal mode; on our storage (WAL) the
   commit goes through, and the dashboard's own connection cannot write at all.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,14 @@ ERRORS = ("database is locked", "database table is locked", "Traceback")
 
 def _harness(args: list[str], log: Path, cwd: Path) -> subprocess.Popen:
     with open(log, "w") as out:  # the child keeps its own descriptor
-        return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], cwd=cwd, env=harness_env(), stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            [sys.executable, "-m", "harness.cli", *args],
+            cwd=cwd,
+            env=harness_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 def _get(url: str):
@@ -66,9 +73,28 @@ def live(tmp_path, cifar10_root, empty_mlflow_db):
     storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     def tune(trials: int) -> list[str]:
-        args = ["tune", "--study", STUDY, "--space", str(tmp_path / "space.yaml"), "--trials", str(trials),
-                "--storage", storage, "--tracking-uri", tracking, "--data-dir", str(cifar10_root),
-                "--sampler", "random", "--pruner", "none", "--heartbeat", "1", "--quiet"]
+        args = [
+            "tune",
+            "--study",
+            STUDY,
+            "--space",
+            str(tmp_path / "space.yaml"),
+            "--trials",
+            str(trials),
+            "--storage",
+            storage,
+            "--tracking-uri",
+            tracking,
+            "--data-dir",
+            str(cifar10_root),
+            "--sampler",
+            "random",
+            "--pruner",
+            "none",
+            "--heartbeat",
+            "1",
+            "--quiet",
+        ]
         return args + as_sets(FIXED)
 
     assert main(tune(0)) == 0  # the study and its MLflow run, no trial yet
@@ -77,8 +103,14 @@ def live(tmp_path, cifar10_root, empty_mlflow_db):
     try:
         found = wait_until(lambda: re.search(r"on (http://\S+)", logs[1].read_text()), "dashboard URL", procs, logs[1:])
         procs.append(_harness(tune(TRIALS), logs[0], tmp_path))  # the dashboard is up before the worker starts
-        yield {"worker": procs[1], "dashboard": procs[0], "page": found.group(1), "storage": storage,
-               "tracking": tracking, "logs": logs}
+        yield {
+            "worker": procs[1],
+            "dashboard": procs[0],
+            "page": found.group(1),
+            "storage": storage,
+            "tracking": tracking,
+            "logs": logs,
+        }
     finally:
         for p in reversed(procs):
             if p.poll() is None:
@@ -136,8 +168,11 @@ def test_dashboard_on_a_running_study(live):
         try:
             frozen = _running_numbers(study)
             if frozen:  # optuna-dashboard reads a study's trials again once its cache is 2 s old
-                wait_until(lambda: _shown_running(base, page, study_id) == frozen,
-                           f"trial(s) {sorted(frozen)} shown running", timeout=60)
+                wait_until(
+                    lambda: _shown_running(base, page, study_id) == frozen,
+                    f"trial(s) {sorted(frozen)} shown running",
+                    timeout=60,
+                )
                 running_seen = frozen
         finally:
             worker.send_signal(signal.SIGCONT)
@@ -147,8 +182,12 @@ def test_dashboard_on_a_running_study(live):
     assert not any(e in log for e in ERRORS), log[-5000:]
 
     # a request that would write is refused, and the dashboard is still up
-    request = urllib.request.Request(f"{base}/api/studies/{study_id}/rename", method="POST",
-                                     data=b'{"study_name": "renamed"}', headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{base}/api/studies/{study_id}/rename",
+        method="POST",
+        data=b'{"study_name": "renamed"}',
+        headers={"Content-Type": "application/json"},
+    )
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=30)
     assert refused.value.code == 405 and "read-only" in json.loads(refused.value.read())["reason"]
@@ -169,6 +208,7 @@ def test_dashboard_on_a_running_study(live):
 
 def test_a_dashboard_read_blocks_no_worker_write(tmp_path):
     """The cause of optuna-dashboard#545 and our guard, with a worker that waits at most 0.5 s."""
+
     def writer(url: str) -> optuna.Study:
         storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 0.5}})
         study = optuna.create_study(study_name=STUDY, storage=storage)
@@ -224,8 +264,10 @@ def test_dashboard_errors_are_one_line(tmp_path, capsys):
 def test_mlflow_run_url():
     assert mlflow_run_url("sqlite:///mlruns/mlflow.db", "3", "abc") == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
     assert mlflow_run_url("http://db:5000/", "3", "abc") == "http://db:5000/#/experiments/3/runs/abc"
-    assert mlflow_run_url("https://mlflow.example.org/base", "1", "r") == \
-        "https://mlflow.example.org/base/#/experiments/1/runs/r"
+    assert (
+        mlflow_run_url("https://mlflow.example.org/base", "1", "r")
+        == "https://mlflow.example.org/base/#/experiments/1/runs/r"
+    )
 
 
 def test_a_note_that_cannot_be_written_does_not_fail_the_trial(tmp_path, tracking_uri, caplog):

@@ -1,4 +1,5 @@
 """Data: loader round trips for both layouts, digests, splits, augmentation, and every bad input."""
+
 from __future__ import annotations
 
 import pickle
@@ -9,8 +10,18 @@ import pytest
 import torch
 
 from harness.config import DATA_DIR_ENV, DataConfig
-from harness.data import (LAYOUTS, MEAN, STD, DatasetError, augment, digest, load_dataset, make_normalize, make_splits,
-                          split_indices)
+from harness.data import (
+    LAYOUTS,
+    MEAN,
+    STD,
+    DatasetError,
+    augment,
+    digest,
+    load_dataset,
+    make_normalize,
+    make_splits,
+    split_indices,
+)
 
 
 def one_line_error(excinfo) -> str:
@@ -42,8 +53,9 @@ def test_cifar10_round_trip(cifar10_data):
     assert ds.train_labels.dtype == np.int64
     assert ds.classes == cifar10_data.classes
     assert ds.coarse_classes is None and ds.fine_to_coarse is None
-    assert ds.digest == digest(cifar10_data.train_images, cifar10_data.train_labels,
-                               cifar10_data.test_images, cifar10_data.test_labels)
+    assert ds.digest == digest(
+        cifar10_data.train_images, cifar10_data.train_labels, cifar10_data.test_images, cifar10_data.test_labels
+    )
 
 
 def test_rows_are_red_then_green_then_blue(cifar10_root):
@@ -171,7 +183,7 @@ def _candidates(image: torch.Tensor, pad: int = 4) -> dict[bytes, tuple[int, int
     out = {}
     for dy in range(2 * pad + 1):
         for dx in range(2 * pad + 1):
-            crop = padded[:, dy:dy + 32, dx:dx + 32]
+            crop = padded[:, dy : dy + 32, dx : dx + 32]
             for flip in (False, True):
                 out.setdefault((crop.flip(-1) if flip else crop).numpy().tobytes(), (dy, dx, flip))
     return out
@@ -275,8 +287,9 @@ def test_a_missing_batch_file_is_named(cifar10_copy):
 def test_corrupt_or_truncated_batch_file_is_named(cifar10_copy, damage):
     path = cifar10_copy / "cifar-10-batches-py" / "data_batch_3"
     data = path.read_bytes()
-    path.write_bytes({"garbage": b"\x00not a pickle at all" * 50, "truncated": data[:len(data) // 2],
-                      "empty": b""}[damage])
+    path.write_bytes(
+        {"garbage": b"\x00not a pickle at all" * 50, "truncated": data[: len(data) // 2], "empty": b""}[damage]
+    )
     with pytest.raises(DatasetError) as e:
         load_dataset(DataConfig(root=str(cifar10_copy), download=False))
     msg = one_line_error(e)

@@ -8,6 +8,7 @@
   retries it (a trial tagged `retry_of_run`) and ends the dead run FAILED.
 - SIGINT stops a worker cleanly (exit 130, trial FAIL, run KILLED); the study resumes later.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,8 @@ from urllib.parse import urlsplit
 
 import optuna
 import pytest
-from mlflow import MlflowClient
 from conftest import TINY_TRIAL
+from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
@@ -65,9 +66,29 @@ class Setup:
         self.env.pop("MLFLOW_RUN_ID", None)
 
     def args(self, study: str, trials: int, fixed=FIXED, extra=()) -> list[str]:
-        args = ["tune", "--study", study, "--space", str(self.shared["space"]), "--trials", str(trials),
-                "--storage", self.storage, "--tracking-uri", self.tracking, "--data-dir", str(self.shared["data"]),
-                "--sampler", "random", "--pruner", "none", "--heartbeat", "1", "--quiet", *extra]
+        args = [
+            "tune",
+            "--study",
+            study,
+            "--space",
+            str(self.shared["space"]),
+            "--trials",
+            str(trials),
+            "--storage",
+            self.storage,
+            "--tracking-uri",
+            self.tracking,
+            "--data-dir",
+            str(self.shared["data"]),
+            "--sampler",
+            "random",
+            "--pruner",
+            "none",
+            "--heartbeat",
+            "1",
+            "--quiet",
+            *extra,
+        ]
         for item in fixed:
             args += ["--set", item]
         return args
@@ -76,9 +97,15 @@ class Setup:
         log = self.tmp / f"worker{len(self.logs)}.log"
         self.logs.append(log)
         with open(log, "w") as out:  # the child keeps its own descriptor
-            return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], cwd=self.tmp, env=self.env,
-                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    preexec_fn=_default_sigint)
+            return subprocess.Popen(
+                [sys.executable, "-m", "harness.cli", *args],
+                cwd=self.tmp,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_default_sigint,
+            )
 
     def output(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in self.logs)
@@ -208,8 +235,12 @@ def test_two_workers_on_postgresql(postgres_url, tmp_path, shared):
     _wait(procs, setup)
     assert [p.returncode for p in procs] == [0, 0], setup.output()[-5000:]
     check_study(setup, name, 4)
-    assert postgres_url.split("://")[0] in setup.client().search_runs(
-        [setup.client().get_experiment_by_name(name).experiment_id], "tags.run_kind = 'study'")[0].data.tags["storage"]
+    assert (
+        postgres_url.split("://")[0]
+        in setup.client()
+        .search_runs([setup.client().get_experiment_by_name(name).experiment_id], "tags.run_kind = 'study'")[0]
+        .data.tags["storage"]
+    )
 
 
 def _running_trial_with_run(setup: Setup, name: str, proc: subprocess.Popen) -> optuna.trial.FrozenTrial:
@@ -219,8 +250,9 @@ def _running_trial_with_run(setup: Setup, name: str, proc: subprocess.Popen) -> 
     client = setup.client()
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"the worker ended (code {proc.returncode}) before a trial was seen running:\n"
-                        f"{setup.output()[-5000:]}")
+            pytest.fail(
+                f"the worker ended (code {proc.returncode}) before a trial was seen running:\n{setup.output()[-5000:]}"
+            )
         if study is None and (setup.tmp / "optuna.db").exists():
             try:
                 study = setup.study(name)
@@ -245,8 +277,7 @@ def _wait_until_stale(setup: Setup, name: str, trial: optuna.trial.FrozenTrial) 
     storage = optuna.storages.RDBStorage(storage_url(setup.storage), heartbeat_interval=1, grace_period=3)
     study_id = storage.get_study_id_from_name(name)
     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-    wait_until(lambda: trial_id in storage._get_stale_trial_ids(study_id), f"stale trial {trial.number}",
-               timeout=WAIT)
+    wait_until(lambda: trial_id in storage._get_stale_trial_ids(study_id), f"stale trial {trial.number}", timeout=WAIT)
 
 
 # trials of a few seconds: the test sees one running well before it ends
@@ -313,8 +344,11 @@ def _stopped_study_is_clean(setup: Setup, name: str, reason: str) -> list[optuna
     return stopped
 
 
-@pytest.mark.parametrize("sig, workers", [(signal.SIGTERM, 1), (signal.SIGTERM, 2), (signal.SIGINT, 1)],
-                         ids=["SIGTERM-1-worker", "SIGTERM-2-workers", "SIGINT-1-worker"])
+@pytest.mark.parametrize(
+    "sig, workers",
+    [(signal.SIGTERM, 1), (signal.SIGTERM, 2), (signal.SIGINT, 1)],
+    ids=["SIGTERM-1-worker", "SIGTERM-2-workers", "SIGINT-1-worker"],
+)
 def test_a_stopped_study_leaves_nothing_running_and_the_same_command_completes_it(tmp_path, shared, sig, workers):
     setup = Setup(tmp_path, shared)
     name, trials = "stopped", 3
@@ -350,7 +384,11 @@ def test_a_stopped_study_leaves_nothing_running_and_the_same_command_completes_i
 
 # deterministic trials of several epochs: long enough to be killed between two checkpoints
 RESUMABLE = [f for f in FIXED if not f.startswith(("epochs=", "data.train_subset="))] + [
-    "epochs=6", "data.train_subset=600", "deterministic=true", "model.dropout=0.1"]
+    "epochs=6",
+    "data.train_subset=600",
+    "deterministic=true",
+    "model.dropout=0.1",
+]
 
 
 def test_a_sigkilled_trial_resumes_from_its_last_checkpoint_and_ends_as_if_never_stopped(tmp_path, shared):
@@ -389,4 +427,6 @@ def test_a_sigkilled_trial_resumes_from_its_last_checkpoint_and_ends_as_if_never
     assert retry.intermediate_values == expected.intermediate_values
     history = setup.client().get_metric_history(run.info.run_id, "val_accuracy")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3, 4, 5, 6]  # continuous
-    assert not resume.checkpoint_dir(setup.tracking).exists() or not any(resume.checkpoint_dir(setup.tracking).iterdir())
+    assert not resume.checkpoint_dir(setup.tracking).exists() or not any(
+        resume.checkpoint_dir(setup.tracking).iterdir()
+    )

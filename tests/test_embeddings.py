@@ -1,4 +1,5 @@
 """The projections' fixed costs: UMAP's numba code compiled once per machine, t-SNE on one thread."""
+
 from pathlib import Path
 
 import numba

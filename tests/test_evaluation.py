@@ -29,8 +29,11 @@ class TinyNet(nn.Module):
     def __init__(self, num_classes: int = 10, dim: int = 8):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, dim, 3, padding=1), nn.BatchNorm2d(dim), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(3, dim, 3, padding=1),
+            nn.BatchNorm2d(dim),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(dim, num_classes)
 
@@ -175,7 +178,9 @@ def test_confusion_figure_small(normalize_rows):
         assert [t.get_text() for t in ax.get_xticklabels()] == names
         assert [t.get_text() for t in ax.get_yticklabels()] == names
         assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted", "true")
-        assert ax.get_title() == ("confusion matrix (row-normalised)" if normalize_rows else "confusion matrix (counts)")
+        assert ax.get_title() == (
+            "confusion matrix (row-normalised)" if normalize_rows else "confusion matrix (counts)"
+        )
         # each cell, row by row, is annotated and coloured with its count or its share of the row
         texts = [t.get_text() for t in ax.texts]
         if normalize_rows:
@@ -199,8 +204,9 @@ def test_confusion_figure_many_classes_has_no_annotations():
         assert len(ax.texts) == 0  # 625 numbers would be unreadable: colour only
         assert [t.get_text() for t in ax.get_xticklabels()] == names
         assert [t.get_text() for t in ax.get_yticklabels()] == names
-        np.testing.assert_allclose(np.asarray(ax.collections[0].get_array()).reshape(25, 25),
-                                   counts / counts.sum(axis=1, keepdims=True))
+        np.testing.assert_allclose(
+            np.asarray(ax.collections[0].get_array()).reshape(25, 25), counts / counts.sum(axis=1, keepdims=True)
+        )
     finally:
         plt.close(fig)
 
@@ -277,7 +283,7 @@ def test_class_samples_figure():
         # row r shows four different images of class r
         by_bytes = {images[i].numpy().transpose(1, 2, 0).tobytes(): int(labels[i]) for i in range(60)}
         for r in range(3):
-            row = [np.asarray(ax.images[0].get_array()).tobytes() for ax in fig.axes[r * 4:(r + 1) * 4]]
+            row = [np.asarray(ax.images[0].get_array()).tobytes() for ax in fig.axes[r * 4 : (r + 1) * 4]]
             assert [by_bytes[b] for b in row] == [r] * 4 and len(set(row)) == 4
     finally:
         plt.close(fig)

@@ -1,5 +1,6 @@
 """The background finisher: a trial's job is evaluated and logged after its run ended, by a process
 of its own; a job whose worker or finisher died is done by the next one (or by `drain`)."""
+
 from __future__ import annotations
 
 import os
@@ -41,7 +42,9 @@ def test_a_finished_trial_is_evaluated_in_the_background(cifar10_root, tracking_
     assert (done.info.status, done.info.end_time) == ("FINISHED", ended.info.end_time)
     assert done.data.tags["model_uri"].startswith("models:/")
     assert {"test_accuracy", "test_macro_f1", "evaluation_seconds"} <= set(done.data.metrics)
-    assert {"eval/confusion_counts.png", "eval/per_class.csv", "eval/misclassified.png"} <= artifacts(client, run.run_id, "eval")
+    assert {"eval/confusion_counts.png", "eval/per_class.csv", "eval/misclassified.png"} <= artifacts(
+        client, run.run_id, "eval"
+    )
     assert "embeddings/tsne.png" in artifacts(client, run.run_id, "embeddings")
     assert "checkpoint/model.pt" in artifacts(client, run.run_id, "checkpoint")
     assert "data/train_samples.png" in artifacts(client, run.run_id, "data")
@@ -116,9 +119,14 @@ def test_report_finishes_the_evaluations_left_behind(cifar10_root, tracking_uri,
     study.set_user_attr("mlflow_parent_run_id", parent.run_id)
     run = RunLogger.start(client, "left", "trial-0", tags={"run_kind": "trial"}, parent_run_id=parent.run_id)
     job = write_job(spool_dir(tracking_uri), run, cfg, build_model(cfg.model, 10), tracking_uri)
-    study.add_trial(optuna.trial.create_trial(value=0.5, params={"lr": 0.01},
-                                              distributions={"lr": FloatDistribution(1e-3, 0.1, log=True)},
-                                              user_attrs={"mlflow_run_id": run.run_id}))
+    study.add_trial(
+        optuna.trial.create_trial(
+            value=0.5,
+            params={"lr": 0.01},
+            distributions={"lr": FloatDistribution(1e-3, 0.1, log=True)},
+            user_attrs={"mlflow_run_id": run.run_id},
+        )
+    )
     assert main(["report", "--study", "left", "--storage", storage, "--tracking-uri", tracking_uri]) == 0
     assert "finished 1 trial evaluation left in the spool" in capsys.readouterr().out
     got = client.get_run(run.run_id).data

@@ -2,6 +2,7 @@
 signal between `hold()` and `release()` waits for `release()` (a worker holds it while Optuna
 creates a trial, so no trial is left RUNNING without a heartbeat); a stop Python swallowed is
 raised again by `check()`."""
+
 import signal
 
 import pytest

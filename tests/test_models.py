@@ -1,4 +1,5 @@
 """Models: shapes and named stage outputs across sampled configs, head replacement, size counts."""
+
 from __future__ import annotations
 
 import random
@@ -32,8 +33,9 @@ def _sample_configs(n: int = 12, seed: int = 0) -> list[dict]:
     out = []
     for i in range(n):
         # cycle through each option's values so all of them occur, in a shuffled pairing
-        out.append({k: v[(i + rng.randrange(len(v))) % len(v)] if i >= len(v) else v[i % len(v)]
-                    for k, v in OPTIONS.items()})
+        out.append(
+            {k: v[(i + rng.randrange(len(v))) % len(v)] if i >= len(v) else v[i % len(v)] for k, v in OPTIONS.items()}
+        )
     return out
 
 
@@ -41,17 +43,27 @@ SAMPLED = _sample_configs()
 
 
 def _model_config(p: dict) -> ModelConfig:
-    widths = [6, 12, 10, 16][:p["stages"]]
-    return ModelConfig(widths=widths, convs_per_stage=p["convs_per_stage"], kernel_size=p["kernel_size"],
-                       batch_norm=p["batch_norm"], dropout=0.1, pool=p["pool"], activation=p["activation"],
-                       residual=p["residual"], head_width=p["head_width"], stem=p["stem"],
-                       global_pool=p["global_pool"])
+    widths = [6, 12, 10, 16][: p["stages"]]
+    return ModelConfig(
+        widths=widths,
+        convs_per_stage=p["convs_per_stage"],
+        kernel_size=p["kernel_size"],
+        batch_norm=p["batch_norm"],
+        dropout=0.1,
+        pool=p["pool"],
+        activation=p["activation"],
+        residual=p["residual"],
+        head_width=p["head_width"],
+        stem=p["stem"],
+        global_pool=p["global_pool"],
+    )
 
 
 def _structure(model: nn.Module) -> list:
     """What a network is made of: each module's type and each parameter's shape, in order."""
-    return ([type(m).__name__ for m in model.modules()]
-            + [(name, tuple(p.shape)) for name, p in model.named_parameters()])
+    return [type(m).__name__ for m in model.modules()] + [
+        (name, tuple(p.shape)) for name, p in model.named_parameters()
+    ]
 
 
 @pytest.mark.parametrize("option", list(OPTIONS))
@@ -64,7 +76,7 @@ def test_every_value_of_an_option_builds_another_network(option):
     for value in OPTIONS[option]:
         torch.manual_seed(0)
         built.append(_structure(build_model(_model_config({**SAMPLED[0], option: value}), num_classes=7)))
-    assert all(a != b for i, a in enumerate(built) for b in built[i + 1:]), option
+    assert all(a != b for i, a in enumerate(built) for b in built[i + 1 :]), option
 
 
 @pytest.mark.parametrize("p", SAMPLED, ids=lambda p: "-".join(f"{v}" for v in p.values()))
@@ -82,7 +94,7 @@ def test_shapes_and_stage_outputs(p):
     assert model.stage_names == names and list(feats) == names
     image = 31 if p["stem"] == "whiten" else 32  # the 2x2 stem has no padding
     for k, (name, width) in enumerate(zip(names, cfg.widths), 1):
-        side = image // 2 ** k
+        side = image // 2**k
         assert feats[name].shape == (3, width, side, side), name
     flat = cfg.widths[-1] * (1 if p["global_pool"] != "none" else image // 2 ** p["stages"]) ** 2
     expected_dim = p["head_width"] or flat
@@ -100,14 +112,16 @@ def test_shapes_and_stage_outputs(p):
     assert sum(isinstance(m, pool) for m in model.modules()) == p["stages"]
     act = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}[p["activation"]]
     assert any(isinstance(m, act) for m in model.modules())
-    assert all(not isinstance(m, a) for m in model.modules()
-               for a in {nn.ReLU, nn.GELU, nn.SiLU} - {act})
-    assert all((getattr(b, "shortcut", None) is not None) == p["residual"] for b in
-               (model.stages[i].block for i in range(p["stages"])))
+    assert all(not isinstance(m, a) for m in model.modules() for a in {nn.ReLU, nn.GELU, nn.SiLU} - {act})
+    assert all(
+        (getattr(b, "shortcut", None) is not None) == p["residual"]
+        for b in (model.stages[i].block for i in range(p["stages"]))
+    )
     assert (model.stem is not None) == (p["stem"] == "whiten")
     pools = {"max": nn.AdaptiveMaxPool2d, "avg": nn.AdaptiveAvgPool2d}
-    assert [type(m) for m in model.embedding.modules() if type(m) in pools.values()] == \
-        ([pools[p["global_pool"]]] if p["global_pool"] != "none" else [])
+    assert [type(m) for m in model.embedding.modules() if type(m) in pools.values()] == (
+        [pools[p["global_pool"]]] if p["global_pool"] != "none" else []
+    )
     assert count_parameters(model) > 0 and count_macs(model) > 0
 
 
@@ -182,7 +196,7 @@ def test_extreme_depths_and_identity_shortcuts(stages, residual):
         assert all(isinstance(s.block.shortcut, nn.Identity) for s in list(model.stages)[1:])
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
-    assert model.features(torch.randn(1, 3, 32, 32))[f"stage{stages}"].shape[-1] == 32 // 2 ** stages
+    assert model.features(torch.randn(1, 3, 32, 32))[f"stage{stages}"].shape[-1] == 32 // 2**stages
 
 
 # ----------------------------------------------------------------------------
@@ -211,8 +225,13 @@ def test_fast_network_shapes_stages_and_cost():
     block = model.stages.stage1.block.convs
     assert [type(m) for m in block][:4] == [nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d, nn.GELU]
     # pooling first: the second conv of each stage runs on a quarter of the pixels
-    plain = build_model(C.replace(C.Config(), {"model": {**C.to_dict(C.Config())["model"], "widths": cfg.widths,
-                                                           "convs_per_stage": 2, "head_width": 0}}).model, 10)
+    plain = build_model(
+        C.replace(
+            C.Config(),
+            {"model": {**C.to_dict(C.Config())["model"], "widths": cfg.widths, "convs_per_stage": 2, "head_width": 0}},
+        ).model,
+        10,
+    )
     assert count_macs(model) < 0.6 * count_macs(plain)
 
 

@@ -8,6 +8,7 @@ Measured on the JPEG-q75 copy from ../shared/datasets (2000 test images, chance 
 - default dropout 0.25: 0.33-0.37 on both.
 The bound, 0.40, is four times chance and about four standard deviations below the lowest seed.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -24,10 +25,21 @@ BOUND = 0.40
 
 
 def test_one_epoch_on_10000_real_images_learns(real_data_root, tracking_uri):
-    cfg = C.load(DEFAULT_CONFIG, [
-        "epochs=1", "model.dropout=0", "data.train_subset=10000", "data.val_subset=2000",
-        "data.test_subset=2000", "data.download=false", "eval.tsne=false", "eval.umap=false",
-        "eval.log_model=false"], str(real_data_root))
+    cfg = C.load(
+        DEFAULT_CONFIG,
+        [
+            "epochs=1",
+            "model.dropout=0",
+            "data.train_subset=10000",
+            "data.val_subset=2000",
+            "data.test_subset=2000",
+            "data.download=false",
+            "eval.tsne=false",
+            "eval.umap=false",
+            "eval.log_model=false",
+        ],
+        str(real_data_root),
+    )
     default = C.load(DEFAULT_CONFIG)
     assert cfg.model.widths == default.model.widths and cfg.batch_size == default.batch_size
     ds = load_dataset(cfg.data)
@@ -35,8 +47,10 @@ def test_one_epoch_on_10000_real_images_learns(real_data_root, tracking_uri):
     result = run_experiment(cfg, tracking_uri, progress=False)
     run = MlflowClient(tracking_uri).get_run(result.run_id)
     acc = run.data.metrics["test_accuracy"]
-    print(f"\nreal CIFAR-10, 1 epoch on 10,000 images: test accuracy {acc:.4f} "
-          f"({result.fit.history[0].images_per_s:.0f} images/s on {run.data.tags['device']})")
+    print(
+        f"\nreal CIFAR-10, 1 epoch on 10,000 images: test accuracy {acc:.4f} "
+        f"({result.fit.history[0].images_per_s:.0f} images/s on {run.data.tags['device']})"
+    )
     assert run.info.status == "FINISHED"
     assert run.data.tags["dataset_digest"] == ds.digest
     assert acc >= BOUND, f"test accuracy {acc:.4f} < {BOUND} after one epoch on 10,000 real images"

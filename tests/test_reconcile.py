@@ -1,6 +1,7 @@
 """studies/reconcile.py on a real Optuna SQLite storage: a trial whose worker was killed in the
 instant between Optuna creating it and starting its heartbeat (none recorded) is failed and
 re-queued once the grace period has passed; a fresh one is left alone."""
+
 from datetime import datetime, timedelta
 
 import optuna
@@ -11,8 +12,12 @@ from studies.study import requeue
 
 
 def test_a_trial_without_any_heartbeat_is_failed_and_requeued_after_the_grace_period(tmp_path):
-    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1, grace_period=2,
-                                         heartbeat_stale_trial_callback=requeue)
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{tmp_path / 'optuna.db'}",
+        heartbeat_interval=1,
+        grace_period=2,
+        heartbeat_stale_trial_callback=requeue,
+    )
     study = optuna.create_study(study_name="silent", storage=storage)
     silent = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # RUNNING, no heartbeat: as if killed
     assert fail_silent_trials(study) == []  # within the grace period: its heartbeat may be about to start

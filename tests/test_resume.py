@@ -1,6 +1,7 @@
 """Stopping and resuming single runs, with real processes and a real store: SIGTERM ends a
 `harness train` or `harness transfer` cleanly (runs KILLED, exit 143), and `harness train
 --resume` continues a stopped run from its last checkpoint to the end an uninterrupted run reaches."""
+
 from __future__ import annotations
 
 import os
@@ -17,18 +18,39 @@ from harness.cli import main
 
 WAIT = 240  # seconds: a bound on waiting for a process, never a measure
 # deterministic, several epochs of a few hundred generated images: long enough to stop between checkpoints
-SETTINGS = ["epochs=6", "batch_size=32", "model.widths=[8,16]", "model.head_width=16", "data.train_subset=600",
-            "data.val_subset=100", "data.test_subset=100", "eval.tsne=false", "eval.umap=false",
-            "eval.misclassified=4", "eval.log_model=false", "data.download=false", "device=cpu", "precision=fp32",
-            "deterministic=true", "model.dropout=0.1", "patience=0"]
+SETTINGS = [
+    "epochs=6",
+    "batch_size=32",
+    "model.widths=[8,16]",
+    "model.head_width=16",
+    "data.train_subset=600",
+    "data.val_subset=100",
+    "data.test_subset=100",
+    "eval.tsne=false",
+    "eval.umap=false",
+    "eval.misclassified=4",
+    "eval.log_model=false",
+    "data.download=false",
+    "device=cpu",
+    "precision=fp32",
+    "deterministic=true",
+    "model.dropout=0.1",
+    "patience=0",
+]
 
 
 def harness(tmp_path, uri, *args) -> subprocess.Popen:
     """`harness ...` in a process of its own with one thread (float sums then come out the same)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("MLFLOW_RUN_ID", None)
-    return subprocess.Popen([sys.executable, "-m", "harness.cli", *args, "--tracking-uri", uri, "--quiet"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", *args, "--tracking-uri", uri, "--quiet"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def train_args(data) -> list[str]:
@@ -93,7 +115,9 @@ def test_resume_refuses_runs_it_cannot_continue_with_one_line(tmp_path, cifar10_
     capsys.readouterr()
     assert main(["train", "--resume", finished, "--tracking-uri", tracking_uri]) == 2
     assert "finished: there is nothing to resume" in capsys.readouterr().err
-    run = client.create_run(client.get_experiment_by_name("stop").experiment_id, tags={"run_kind": "trial", "study": "s"})
+    run = client.create_run(
+        client.get_experiment_by_name("stop").experiment_id, tags={"run_kind": "trial", "study": "s"}
+    )
     assert main(["train", "--resume", run.info.run_id, "--tracking-uri", tracking_uri]) == 2
     assert "a trial of study s: run the study's `harness tune` command again" in capsys.readouterr().err
     plain = client.create_run(client.get_experiment_by_name("stop").experiment_id)
@@ -107,12 +131,25 @@ def test_sigterm_stops_a_transfer_with_every_run_ended(tmp_path, cifar10_root, t
     from conftest import write_cifar100
 
     c100 = write_cifar100(tmp_path / "c100", n_train=600, n_test=100, num_fine=10, num_coarse=5).root
-    assert main(train_args(cifar10_root) + ["--set", "eval.log_model=true", "--tracking-uri", tracking_uri,
-                                            "--quiet"]) == 0
+    assert (
+        main(train_args(cifar10_root) + ["--set", "eval.log_model=true", "--tracking-uri", tracking_uri, "--quiet"])
+        == 0
+    )
     client = MlflowClient(tracking_uri)
     source = client.search_runs([client.get_experiment_by_name("stop").experiment_id])[0].info.run_id
-    proc = harness(tmp_path, tracking_uri, "transfer", "--from", source, "--data-dir", str(c100),
-                   "--set", "epochs=40", "--set", "data.train_subset=600")
+    proc = harness(
+        tmp_path,
+        tracking_uri,
+        "transfer",
+        "--from",
+        source,
+        "--data-dir",
+        str(c100),
+        "--set",
+        "epochs=40",
+        "--set",
+        "data.train_subset=600",
+    )
     deadline = time.monotonic() + WAIT
     children = []
     while not children and time.monotonic() < deadline and proc.poll() is None:

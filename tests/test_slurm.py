@@ -11,6 +11,7 @@ HARNESS_TEST_SLURM; without it the cluster tests skip with the reason).
 Slurm holds a requeued job for two minutes (its BeginTime; no slurm.conf setting found): the
 tests release it with `scontrol update StartTime=now` as soon as it is pending again.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,25 +57,60 @@ def test_the_template_in_the_repo_is_what_harness_slurm_writes():
 
 def test_dry_run_prints_an_array_that_requeues_appends_and_signals_the_exec_d_worker(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["slurm", "--study", "s", "--array-size", "3", "--time", "1-00:00", "--signal-seconds", "90",
-                 "--gpus-per-task", "1", "--mem", "8G", "--storage", "sqlite:///o.db", "--dry-run",
-                 "--", "--space", "cnn", "--trials", "12"]) == 0
+    assert (
+        main(
+            [
+                "slurm",
+                "--study",
+                "s",
+                "--array-size",
+                "3",
+                "--time",
+                "1-00:00",
+                "--signal-seconds",
+                "90",
+                "--gpus-per-task",
+                "1",
+                "--mem",
+                "8G",
+                "--storage",
+                "sqlite:///o.db",
+                "--dry-run",
+                "--",
+                "--space",
+                "cnn",
+                "--trials",
+                "12",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     lines = text.splitlines()
-    for line in ("#SBATCH --array=0-2", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@90",
-                 "#SBATCH --open-mode=append", "#SBATCH --time=1-00:00", "#SBATCH --gpus-per-task=1",
-                 "#SBATCH --mem=8G", f"#SBATCH --output={tmp_path}/slurm-logs/harness-s-%A_%a.out",
-                 "export HARNESS_STORAGE=sqlite:///o.db"):
+    for line in (
+        "#SBATCH --array=0-2",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@90",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --time=1-00:00",
+        "#SBATCH --gpus-per-task=1",
+        "#SBATCH --mem=8G",
+        f"#SBATCH --output={tmp_path}/slurm-logs/harness-s-%A_%a.out",
+        "export HARNESS_STORAGE=sqlite:///o.db",
+    ):
         assert line in lines, text
     assert lines[-1].startswith(f"exec {sys.executable} -m harness.cli tune --study s --quiet --space cnn --trials 12")
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--time", "90m"], "bad --time '90m': Slurm takes MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"),
-    (["--time", "1:99"], "bad --time '1:99'"),
-    (["--time", "2", "--signal-seconds", "120"], "--time 2 (120 s) is not longer than --signal-seconds 120"),
-    (["--", "--workers", "2"], "--workers after `--`: give it to `harness slurm` itself"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--time", "90m"], "bad --time '90m': Slurm takes MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"),
+        (["--time", "1:99"], "bad --time '1:99'"),
+        (["--time", "2", "--signal-seconds", "120"], "--time 2 (120 s) is not longer than --signal-seconds 120"),
+        (["--", "--workers", "2"], "--workers after `--`: give it to `harness slurm` itself"),
+    ],
+)
 def test_bad_input_is_one_line(capsys, args, says):
     assert main(["slurm", "--study", "s", "--dry-run", *args]) == 2
     err = capsys.readouterr().err
@@ -85,12 +121,24 @@ def test_no_sbatch_on_path_is_one_line(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # a machine without Slurm's commands
     assert main(["slurm", "--study", "s"]) == 2
     err = capsys.readouterr().err
-    assert err == ("harness: error: no Slurm on this machine (sbatch is not on PATH): run `harness slurm` on the "
-                   "cluster's login node, or use --dry-run to print the script\n")
+    assert err == (
+        "harness: error: no Slurm on this machine (sbatch is not on PATH): run `harness slurm` on the "
+        "cluster's login node, or use --dry-run to print the script\n"
+    )
 
 
-@pytest.mark.parametrize("time_text, seconds", [("30", 1800), ("5:30", 330), ("1:00:00", 3600), ("2-3", 183600),
-                                                ("1-02:03", 93780), ("1-00:00:05", 86405), ("UNLIMITED", None)])
+@pytest.mark.parametrize(
+    "time_text, seconds",
+    [
+        ("30", 1800),
+        ("5:30", 330),
+        ("1:00:00", 3600),
+        ("2-3", 183600),
+        ("1-02:03", 93780),
+        ("1-00:00:05", 86405),
+        ("UNLIMITED", None),
+    ],
+)
 def test_slurm_time_formats(time_text, seconds):
     assert slurm.time_seconds(time_text) == seconds
 
@@ -98,8 +146,13 @@ def test_slurm_time_formats(time_text, seconds):
 def test_tags_only_under_slurm():
     assert slurm.slurm_tags({}) == {}
     env = {"SLURM_JOB_ID": "12", "SLURM_ARRAY_JOB_ID": "10", "SLURM_ARRAY_TASK_ID": "2", "SLURMD_NODENAME": "n1"}
-    assert slurm.slurm_tags(env) == {"slurm_job_id": "12", "slurm_array_job_id": "10", "slurm_array_task_id": "2",
-                                     "slurm_restart_count": "0", "slurm_node": "n1"}
+    assert slurm.slurm_tags(env) == {
+        "slurm_job_id": "12",
+        "slurm_array_job_id": "10",
+        "slurm_array_task_id": "2",
+        "slurm_restart_count": "0",
+        "slurm_node": "n1",
+    }
     assert slurm.own_job(env) == "10_2" and slurm.own_job({"SLURM_JOB_ID": "7"}) == "7"
 
 
@@ -122,8 +175,9 @@ def cluster():
 
 def test_an_unknown_partition_is_one_line(cluster, capsys):
     assert main(["slurm", "--study", "s", "--partition", "gpu-big", "--dry-run"]) == 2
-    assert capsys.readouterr().err == ("harness: error: no Slurm partition 'gpu-big': choose one of low, high "
-                                       "(sinfo lists them)\n")
+    assert capsys.readouterr().err == (
+        "harness: error: no Slurm partition 'gpu-big': choose one of low, high (sinfo lists them)\n"
+    )
 
 
 class Study:
@@ -134,8 +188,20 @@ class Study:
         (tmp / "space.yaml").write_text(SPACE)
         self.storage = f"sqlite:///{tmp / 'optuna.db'}"
         self.tracking = f"sqlite:///{tmp / 'mlflow.db'}"
-        self.tune = ["--space", str(tmp / "space.yaml"), "--trials", str(trials), "--data-dir", str(data),
-                     "--sampler", "random", "--pruner", "none", "--heartbeat", "5"]
+        self.tune = [
+            "--space",
+            str(tmp / "space.yaml"),
+            "--trials",
+            str(trials),
+            "--data-dir",
+            str(data),
+            "--sampler",
+            "random",
+            "--pruner",
+            "none",
+            "--heartbeat",
+            "5",
+        ]
         for item in trial_sets:
             self.tune += ["--set", item]
         self.job: str | None = None
@@ -144,18 +210,40 @@ class Study:
         """`harness slurm` in a child process, as a user runs it: the job gets its interpreter and,
         through sbatch's exported environment, this checkout on PYTHONPATH."""
         env = {**harness_env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        out = subprocess.run([sys.executable, "-m", "harness.cli", "slurm", "--study", self.name, "--storage",
-                              self.storage, "--tracking-uri", self.tracking, "--partition", "low", *slurm_args,
-                              "--", *self.tune], cwd=self.tmp, env=env, capture_output=True, text=True, timeout=120,
-                             check=False)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "harness.cli",
+                "slurm",
+                "--study",
+                self.name,
+                "--storage",
+                self.storage,
+                "--tracking-uri",
+                self.tracking,
+                "--partition",
+                "low",
+                *slurm_args,
+                "--",
+                *self.tune,
+            ],
+            cwd=self.tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert out.returncode == 0, out.stderr
         self.job = re.match(r"submitted job array (\d+)", out.stdout).group(1)
         return self.job
 
     def tasks(self) -> dict[str, dict]:
         """`scontrol show job` of each array task, by task id."""
-        out = subprocess.run(["scontrol", "-o", "show", "job", self.job], capture_output=True, text=True,
-                             timeout=30, check=False)
+        out = subprocess.run(
+            ["scontrol", "-o", "show", "job", self.job], capture_output=True, text=True, timeout=30, check=False
+        )
         tasks = {}
         for line in out.stdout.splitlines():
             fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
@@ -185,6 +273,7 @@ class Study:
 
     def release_when_requeued(self, task: str, restarts: int) -> dict:
         """Wait for the task to be pending again after its `restarts`th requeue, and let it start now."""
+
         def requeued():
             t = self.tasks().get(task)
             assert not (t and t["JobState"] in ENDED), f"task {task} ended {t['JobState']}:\n{self.logs()[-6000:]}"
@@ -281,12 +370,19 @@ def test_a_preempted_task_stops_cleanly_is_requeued_and_resumes_its_trial(make_s
     s.submit("--array-size", "1", "--cpus-per-task", "2", "--time", "10")
     s.wait(s.running_trial_with_checkpoint, "trial running with a checkpoint")
     started = time.monotonic()
-    high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-c", "1", "-o", str(s.tmp / "high.out"),
-                           "--wrap", "true"], capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    high = subprocess.run(
+        ["sbatch", "--parsable", "-p", "high", "-c", "1", "-o", str(s.tmp / "high.out"), "--wrap", "true"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
     try:
         task = s.release_when_requeued("0", restarts=1)
-        print(f"\npreempted: the task was pending again {time.monotonic() - started:.1f} s after the high job "
-              f"was submitted (Restarts={task['Restarts']})")
+        print(
+            f"\npreempted: the task was pending again {time.monotonic() - started:.1f} s after the high job "
+            f"was submitted (Restarts={task['Restarts']})"
+        )
         s.wait(s.done, "requeued task COMPLETED")
     finally:
         subprocess.run(["scancel", high], timeout=30, check=False)
@@ -317,7 +413,7 @@ def check_retried(s: Study, study: optuna.Study, stopped: optuna.trial.FrozenTri
 
 def check_stopped_and_retried(s: Study, study: optuna.Study, reason: str):
     """The one trial stopped mid-run, retried and resumed from its checkpoint. Returns the retry's run."""
-    stopped, = study.get_trials(states=(TrialState.FAIL,))
+    (stopped,) = study.get_trials(states=(TrialState.FAIL,))
     run = check_retried(s, study, stopped, reason)
     assert run.data.tags["resumed_from"] == stopped.user_attrs["mlflow_run_id"], run.data.tags
     return run
@@ -336,8 +432,10 @@ def test_a_task_near_its_time_limit_requeues_itself_and_the_study_completes(make
     subprocess.run(["scontrol", "update", f"JobId={task['JobId']}", f"TimeLimit={minutes}"], check=True, timeout=30)
     started = time.monotonic()
     s.release_when_requeued("0", restarts=1)
-    print(f"\ntime limit: the task requeued itself {time.monotonic() - started:.1f} s after its limit was brought "
-          f"to {minutes} min ({elapsed:.0f} s into the job)")
+    print(
+        f"\ntime limit: the task requeued itself {time.monotonic() - started:.1f} s after its limit was brought "
+        f"to {minutes} min ({elapsed:.0f} s into the job)"
+    )
     # its next attempt gets the whole limit again (or it would be told to stop as it starts)
     subprocess.run(["scontrol", "update", f"JobId={task['JobId']}", "TimeLimit=10"], check=True, timeout=30)
     s.wait(s.done, "requeued task COMPLETED")

@@ -1,5 +1,6 @@
 """Search spaces: the shipped ones load and sample valid configs; every kind of bad definition
 fails before any trial with one line naming the parameter and the problem."""
+
 from __future__ import annotations
 
 import os
@@ -12,10 +13,19 @@ import optuna
 import pytest
 
 from harness import config as C
-from studies.library import SPACES_DIR
-from studies.library import config_path
-from studies.space import (SCALE_KEYS, WIDTH_KEYS, SpaceError, builds_widths, check_stages, load_space,
-                            profile_settings, sample, scale_stage, starting_point)
+from studies.library import SPACES_DIR, config_path
+from studies.space import (
+    SCALE_KEYS,
+    WIDTH_KEYS,
+    SpaceError,
+    builds_widths,
+    check_stages,
+    load_space,
+    profile_settings,
+    sample,
+    scale_stage,
+    starting_point,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
@@ -106,15 +116,24 @@ def test_the_fast_spaces_first_trial_is_the_recipe_on_either_profile(profile):
     """Every parameter of the fast space, architecture included, can take the recipe's value for the
     device (the quick profile's network and the full one's), so a study's first trial is the recipe."""
     space = load_space("fast")
-    base = C.from_dict(C.merge(C.to_dict(C.load(config_path("fast"), profile=profile)),
-                               profile_settings(space, profile)))
+    base = C.from_dict(
+        C.merge(C.to_dict(C.load(config_path("fast"), profile=profile)), profile_settings(space, profile))
+    )
     point = starting_point(space, base)
     assert set(point) == {p.name for p in space.params}
     assert sample(space, optuna.trial.FixedTrial(point), base) == base
     # the architecture is searched: per-stage widths, convolutions, activation, pooling, stem, batch size
     names = {p.name for p in space.params}
-    assert {"model.width_scale.1", "model.width_scale.2", "model.width_scale.3", "model.convs_per_stage",
-            "model.activation", "model.global_pool", "model.stem", "batch_size"} <= names
+    assert {
+        "model.width_scale.1",
+        "model.width_scale.2",
+        "model.width_scale.3",
+        "model.convs_per_stage",
+        "model.activation",
+        "model.global_pool",
+        "model.stem",
+        "batch_size",
+    } <= names
     widths = {tuple(cfg.model.widths) for _, cfg in _trials(space, 20, base)}
     assert len(widths) > 5 and all(len(w) == len(base.model.widths) for w in widths)
 
@@ -140,48 +159,93 @@ BAD_SPACES = {
     "type_missing": ("params:\n  lr: {low: 0.001, high: 0.1}\n", "lr", "type must be one of"),
     "low_not_below_high": ("params:\n  lr: {type: float, low: 0.1, high: 0.01}\n", "lr", "must be below high"),
     "low_equals_high": ("params:\n  epochs: {type: int, low: 3, high: 3}\n", "epochs", "must be below high"),
-    "log_low_zero": ("params:\n  weight_decay: {type: float, low: 0.0, high: 0.1, log: true}\n",
-                     "weight_decay", "log scale needs low > 0"),
+    "log_low_zero": (
+        "params:\n  weight_decay: {type: float, low: 0.0, high: 0.1, log: true}\n",
+        "weight_decay",
+        "log scale needs low > 0",
+    ),
     "log_low_negative": ("params:\n  lr: {type: float, low: -1.0, high: 0.1, log: true}\n", "lr", "log scale"),
     "missing_high": ("params:\n  lr: {type: float, low: 0.001}\n", "lr", "needs low and high"),
     "low_not_number": ("params:\n  lr: {type: float, low: small, high: 0.1}\n", "lr", "must be a number"),
     "int_with_float_bound": ("params:\n  epochs: {type: int, low: 1.5, high: 4}\n", "epochs", "must be an integer"),
     "bad_step": ("params:\n  epochs: {type: int, low: 1, high: 3, step: 5}\n", "epochs", "step"),
-    "step_with_log": ("params:\n  lr: {type: float, low: 0.001, high: 0.1, log: true, step: 0.01}\n",
-                      "lr", "step and log"),
+    "step_with_log": (
+        "params:\n  lr: {type: float, low: 0.001, high: 0.1, log: true, step: 0.01}\n",
+        "lr",
+        "step and log",
+    ),
     "empty_choices": ("params:\n  optimizer: {type: categorical, choices: []}\n", "optimizer", "non-empty list"),
     "choices_not_list": ("params:\n  optimizer: {type: categorical, choices: sgd}\n", "optimizer", "non-empty list"),
-    "choice_config_refuses": ("params:\n  optimizer: {type: categorical, choices: [sgd, rmsprop]}\n",
-                              "optimizer", "'rmsprop'"),
-    "bound_config_refuses": ("params:\n  model.dropout: {type: float, low: 0.0, high: 1.0}\n",
-                             "model.dropout", "must be in [0, 1)"),
-    "even_kernel": ("params:\n  model.kernel_size: {type: categorical, choices: [3, 4]}\n",
-                    "model.kernel_size", "must be odd"),
+    "choice_config_refuses": (
+        "params:\n  optimizer: {type: categorical, choices: [sgd, rmsprop]}\n",
+        "optimizer",
+        "'rmsprop'",
+    ),
+    "bound_config_refuses": (
+        "params:\n  model.dropout: {type: float, low: 0.0, high: 1.0}\n",
+        "model.dropout",
+        "must be in [0, 1)",
+    ),
+    "even_kernel": (
+        "params:\n  model.kernel_size: {type: categorical, choices: [3, 4]}\n",
+        "model.kernel_size",
+        "must be odd",
+    ),
     "too_many_stages": ("params:\n  model.stages: {type: int, low: 2, high: 7}\n", "model.stages", "at most 5"),
-    "scale_not_positive": ("params:\n  model.width_scale.1: {type: float, low: 0.0, high: 1.5}\n",
-                           "model.width_scale.1", "must be a positive number"),
-    "scale_of_stage_six": ("params:\n  model.width_scale.6: {type: float, low: 0.5, high: 1.5}\n",
-                           "model.width_scale.6", "not a config key"),
-    "scales_and_stages": ("params:\n  model.base_width: {type: categorical, choices: [16, 32]}\n"
-                          "  model.width_scale.1: {type: float, low: 0.5, high: 1.5}\n",
-                          "model.width_scale.1", "cannot be combined with model.base_width"),
-    "list_choice": ("params:\n  model.widths: {type: categorical, choices: [[8, 16], [16, 32]]}\n",
-                    "model.widths", "not a number, string"),
-    "condition_undefined": (f"params:\n  {GOOD_LR}\n  momentum: {{type: float, low: 0.8, high: 0.99, "
-                            "if: {optimiser: sgd}}\n", "momentum", "condition on 'optimiser'"),
-    "condition_on_later": ("params:\n  momentum: {type: float, low: 0.8, high: 0.99, if: {optimizer: sgd}}\n"
-                           "  optimizer: {type: categorical, choices: [sgd, adam]}\n",
-                           "momentum", "not a parameter defined above it"),
-    "condition_never_holds": ("params:\n  optimizer: {type: categorical, choices: [sgd, adam]}\n"
-                              "  momentum: {type: float, low: 0.8, high: 0.99, if: {optimizer: adamw}}\n",
-                              "momentum", "can never hold"),
-    "condition_not_mapping": ("params:\n  optimizer: {type: categorical, choices: [sgd, adam]}\n"
-                              "  momentum: {type: float, low: 0.8, high: 0.99, if: optimizer}\n",
-                              "momentum", "'if' must map"),
-    "unknown_field": ("params:\n  lr: {type: float, low: 0.001, high: 0.1, logscale: true}\n",
-                      "lr", "unknown field(s) logscale"),
-    "field_of_other_type": ("params:\n  optimizer: {type: categorical, choices: [sgd], low: 1}\n",
-                            "optimizer", "unknown field(s) low"),
+    "scale_not_positive": (
+        "params:\n  model.width_scale.1: {type: float, low: 0.0, high: 1.5}\n",
+        "model.width_scale.1",
+        "must be a positive number",
+    ),
+    "scale_of_stage_six": (
+        "params:\n  model.width_scale.6: {type: float, low: 0.5, high: 1.5}\n",
+        "model.width_scale.6",
+        "not a config key",
+    ),
+    "scales_and_stages": (
+        "params:\n  model.base_width: {type: categorical, choices: [16, 32]}\n"
+        "  model.width_scale.1: {type: float, low: 0.5, high: 1.5}\n",
+        "model.width_scale.1",
+        "cannot be combined with model.base_width",
+    ),
+    "list_choice": (
+        "params:\n  model.widths: {type: categorical, choices: [[8, 16], [16, 32]]}\n",
+        "model.widths",
+        "not a number, string",
+    ),
+    "condition_undefined": (
+        f"params:\n  {GOOD_LR}\n  momentum: {{type: float, low: 0.8, high: 0.99, if: {{optimiser: sgd}}}}\n",
+        "momentum",
+        "condition on 'optimiser'",
+    ),
+    "condition_on_later": (
+        "params:\n  momentum: {type: float, low: 0.8, high: 0.99, if: {optimizer: sgd}}\n"
+        "  optimizer: {type: categorical, choices: [sgd, adam]}\n",
+        "momentum",
+        "not a parameter defined above it",
+    ),
+    "condition_never_holds": (
+        "params:\n  optimizer: {type: categorical, choices: [sgd, adam]}\n"
+        "  momentum: {type: float, low: 0.8, high: 0.99, if: {optimizer: adamw}}\n",
+        "momentum",
+        "can never hold",
+    ),
+    "condition_not_mapping": (
+        "params:\n  optimizer: {type: categorical, choices: [sgd, adam]}\n"
+        "  momentum: {type: float, low: 0.8, high: 0.99, if: optimizer}\n",
+        "momentum",
+        "'if' must map",
+    ),
+    "unknown_field": (
+        "params:\n  lr: {type: float, low: 0.001, high: 0.1, logscale: true}\n",
+        "lr",
+        "unknown field(s) logscale",
+    ),
+    "field_of_other_type": (
+        "params:\n  optimizer: {type: categorical, choices: [sgd], low: 1}\n",
+        "optimizer",
+        "unknown field(s) low",
+    ),
     "log_not_bool": ("params:\n  lr: {type: float, low: 0.001, high: 0.1, log: maybe}\n", "lr", "log must be"),
     "spec_not_mapping": ("params:\n  lr: 0.01\n", "lr", "expected a mapping"),
 }
@@ -207,10 +271,14 @@ WHOLE_FILE = {
     "empty_file": ("", "non-empty 'params' mapping"),
     "not_a_mapping": ("- lr\n- momentum\n", "expected a mapping"),
     "unknown_section": (f"params:\n  {GOOD_LR}\nparameters: {{}}\n", "unknown section(s) parameters"),
-    "bad_profile_key": (f"params:\n  {GOOD_LR}\nprofiles:\n  quick: {{epochz: 2}}\n",
-                        "profile quick: unknown key epochz"),
-    "bad_profile_value": (f"params:\n  {GOOD_LR}\nprofiles:\n  quick: {{epochs: -1}}\n",
-                          "profile quick: bad value -1 for epochs"),
+    "bad_profile_key": (
+        f"params:\n  {GOOD_LR}\nprofiles:\n  quick: {{epochz: 2}}\n",
+        "profile quick: unknown key epochz",
+    ),
+    "bad_profile_value": (
+        f"params:\n  {GOOD_LR}\nprofiles:\n  quick: {{epochs: -1}}\n",
+        "profile quick: bad value -1 for epochs",
+    ),
     "profiles_not_mapping": (f"params:\n  {GOOD_LR}\nprofiles: [quick]\n", "'profiles' must map"),
 }
 
@@ -250,9 +318,27 @@ def test_tune_with_a_bad_space_exits_2_with_one_line_and_creates_nothing(tmp_pat
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}", "HARNESS_STORAGE": f"sqlite:///{storage}"}
     env.pop("MLFLOW_RUN_ID", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "harness.cli", "tune", "--study", "bad", "--space", str(bad), "--trials", "2",
-         "--data-dir", str(tmp_path / "no-data"), "--quiet"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "tune",
+            "--study",
+            "bad",
+            "--space",
+            str(bad),
+            "--trials",
+            "2",
+            "--data-dir",
+            str(tmp_path / "no-data"),
+            "--quiet",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -273,8 +359,20 @@ def test_tune_with_a_bad_space_in_process_leaves_an_existing_study_untouched(tmp
     study.enqueue_trial({"x": 1.0})
     bad = tmp_path / "bad.yaml"
     bad.write_text("params:\n  lr: {type: float, low: 0.1, high: 0.01}\n")
-    code = main(["tune", "--study", "kept", "--space", str(bad), "--storage", storage,
-                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--quiet"])
+    code = main(
+        [
+            "tune",
+            "--study",
+            "kept",
+            "--space",
+            str(bad),
+            "--storage",
+            storage,
+            "--tracking-uri",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "parameter lr: low (0.1) must be below high (0.01)" in err[0]
     with sqlite3.connect(tmp_path / "optuna.db") as db:

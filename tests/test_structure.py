@@ -8,6 +8,7 @@ subcommand's modules only when that subcommand runs.
 
 The graph counts every import, at the top of a module or inside a function.
 """
+
 from __future__ import annotations
 
 import ast
@@ -47,15 +48,24 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_the_core_imports_neither_studies_nor_analysis():
-    upward = [(a, b) for a, deps in graph().items() for b in deps
-              if a.startswith("harness") and a != COMPOSITION_ROOT and not b.startswith("harness")]
+    upward = [
+        (a, b)
+        for a, deps in graph().items()
+        for b in deps
+        if a.startswith("harness") and a != COMPOSITION_ROOT and not b.startswith("harness")
+    ]
     assert not upward, f"arrows from the core up to studies/analysis: {upward}"
 
 
 def test_analysis_and_studies_do_not_import_each_other():
-    across = [(a, b) for a, deps in graph().items() for b in deps
-              if a.split(".")[0] in ("studies", "analysis") and b.split(".")[0] in ("studies", "analysis")
-              and a.split(".")[0] != b.split(".")[0]]
+    across = [
+        (a, b)
+        for a, deps in graph().items()
+        for b in deps
+        if a.split(".")[0] in ("studies", "analysis")
+        and b.split(".")[0] in ("studies", "analysis")
+        and a.split(".")[0] != b.split(".")[0]
+    ]
     assert not across, across
 
 
@@ -67,7 +77,7 @@ def test_no_import_cycle():
         state[node] = 1
         for dep in sorted(g[node]):
             if state.get(dep) == 1:
-                raise AssertionError(f"import cycle: {' -> '.join(path[path.index(dep):] + [dep])}")
+                raise AssertionError(f"import cycle: {' -> '.join(path[path.index(dep) :] + [dep])}")
             if dep not in state:
                 visit(dep, path + [dep])
         state[node] = 2
@@ -79,8 +89,9 @@ def test_no_import_cycle():
 
 def imported_by(*argv: str) -> str:
     """The modules `python -m harness.cli ARGV` imports (from -X importtime's report)."""
-    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "harness.cli", *argv], cwd=ROOT,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "harness.cli", *argv], cwd=ROOT, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return "\n".join(line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line)
 
@@ -89,7 +100,10 @@ def imported_by(*argv: str) -> str:
 def test_train_help_does_not_import_optuna_or_the_studies():
     modules = imported_by("train", "--help").split("\n")
     # (the parser's choices for `tune` come from studies/options.py, which imports nothing heavy)
-    loaded = {m for m in modules if m.split(".")[0] in ("optuna", "studies", "analysis")} - {"studies", "studies.options"}
+    loaded = {m for m in modules if m.split(".")[0] in ("optuna", "studies", "analysis")} - {
+        "studies",
+        "studies.options",
+    }
     assert not loaded, sorted(loaded)[:10]
 
 

@@ -12,6 +12,7 @@ The median pruner prunes trial 4 deterministically: three complete trials exist,
 identical good ones, so the median accuracy after epoch 1 is theirs (well above chance on the
 generated data) while a network trained at lr 1e-7 stays near chance.
 """
+
 from __future__ import annotations
 
 import sqlite3
@@ -19,8 +20,8 @@ import sqlite3
 import optuna
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
 from conftest import TINY_SPACE, tiny_trial
+from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
@@ -45,9 +46,29 @@ class Env:
 
     def tune(self, capsys, trials: int, study: str = STUDY, extra: tuple = (), fixed=FIXED) -> int:
         """`harness tune` in this process; `capsys` None where pytest's capture can't be had (module fixtures)."""
-        args = ["tune", "--study", study, "--space", str(self.space), "--trials", str(trials),
-                "--storage", self.storage, "--tracking-uri", self.tracking, "--data-dir", str(self.data),
-                "--sampler", "random", "--pruner", "median", "--seed", "0", "--quiet", *extra]
+        args = [
+            "tune",
+            "--study",
+            study,
+            "--space",
+            str(self.space),
+            "--trials",
+            str(trials),
+            "--storage",
+            self.storage,
+            "--tracking-uri",
+            self.tracking,
+            "--data-dir",
+            str(self.data),
+            "--sampler",
+            "random",
+            "--pruner",
+            "median",
+            "--seed",
+            "0",
+            "--quiet",
+            *extra,
+        ]
         for item in fixed:
             args += ["--set", item]
         code = main(args)
@@ -86,8 +107,7 @@ def built(env):
     assert env.tune(None, 1) == 0
     study = env.study()
     steps["after_1"] = _snapshot(env)
-    for params in (GOOD, GOOD, {**GOOD, "optimizer": "sgd", "lr": 1.0e6, "momentum": 0.9},
-                   {**GOOD, "lr": 1.0e-7}):
+    for params in (GOOD, GOOD, {**GOOD, "optimizer": "sgd", "lr": 1.0e6, "momentum": 0.9}, {**GOOD, "lr": 1.0e-7}):
         study.enqueue_trial(params)
     assert env.tune(None, 4) == 0
     steps["after_2"] = _snapshot(env)
@@ -100,10 +120,13 @@ def _snapshot(env: Env) -> dict:
     study = env.study()
     client = env.client()
     exp = client.get_experiment_by_name(STUDY)
-    return {"study_id": study._study_id, "experiment_id": exp.experiment_id,
-            "parent": study.user_attrs["mlflow_parent_run_id"],
-            "trials": {t.number: t.state for t in study.trials},
-            "study_runs": [r.info.run_id for r in env.runs(kind="study")]}
+    return {
+        "study_id": study._study_id,
+        "experiment_id": exp.experiment_id,
+        "parent": study.user_attrs["mlflow_parent_run_id"],
+        "trials": {t.number: t.state for t in study.trials},
+        "study_runs": [r.info.run_id for r in env.runs(kind="study")],
+    }
 
 
 @pytest.mark.slow
@@ -134,8 +157,10 @@ def test_trials_are_nested_runs_with_their_state(env, built):
     assert states[5] in (TrialState.COMPLETE, TrialState.PRUNED)
     for t in trials:
         status = runs[t.user_attrs["mlflow_run_id"]].info.status
-        assert status == {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED",
-                          TrialState.FAIL: "FAILED"}[t.state]
+        assert (
+            status
+            == {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}[t.state]
+        )
 
 
 @pytest.mark.slow
@@ -183,7 +208,7 @@ def test_resuming_adds_trials_to_the_same_study_experiment_and_run(env, built):
     assert all(third["trials"][n] == s for n, s in second["trials"].items())
     with sqlite3.connect(env.tmp / "optuna.db") as db:
         assert db.execute("select count(*) from studies").fetchone()[0] == 1
-    assert [e.name for e in env.client().search_experiments()] .count(STUDY) == 1
+    assert [e.name for e in env.client().search_experiments()].count(STUDY) == 1
 
 
 @pytest.mark.slow
@@ -212,8 +237,13 @@ def test_summary_artifacts_on_the_study_run(env, built, capsys):
     parent = study.user_attrs["mlflow_parent_run_id"]
     client = env.client()
     names = {a.path for a in client.list_artifacts(parent, "summary")}
-    for plot in ("trials.csv", "optimization_history.png", "param_importances.png", "parallel_coordinate.png",
-                 "slice.png"):
+    for plot in (
+        "trials.csv",
+        "optimization_history.png",
+        "param_importances.png",
+        "parallel_coordinate.png",
+        "slice.png",
+    ):
         assert f"summary/{plot}" in names, names
     assert "base_config.yaml" in {a.path for a in client.list_artifacts(parent)}
     table = pd.read_csv(client.download_artifacts(parent, "summary/trials.csv", str(env.tmp)))
@@ -227,8 +257,9 @@ def test_summary_artifacts_on_the_study_run(env, built, capsys):
     assert run.data.metrics["best_val_accuracy"] == pytest.approx(best.value)
     assert run.data.metrics["trials_fail"] == 1
     # `harness report` refreshes it
-    code, out, err = env.cli(capsys, "report", "--study", STUDY, "--storage", env.storage,
-                             "--tracking-uri", env.tracking)
+    code, out, err = env.cli(
+        capsys, "report", "--study", STUDY, "--storage", env.storage, "--tracking-uri", env.tracking
+    )
     assert code == 0 and f"summary of study {STUDY} refreshed" in out and f"'best_trial': {best.number}" in out
 
 
@@ -238,14 +269,17 @@ def test_best_prints_the_best_trial_its_params_and_run(env, built, capsys):
     code, out, err = env.cli(capsys, "best", "--study", STUDY, "--storage", env.storage, "--tracking-uri", env.tracking)
     assert code == 0, err
     low, high = best.user_attrs["val_ci"]  # its 95% interval on the validation images
-    assert (f"best trial {best.number}: objective {best.value:.4f} (95% interval {low:.4f}-{high:.4f}); "
-            f"MLflow run {best.user_attrs['mlflow_run_id']}") in out
+    assert (
+        f"best trial {best.number}: objective {best.value:.4f} (95% interval {low:.4f}-{high:.4f}); "
+        f"MLflow run {best.user_attrs['mlflow_run_id']}"
+    ) in out
     for name, value in best.params.items():
         assert f"  {name} = {value}" in out
     test_accuracy = env.client().get_run(best.user_attrs["mlflow_run_id"]).data.metrics["test_accuracy"]
     assert f"  test_accuracy: {test_accuracy:.6g}" in out
-    code, out, err = env.cli(capsys, "best", "--study", "nope", "--storage", env.storage,
-                             "--tracking-uri", env.tracking)
+    code, out, err = env.cli(
+        capsys, "best", "--study", "nope", "--storage", env.storage, "--tracking-uri", env.tracking
+    )
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "study 'nope' not found" in lines[0] and STUDY in lines[0]
 
@@ -253,8 +287,21 @@ def test_best_prints_the_best_trial_its_params_and_run(env, built, capsys):
 @pytest.mark.slow
 def test_compare_writes_csv_and_markdown(env, built, capsys):
     csv, md = env.tmp / "trials.csv", env.tmp / "trials.md"
-    code, out, err = env.cli(capsys, "compare", "--study", STUDY, "--storage", env.storage, "--tracking-uri",
-                             env.tracking, "--csv", str(csv), "--markdown", str(md), "--show")
+    code, out, err = env.cli(
+        capsys,
+        "compare",
+        "--study",
+        STUDY,
+        "--storage",
+        env.storage,
+        "--tracking-uri",
+        env.tracking,
+        "--csv",
+        str(csv),
+        "--markdown",
+        str(md),
+        "--show",
+    )
     assert code == 0, err
     assert f"wrote {csv}" in out and f"wrote {md}" in out and "run_id" in out
     table = pd.read_csv(csv)
@@ -274,13 +321,35 @@ def test_compare_writes_csv_and_markdown(env, built, capsys):
     assert text[0].startswith("|") and "trial" in text[0] and "val_accuracy" in text[0]
     assert len(text) == 2 + 6  # header, rule, one line per trial
     # another sort key, fewer rows, and a bad key
-    code, out, err = env.cli(capsys, "compare", "--study", STUDY, "--storage", env.storage, "--tracking-uri",
-                             env.tracking, "--sort", "trial", "--top", "3")
+    code, out, err = env.cli(
+        capsys,
+        "compare",
+        "--study",
+        STUDY,
+        "--storage",
+        env.storage,
+        "--tracking-uri",
+        env.tracking,
+        "--sort",
+        "trial",
+        "--top",
+        "3",
+    )
     assert code == 0
     rows = [line.split() for line in out.strip().splitlines()[1:]]
     assert [r[0] for r in rows] == ["0", "1", "2"]
-    code, out, err = env.cli(capsys, "compare", "--study", STUDY, "--storage", env.storage, "--tracking-uri",
-                             env.tracking, "--sort", "nonsense")
+    code, out, err = env.cli(
+        capsys,
+        "compare",
+        "--study",
+        STUDY,
+        "--storage",
+        env.storage,
+        "--tracking-uri",
+        env.tracking,
+        "--sort",
+        "nonsense",
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "bad --sort 'nonsense'" in err
 
 
@@ -309,8 +378,9 @@ def test_reproduce_matches_the_trial_exactly(env, built, capsys):
 
 @pytest.mark.slow
 def test_reproduce_of_an_unknown_run_is_one_clear_line(env, built, capsys):
-    code, out, err = env.cli(capsys, "reproduce", "0123456789abcdef0123456789abcdef", "--tracking-uri",
-                             env.tracking, "--quiet")
+    code, out, err = env.cli(
+        capsys, "reproduce", "0123456789abcdef0123456789abcdef", "--tracking-uri", env.tracking, "--quiet"
+    )
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert "run 0123456789abcdef0123456789abcdef not found" in lines[0] and env.tracking in lines[0]
@@ -319,11 +389,33 @@ def test_reproduce_of_an_unknown_run_is_one_clear_line(env, built, capsys):
 @pytest.mark.slow
 def test_multi_objective_study_plots_the_pareto_front(env, capsys):
     space = env.tmp / "heads.yaml"
-    space.write_text("params:\n  model.head_width: {type: categorical, choices: [0, 16, 64]}\n"
-                     "  lr: {type: float, low: 0.005, high: 0.02, log: true}\n")
-    code = main(["tune", "--study", "pareto", "--space", str(space), "--trials", "2", "--storage", env.storage,
-                 "--tracking-uri", env.tracking, "--data-dir", str(env.data), "--sampler", "nsga2",
-                 "--objectives", "accuracy,params", "--quiet", *[a for f in FIXED for a in ("--set", f)]])
+    space.write_text(
+        "params:\n  model.head_width: {type: categorical, choices: [0, 16, 64]}\n"
+        "  lr: {type: float, low: 0.005, high: 0.02, log: true}\n"
+    )
+    code = main(
+        [
+            "tune",
+            "--study",
+            "pareto",
+            "--space",
+            str(space),
+            "--trials",
+            "2",
+            "--storage",
+            env.storage,
+            "--tracking-uri",
+            env.tracking,
+            "--data-dir",
+            str(env.data),
+            "--sampler",
+            "nsga2",
+            "--objectives",
+            "accuracy,params",
+            "--quiet",
+            *[a for f in FIXED for a in ("--set", f)],
+        ]
+    )
     out = capsys.readouterr()
     assert code == 0, out.err
     study = env.study("pareto")
@@ -377,8 +469,9 @@ def test_a_study_that_stores_no_space_parameters_is_compared_by_space_name():
 @pytest.mark.slow
 def test_tune_with_transfer_skips_it_with_one_line_when_the_target_is_missing(env, capsys):
     """The study stands; CIFAR-100 is absent from the generated data root, so the transfer is skipped."""
-    env.tune(capsys, 1, study="then-transfer", extra=("--transfer",),
-             fixed=[f for f in FIXED if f != "eval.log_model=false"])  # trials keep their checkpoint
+    env.tune(
+        capsys, 1, study="then-transfer", extra=("--transfer",), fixed=[f for f in FIXED if f != "eval.log_model=false"]
+    )  # trials keep their checkpoint
     code, out, err = env.outputs[-1]
     assert code == 0, err
     study = env.study("then-transfer")
@@ -412,8 +505,7 @@ def test_workers_with_one_seed_draw_their_own_values(sampler):
     multi = sampler == "nsga2"
     dirs = ["maximize", "minimize"] if multi else ["maximize"]
     storage = optuna.storages.InMemoryStorage()
-    first = optuna.create_study(storage=storage, study_name="s", directions=dirs,
-                                sampler=make_sampler(sampler, 0))
+    first = optuna.create_study(storage=storage, study_name="s", directions=dirs, sampler=make_sampler(sampler, 0))
     second = optuna.load_study(storage=storage, study_name="s", sampler=make_sampler(sampler, 0))
     a, b = first.ask(), second.ask()
     x = a.suggest_float("x", 0, 1)

@@ -7,6 +7,7 @@ generated CIFAR-10 of conftest, trials of a few seconds (two tiny stages, a few 
 Every study starts from the same base config, CONFIG: its first trial is that config's own values
 (the study's starting point), GOOD below, which learns well in one epoch.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,10 +63,29 @@ class Env:
         self.config.write_text(CONFIG)
 
     def args(self, study: str, trials: int, *extra: str, fixed=FIXED) -> list[str]:
-        args = ["tune", "--study", study, "--space", str(self.space), "--config", str(self.config),
-                "--trials", str(trials), "--storage", self.storage, "--tracking-uri", self.tracking,
-                "--data-dir", str(self.data), "--seed", "0", "--quiet",
-                "--evaluate", "inline", *extra]  # (no finisher process to start for trials of a second)
+        args = [
+            "tune",
+            "--study",
+            study,
+            "--space",
+            str(self.space),
+            "--config",
+            str(self.config),
+            "--trials",
+            str(trials),
+            "--storage",
+            self.storage,
+            "--tracking-uri",
+            self.tracking,
+            "--data-dir",
+            str(self.data),
+            "--seed",
+            "0",
+            "--quiet",
+            "--evaluate",
+            "inline",
+            *extra,
+        ]  # (no finisher process to start for trials of a second)
         for item in fixed:
             args += ["--set", item]
         return args
@@ -160,8 +180,9 @@ def test_three_failures_in_a_row_stop_the_worker_with_the_last_reason_and_the_st
     assert code == 2
     lines = harness_lines(err)
     assert len(lines) == 1, err
-    assert lines[0].startswith("harness: error: 3 trials in a row failed, the last with NonFiniteLoss: "
-                               "non-finite training loss"), lines[0]
+    assert lines[0].startswith(
+        "harness: error: 3 trials in a row failed, the last with NonFiniteLoss: non-finite training loss"
+    ), lines[0]
     assert "run the same command to resume" in lines[0]
     study = env.study("failing")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] + [TrialState.FAIL] * 3  # no fourth started
@@ -207,8 +228,10 @@ def test_timeout_stops_the_worker_starting_trials(env, capsys):
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert env.study_run("timed").info.status == "FINISHED"
     assert f"best trial 0: objective {trials[0].value:.4f}" in out  # it ended as a study does, with its summary
-    assert "trials.csv" in {a.path.split("/")[-1] for a in env.client().list_artifacts(
-        env.study("timed").user_attrs["mlflow_parent_run_id"], "summary")}
+    assert "trials.csv" in {
+        a.path.split("/")[-1]
+        for a in env.client().list_artifacts(env.study("timed").user_attrs["mlflow_parent_run_id"], "summary")
+    }
 
 
 def test_a_failed_worker_of_two_fails_the_command_with_one_line(env, capfd):
@@ -222,11 +245,16 @@ def test_a_failed_worker_of_two_fails_the_command_with_one_line(env, capfd):
     out, err = capfd.readouterr()  # the workers' output too: they write to this process's descriptors
     assert code == 2
     lines = harness_lines(err)
-    assert lines[-1] == ("harness: error: 2 of 2 workers failed: see their output above; run the same command "
-                         "to resume"), err[-3000:]
-    assert len(lines) == 3 and all(  # each worker's own line, no traceback
-        re.fullmatch(r"harness: worker \d+: error: 3 trials in a row failed, the last with NonFiniteLoss: .*", line)
-        for line in lines[:2]), err[-3000:]
+    assert lines[-1] == (
+        "harness: error: 2 of 2 workers failed: see their output above; run the same command to resume"
+    ), err[-3000:]
+    assert (
+        len(lines) == 3
+        and all(  # each worker's own line, no traceback
+            re.fullmatch(r"harness: worker \d+: error: 3 trials in a row failed, the last with NonFiniteLoss: .*", line)
+            for line in lines[:2]
+        )
+    ), err[-3000:]
     assert "Traceback" not in err
     study = env.study("two")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] + [TrialState.FAIL] * 6
@@ -297,10 +325,33 @@ def test_two_objectives_on_the_fast_space_search_its_architecture(env, capsys, o
     """The main job's space (`fast`: the recipe's config, its architecture searched) with two objectives:
     the first trial is the recipe, the second another network, and each trial's second value is its own."""
     tiny = [f for f in FIXED if not f.startswith("model.widths=")] + ["epochs=1", "data.train_subset=100"]
-    args = ["tune", "--study", "fast-arch", "--space", "fast", "--profile", "quick", "--trials", "2",
-            "--storage", env.storage, "--tracking-uri", env.tracking, "--data-dir", str(env.data),
-            "--sampler", "random", "--seed", "1", "--objectives", objectives, "--quiet", "--evaluate", "inline",
-            *[a for f in tiny for a in ("--set", f)]]
+    args = [
+        "tune",
+        "--study",
+        "fast-arch",
+        "--space",
+        "fast",
+        "--profile",
+        "quick",
+        "--trials",
+        "2",
+        "--storage",
+        env.storage,
+        "--tracking-uri",
+        env.tracking,
+        "--data-dir",
+        str(env.data),
+        "--sampler",
+        "random",
+        "--seed",
+        "1",
+        "--objectives",
+        objectives,
+        "--quiet",
+        "--evaluate",
+        "inline",
+        *[a for f in tiny for a in ("--set", f)],
+    ]
     code = main(args)
     assert code == 0, capsys.readouterr().err
     study = env.study("fast-arch")

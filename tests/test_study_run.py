@@ -13,6 +13,7 @@ Real MLflow SQLite stores, real Optuna SQLite storages, real logged models. Two 
       `harness tune`               every queued trial; the champion is then loaded, printed,
                                    transferred and plotted
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,11 @@ class HandStudy:
 
     def __init__(self, tmp, template, name: str, objectives: str = "accuracy"):
         self.client = client_for(new_tracking_uri(tmp, template))
-        self.study = optuna.create_study(study_name=name, storage=f"sqlite:///{tmp / 'optuna.db'}",
-                                         directions=["maximize"] + (["minimize"] if "," in objectives else []))
+        self.study = optuna.create_study(
+            study_name=name,
+            storage=f"sqlite:///{tmp / 'optuna.db'}",
+            directions=["maximize"] + (["minimize"] if "," in objectives else []),
+        )
         self.parent = RunLogger.start(self.client, name, f"study-{name}", tags={"run_kind": "study"}).run_id
         self.study.set_user_attr("mlflow_parent_run_id", self.parent)
         self.study.set_user_attr("objectives", objectives)
@@ -71,9 +75,15 @@ class HandStudy:
         run.log_params({"eval.log_model": model != "no"})
         if model == "yes":
             log_model(run)
-        self.study.add_trial(optuna.trial.create_trial(
-            state=state, values=values, params={"lr": lr}, distributions={"lr": FloatDistribution(1e-4, 1.0, log=True)},
-            user_attrs={"mlflow_run_id": run.run_id}))
+        self.study.add_trial(
+            optuna.trial.create_trial(
+                state=state,
+                values=values,
+                params={"lr": lr},
+                distributions={"lr": FloatDistribution(1e-4, 1.0, log=True)},
+                user_attrs={"mlflow_run_id": run.run_id},
+            )
+        )
         return run
 
     def update(self) -> tuple[dict, object]:
@@ -153,13 +163,42 @@ class Env:
         self.space.write_text(SPACE)
 
     def options(self, trials: int) -> TuneOptions:
-        return TuneOptions(study=STUDY, space=str(self.space), trials=trials, storage=self.storage, sampler="random",
-                           pruner="none", overrides=list(FIXED), data_dir=str(self.data), tracking_uri=self.tracking)
+        return TuneOptions(
+            study=STUDY,
+            space=str(self.space),
+            trials=trials,
+            storage=self.storage,
+            sampler="random",
+            pruner="none",
+            overrides=list(FIXED),
+            data_dir=str(self.data),
+            tracking_uri=self.tracking,
+        )
 
     def tune(self, trials: int) -> int:
-        return main(["tune", "--study", STUDY, "--space", str(self.space), "--trials", str(trials),
-                     "--storage", self.storage, "--tracking-uri", self.tracking, "--data-dir", str(self.data),
-                     "--sampler", "random", "--pruner", "none", "--quiet", *[a for f in FIXED for a in ("--set", f)]])
+        return main(
+            [
+                "tune",
+                "--study",
+                STUDY,
+                "--space",
+                str(self.space),
+                "--trials",
+                str(trials),
+                "--storage",
+                self.storage,
+                "--tracking-uri",
+                self.tracking,
+                "--data-dir",
+                str(self.data),
+                "--sampler",
+                "random",
+                "--pruner",
+                "none",
+                "--quiet",
+                *[a for f in FIXED for a in ("--set", f)],
+            ]
+        )
 
     def cli(self, capsys, *args) -> tuple[int, str, str]:
         code = main(list(args))
@@ -201,8 +240,8 @@ def test_a_real_study_keeps_its_row_live_and_registers_its_best_model(env):
     assert run.data.tags["best_trial"] == str(best.number) and run.data.metrics["trials_complete"] == len(trials)
     history = client.get_metric_history(parent, "best_val_accuracy")
     steps = list(range(1, len(trials) + 1))
-    assert [m.step for m in history][:len(trials)] == steps  # after each trial (the summary adds one at the end)
-    assert [m.value for m in history][:len(trials)] == pytest.approx([max(t.value for t in trials[:n]) for n in steps])
+    assert [m.step for m in history][: len(trials)] == steps  # after each trial (the summary adds one at the end)
+    assert [m.value for m in history][: len(trials)] == pytest.approx([max(t.value for t in trials[:n]) for n in steps])
     champion = champion_version(client, STUDY)
     assert champion.run_id == best.user_attrs["mlflow_run_id"]
     assert champion.source == client.get_run(champion.run_id).data.tags[MODEL_URI_TAG]
@@ -231,16 +270,31 @@ def test_best_prints_the_champion_uri(env, capsys):
 @pytest.mark.slow
 def test_transfer_from_the_champion_uri(env, capsys):
     c100 = write_cifar100(env.tmp / "data", n_train=300, n_test=100, seed=3, num_fine=15, num_coarse=5).root
-    base = ["--target", "cifar100", "--modes", "probe", "--data-dir", str(c100), "--tracking-uri", env.tracking,
-            "--set", "epochs=1", "--set", "eval.log_model=false", "--quiet"]
+    base = [
+        "--target",
+        "cifar100",
+        "--modes",
+        "probe",
+        "--data-dir",
+        str(c100),
+        "--tracking-uri",
+        env.tracking,
+        "--set",
+        "epochs=1",
+        "--set",
+        "eval.log_model=false",
+        "--quiet",
+    ]
     code, out, err = env.cli(capsys, "transfer", "--from", f"models:/{STUDY}@champion", *base)
     assert code == 0, err
     parent = out.strip().splitlines()[-1].split()[-1]
     tags = env.client().get_run(parent).data.tags
     assert tags["source_run_id"] == best_run(env)
     assert tags["source_study"] == STUDY
-    for source, expected in ((f"models:/{STUDY}@nope", f"registered model '{STUDY}' has no alias 'nope'"),
-                             ("models:/nope@champion", "no registered model 'nope'")):
+    for source, expected in (
+        (f"models:/{STUDY}@nope", f"registered model '{STUDY}' has no alias 'nope'"),
+        ("models:/nope@champion", "no registered model 'nope'"),
+    ):
         code, out, err = env.cli(capsys, "transfer", "--from", source, *base)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and expected in lines[0], err
@@ -248,8 +302,9 @@ def test_transfer_from_the_champion_uri(env, capsys):
 
 @pytest.mark.slow
 def test_the_summary_has_self_contained_html_plots_holding_the_trials(env, capsys):
-    code, out, err = env.cli(capsys, "report", "--study", STUDY, "--storage", env.storage,
-                             "--tracking-uri", env.tracking)
+    code, out, err = env.cli(
+        capsys, "report", "--study", STUDY, "--storage", env.storage, "--tracking-uri", env.tracking
+    )
     assert code == 0, err
     champion = champion_version(env.client(), STUDY)
     assert f"'champion': 'models:/{STUDY}@champion (version {champion.version})'" in out

@@ -3,6 +3,7 @@
 On by default (`eval.system_metrics`), off with `--set eval.system_metrics=false`; a run shorter
 than one sampling interval still gets its metrics, and no monitor thread outlives its run.
 """
+
 from __future__ import annotations
 
 import threading
@@ -17,8 +18,11 @@ from harness.training import NonFiniteLoss
 pytestmark = pytest.mark.slow
 
 # what psutil gives on any machine (GPU ones are added where nvidia-ml-py finds a GPU)
-EXPECTED = {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
-            "system/system_memory_usage_percentage"}
+EXPECTED = {
+    "system/cpu_utilization_percentage",
+    "system/system_memory_usage_megabytes",
+    "system/system_memory_usage_percentage",
+}
 
 
 def system_metrics(uri: str, run_id: str) -> dict[str, float]:

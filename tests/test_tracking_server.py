@@ -11,6 +11,7 @@
 - Without a server: the retry settings, the one line made of MLflow's error, a run ended without
   waiting again, and the next worker ending a run the server left RUNNING with the trial's reason.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,20 @@ from optuna.trial import TrialState
 
 from harness.tracking import HTTP_RETRIES
 
-FIXED = ["batch_size=32", "model.widths=[8,16]", "data.train_subset=200", "data.val_subset=100",
-         "data.test_subset=100", "eval.tsne=false", "eval.umap=false", "eval.misclassified=4",
-         "data.download=false", "device=cpu", "precision=fp32", "patience=0"]
+FIXED = [
+    "batch_size=32",
+    "model.widths=[8,16]",
+    "data.train_subset=200",
+    "data.val_subset=100",
+    "data.test_subset=100",
+    "eval.tsne=false",
+    "eval.umap=false",
+    "eval.misclassified=4",
+    "data.download=false",
+    "device=cpu",
+    "precision=fp32",
+    "patience=0",
+]
 SPACE = "params:\n  lr: {type: float, low: 0.005, high: 0.05, log: true}\n"
 OUTAGE = 30  # seconds between stopping the server and starting it again (it then needs its start-up too)
 WAIT = 300  # seconds: only a bound on waiting for a process, never a measure
@@ -106,11 +118,29 @@ class Server:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         with open(log, "w") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.db}",
-                 "--artifacts-destination", str(self.folder / "artifacts"), "--host", "127.0.0.1",
-                 "--port", str(self.port), "--workers", "1"],
-                cwd=self.folder, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True)  # its own process group: stop() ends the server and its workers
+                [
+                    sys.executable,
+                    "-m",
+                    "mlflow",
+                    "server",
+                    "--backend-store-uri",
+                    f"sqlite:///{self.db}",
+                    "--artifacts-destination",
+                    str(self.folder / "artifacts"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    "1",
+                ],
+                cwd=self.folder,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # its own process group: stop() ends the server and its workers
         while time.monotonic() - began < WAIT:
             if self.proc.poll() is not None:
                 pytest.fail(f"mlflow server exited with {self.proc.returncode}:\n{log.read_text()[-3000:]}")
@@ -170,8 +200,13 @@ def harness_env(server: Server, **settings: str) -> dict:
 
 def harness(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            [sys.executable, "-m", "harness.cli", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 def finish(proc: subprocess.Popen, log: Path) -> str:
@@ -196,13 +231,32 @@ def test_a_run_outlasts_a_30_s_outage_of_its_tracking_server(server, cifar10_roo
     env = harness_env(server)  # the harness's own retry settings: the point of this test
     train_log, uploads_log = tmp_path / "train.log", tmp_path / "uploads.log"
     epochs = 8
-    train = harness(["train", "--experiment", "outage", "--data-dir", str(cifar10_root), "--quiet",
-                     "--set", f"epochs={epochs}", "--set", "eval.log_model=true",
-                     *(a for f in FIXED for a in ("--set", f))], env, train_log)
+    train = harness(
+        [
+            "train",
+            "--experiment",
+            "outage",
+            "--data-dir",
+            str(cifar10_root),
+            "--quiet",
+            "--set",
+            f"epochs={epochs}",
+            "--set",
+            "eval.log_model=true",
+            *(a for f in FIXED for a in ("--set", f)),
+        ],
+        env,
+        train_log,
+    )
     ready, go = tmp_path / "ready", tmp_path / "go"
     with open(uploads_log, "w") as out:
-        uploads = subprocess.Popen([sys.executable, "-c", UPLOADS, server.url, str(ready), str(go)], env=env,
-                                   stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        uploads = subprocess.Popen(
+            [sys.executable, "-c", UPLOADS, server.url, str(ready), str(go)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     client = MlflowClient(server.url)
 
     def training_run_past_epoch_1():
@@ -210,8 +264,9 @@ def test_a_run_outlasts_a_30_s_outage_of_its_tracking_server(server, cifar10_roo
         runs = client.search_runs([exp.experiment_id]) if exp else []
         return runs and client.get_metric_history(runs[0].info.run_id, "val_accuracy") and runs[0]
 
-    run = wait_until(training_run_past_epoch_1, "a training run past its first epoch", [train, uploads],
-                   [train_log, uploads_log])
+    run = wait_until(
+        training_run_past_epoch_1, "a training run past its first epoch", [train, uploads], [train_log, uploads_log]
+    )
     wait_until(ready.exists, "the uploads' run", [train, uploads], [train_log, uploads_log])
 
     server.stop()
@@ -234,8 +289,13 @@ def test_a_run_outlasts_a_30_s_outage_of_its_tracking_server(server, cifar10_roo
         assert sorted(m.step for m in history) == list(range(1, epochs + 1)), key
     assert {"test_accuracy", "test_loss", "best_val_accuracy", "tracking_seconds"} <= set(run.data.metrics)
     figures = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
-    assert {"eval/confusion_counts.png", "eval/confusion_normalized.png", "eval/per_class.png",
-            "eval/misclassified.png", "eval/per_class.csv"} <= figures
+    assert {
+        "eval/confusion_counts.png",
+        "eval/confusion_normalized.png",
+        "eval/per_class.png",
+        "eval/misclassified.png",
+        "eval/per_class.csv",
+    } <= figures
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/model.pt"]
     assert "MLmodel" in model_files(client, run)
     assert "Traceback" not in out, out[-5000:]
@@ -259,17 +319,40 @@ def test_a_tracking_server_that_never_comes_back_fails_the_trial_with_one_line(s
     # short retries: 2, after 0 and 2 s (MLflow's back-off with factor 1), so about 2 s a call
     env = harness_env(server, MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
     log = tmp_path / "tune.log"
-    tune = harness(["tune", "--study", "dead", "--space", str(space), "--trials", "3", "--storage", storage,
-                    "--data-dir", str(cifar10_root), "--sampler", "random", "--pruner", "none", "--quiet",
-                    "--set", "epochs=100", *(a for f in FIXED for a in ("--set", f))], env, log)
+    tune = harness(
+        [
+            "tune",
+            "--study",
+            "dead",
+            "--space",
+            str(space),
+            "--trials",
+            "3",
+            "--storage",
+            storage,
+            "--data-dir",
+            str(cifar10_root),
+            "--sampler",
+            "random",
+            "--pruner",
+            "none",
+            "--quiet",
+            "--set",
+            "epochs=100",
+            *(a for f in FIXED for a in ("--set", f)),
+        ],
+        env,
+        log,
+    )
 
     def trial_with_a_run():
         try:
             study = optuna.load_study(study_name="dead", storage=storage)
         except Exception:  # the worker is still creating the storage or the study
             return None
-        return next((t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs),
-                    None)
+        return next(
+            (t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs), None
+        )
 
     trial = wait_until(trial_with_a_run, "a running trial with its run", [tune], [log])
     server.stop()  # for good
@@ -332,8 +415,11 @@ def test_mlflow_giving_up_on_a_server_reads_as_one_line_and_ending_the_run_does_
     run = RunLogger(client, "0" * 32)
     with pytest.raises(TrackingServerUnreachable) as gone:
         run.log_metrics({"loss": 1.0}, step=1)
-    assert re.fullmatch(rf"tracking server http://127\.0\.0\.1:{port} unreachable for \d+ s \(MLflow gave up "
-                        r"after 2 retries\): \[Errno 111\] Connection refused", str(gone.value)), str(gone.value)
+    assert re.fullmatch(
+        rf"tracking server http://127\.0\.0\.1:{port} unreachable for \d+ s \(MLflow gave up "
+        r"after 2 retries\): \[Errno 111\] Connection refused",
+        str(gone.value),
+    ), str(gone.value)
     assert run.server_gone
     start = time.monotonic()
     run.end("FAILED", str(gone.value))  # one try, no retries, and the server still away is let be
@@ -344,8 +430,10 @@ def test_mlflow_giving_up_on_a_server_reads_as_one_line_and_ending_the_run_does_
     with pytest.raises(MlflowException) as raw:  # MLflow's own error, as a driver call raises it
         client.get_run("0" * 32)
     assert "Max retries exceeded" in str(raw.value)
-    assert error_line(raw.value) == (f"tracking server http://127.0.0.1:{port} unreachable for 0 s "
-                                       "(MLflow gave up after 0 retries): [Errno 111] Connection refused")
+    assert error_line(raw.value) == (
+        f"tracking server http://127.0.0.1:{port} unreachable for 0 s "
+        "(MLflow gave up after 0 retries): [Errno 111] Connection refused"
+    )
     assert server_unreachable(ValueError("bad value")) is None
     assert error_line(ValueError("bad value")) == "ValueError: bad value"
     assert server_unreachable(MlflowException("RESOURCE_DOES_NOT_EXIST: no run")) is None
@@ -361,10 +449,13 @@ def test_the_next_worker_ends_a_run_its_server_left_running_with_the_trials_reas
     study = optuna.create_study(study_name="away", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     study.set_user_attr("mlflow_experiment", "away")
     trial = study.ask()
-    run = RunLogger.start(client, "away", "trial-0", tags={"run_kind": "trial", "trial_number": trial.number,
-                                                             "trial_state": "RUNNING"})
-    line = ("tracking server http://db:5000 unreachable for 244 s (MLflow gave up after 7 retries): "
-            "[Errno 111] Connection refused")
+    run = RunLogger.start(
+        client, "away", "trial-0", tags={"run_kind": "trial", "trial_number": trial.number, "trial_state": "RUNNING"}
+    )
+    line = (
+        "tracking server http://db:5000 unreachable for 244 s (MLflow gave up after 7 retries): "
+        "[Errno 111] Connection refused"
+    )
     trial.set_user_attr("fail_reason", line)
     study.tell(trial, state=TrialState.FAIL)
     assert reconcile_runs(study, client) == 1

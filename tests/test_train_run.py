@@ -1,5 +1,6 @@
 """One short experiment into a temporary real MLflow store, checked end to end; and the ways a run
 can end early (FAILED with the reason, KILLED with what was logged kept, refused before it exists)."""
+
 from __future__ import annotations
 
 import math
@@ -24,9 +25,19 @@ from harness.tracking import RunLogger, client_for
 from harness.training import NonFiniteLoss
 
 EPOCH_METRICS = ["train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "images_per_s", "epoch_seconds"]
-ARTIFACTS = ["config.yaml", "model_summary.txt", "data/train_samples.png", "eval/confusion_counts.png",
-             "eval/confusion_normalized.png", "eval/per_class.csv", "eval/per_class.png", "eval/misclassified.png",
-             "embeddings/tsne.png", "embeddings/umap.png", "checkpoint/model.pt"]
+ARTIFACTS = [
+    "config.yaml",
+    "model_summary.txt",
+    "data/train_samples.png",
+    "eval/confusion_counts.png",
+    "eval/confusion_normalized.png",
+    "eval/per_class.csv",
+    "eval/per_class.png",
+    "eval/misclassified.png",
+    "embeddings/tsne.png",
+    "embeddings/umap.png",
+    "checkpoint/model.pt",
+]
 
 
 def all_runs(uri: str):
@@ -57,12 +68,22 @@ def e2e(tmp_path_factory, cifar10_root, empty_mlflow_db):
 
     tmp = tmp_path_factory.mktemp("train_run")
     uri = new_tracking_uri(tmp, empty_mlflow_db)
-    cfg = make_tiny_config(cifar10_root, name="e2e", epochs=2,
-                           eval={"tsne": True, "umap": True, "log_model": True, "embedding_samples": 80})
+    cfg = make_tiny_config(
+        cifar10_root,
+        name="e2e",
+        epochs=2,
+        eval={"tsne": True, "umap": True, "log_model": True, "embedding_samples": 80},
+    )
     result = run_experiment(cfg, uri, progress=False)
     client = MlflowClient(uri)
-    return {"cfg": cfg, "uri": uri, "result": result, "client": client, "run": client.get_run(result.run_id),
-            "tmp": tmp}
+    return {
+        "cfg": cfg,
+        "uri": uri,
+        "result": result,
+        "client": client,
+        "run": client.get_run(result.run_id),
+        "tmp": tmp,
+    }
 
 
 @pytest.mark.slow
@@ -117,8 +138,14 @@ def test_per_epoch_metrics_history(e2e):
 @pytest.mark.slow
 def test_test_metrics_with_per_class_values(e2e):
     metrics, result = e2e["run"].data.metrics, e2e["result"]
-    for key in ("test_accuracy", "test_loss", "test_top5_accuracy", "test_macro_precision", "test_macro_recall",
-                "test_macro_f1"):
+    for key in (
+        "test_accuracy",
+        "test_loss",
+        "test_top5_accuracy",
+        "test_macro_precision",
+        "test_macro_recall",
+        "test_macro_f1",
+    ):
         assert metrics[key] == pytest.approx(result.metrics[key]), key
     for name in load_dataset(e2e["cfg"].data).classes:
         for kind in ("precision", "recall", "f1"):
@@ -165,7 +192,6 @@ def test_dataset_inputs_carry_our_digest(e2e):
 def _inputs(n: int = 16) -> torch.Tensor:
     ds_images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     return make_normalize("cpu")(ds_images)
-
 
 
 def test_fixed_costs_are_logged_by_stage(e2e):
@@ -269,6 +295,7 @@ def test_ctrl_c_ends_the_run_killed_keeping_its_metrics(cifar10_root, tracking_u
 
 def test_an_expected_stop_ends_the_run_finished(cifar10_root, tracking_uri, tiny_config):
     """What a study's pruning signal does: FINISHED, tagged with what stopped it, then re-raised."""
+
     class Pruned(Exception):
         pass
 
@@ -310,7 +337,8 @@ def test_logging_the_model_leaves_the_callers_model_as_it_was(cifar10_root, trac
     before = {k: v.clone() for k, v in model.state_dict().items()}
     log_model(RunLogger.start(client_for(tracking_uri), "models", "logged"), cfg, model)
     assert model.training and model.stages.stage1.block.convs[0].weight.is_contiguous(
-        memory_format=torch.channels_last)  # not switched to eval mode or to another layout in place
+        memory_format=torch.channels_last
+    )  # not switched to eval mode or to another layout in place
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 

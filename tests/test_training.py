@@ -1,5 +1,6 @@
 """Training loop: it learns, early stopping restores the best weights, callbacks, non-finite loss,
 every optimizer and schedule, deterministic mode, device selection, and no host read per step."""
+
 from __future__ import annotations
 
 import copy
@@ -14,8 +15,15 @@ from harness.data import load_dataset, make_normalize, make_splits
 from harness.evaluation import predict
 from harness.host_reads import HostReads
 from harness.models import build_model
-from harness.training import (EpochMetrics, NonFiniteLoss, build_optimizer, build_scheduler, fit, seed_everything,
-                              select_device)
+from harness.training import (
+    EpochMetrics,
+    NonFiniteLoss,
+    build_optimizer,
+    build_scheduler,
+    fit,
+    seed_everything,
+    select_device,
+)
 
 CPU = torch.device("cpu")
 
@@ -68,7 +76,7 @@ def test_early_stopping_stops_and_restores_the_best_weights(cifar10_root, tiny_c
     assert result.best_epoch == 1 + accs.index(max(accs))
     assert result.best_val_accuracy == max(accs)
     assert result.best_epoch < len(result.history)  # the last epoch did not improve
-    assert all(a <= result.best_val_accuracy for a in accs[result.best_epoch:])
+    assert all(a <= result.best_val_accuracy for a in accs[result.best_epoch :])
     final = model.state_dict()
     assert all(torch.equal(final[k], v) for k, v in states[result.best_epoch].items())
     assert not all(torch.equal(final[k], v) for k, v in states[len(result.history)].items())
@@ -85,8 +93,9 @@ def test_patience_zero_runs_every_epoch(cifar10_root, tiny_config):
 def test_prune_subset_watches_a_few_images_and_scores_the_kept_weights_on_all(cifar10_root, tiny_config):
     """Epochs are validated (for early stopping and the pruner) on the first `prune_subset` images;
     the weights kept are scored on the whole validation part, what a study selects on."""
-    cfg = tiny_config(cifar10_root, epochs=3, patience=0, data={"train_subset": 128, "val_subset": 40,
-                                                                 "prune_subset": 8})
+    cfg = tiny_config(
+        cifar10_root, epochs=3, patience=0, data={"train_subset": 128, "val_subset": 40, "prune_subset": 8}
+    )
     model, splits = setup(cfg)
     watched = []
     result = fit(model, splits, cfg, CPU, callbacks=[watched.append], progress=False)
@@ -105,8 +114,15 @@ def test_callbacks_get_each_epochs_metrics(cifar10_root, tiny_config):
     assert [m.epoch for m in first] == [1, 2, 3] and first == second == result.history
     for m in first:
         d = m.as_dict()
-        assert set(d) == {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "images_per_s",
-                          "epoch_seconds"}
+        assert set(d) == {
+            "train_loss",
+            "train_accuracy",
+            "val_loss",
+            "val_accuracy",
+            "lr",
+            "images_per_s",
+            "epoch_seconds",
+        }
         assert all(math.isfinite(v) for v in d.values())
         assert 0 <= m.train_accuracy <= 1 and 0 <= m.val_accuracy <= 1
         assert m.lr == cfg.lr and m.images_per_s > 0 and m.epoch_seconds > 0
@@ -142,14 +158,18 @@ def test_non_finite_loss_raises_naming_the_learning_rate(cifar10_root, tiny_conf
     assert "lower the learning rate" in msg
 
 
-@pytest.mark.parametrize("settings", [
-    {"optimizer": "sgd", "schedule": "onecycle"},
-    {"optimizer": "sgd", "schedule": "cosine", "nesterov": False},
-    {"optimizer": "sgd", "schedule": "step", "momentum": 0.0},  # nesterov needs momentum: turned off
-    {"optimizer": "adam", "schedule": "plateau"},
-    {"optimizer": "adamw", "schedule": "none", "label_smoothing": 0.1},
-    {"optimizer": "adamw", "schedule": "onecycle", "precision": "bf16", "channels_last": False},
-], ids=lambda s: "-".join(str(v) for v in s.values()))
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"optimizer": "sgd", "schedule": "onecycle"},
+        {"optimizer": "sgd", "schedule": "cosine", "nesterov": False},
+        {"optimizer": "sgd", "schedule": "step", "momentum": 0.0},  # nesterov needs momentum: turned off
+        {"optimizer": "adam", "schedule": "plateau"},
+        {"optimizer": "adamw", "schedule": "none", "label_smoothing": 0.1},
+        {"optimizer": "adamw", "schedule": "onecycle", "precision": "bf16", "channels_last": False},
+    ],
+    ids=lambda s: "-".join(str(v) for v in s.values()),
+)
 def test_each_optimizer_and_schedule_trains_an_epoch(cifar10_root, tiny_config, settings):
     cfg = tiny_config(cifar10_root, lr=0.01, data={"train_subset": 96, "val_subset": 32}, **settings)
     model, splits = setup(cfg)
@@ -166,6 +186,7 @@ def test_schedules_change_the_learning_rate_as_configured():
 
     def lrs(schedule, epochs=4, steps=5, **kw):
         from harness.config import Config
+
         cfg = Config(schedule=schedule, epochs=epochs, lr=0.1, **kw)
         opt = build_optimizer([{"params": model.parameters()}], cfg)
         sched, per_batch = build_scheduler(opt, cfg, steps)
@@ -211,15 +232,18 @@ def test_optimizer_and_schedule_tables_are_the_configs_choices_and_refuse_other_
 
 def test_param_groups_scale_the_learning_rate():
     from harness.config import Config
+
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    opt = build_optimizer([{"params": a.parameters(), "lr_scale": 0.1}, {"params": b.parameters()}],
-                          Config(lr=0.2, optimizer="adamw"))
+    opt = build_optimizer(
+        [{"params": a.parameters(), "lr_scale": 0.1}, {"params": b.parameters()}], Config(lr=0.2, optimizer="adamw")
+    )
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02, 0.2])
 
 
 def test_deterministic_mode_gives_identical_weights(cifar10_root, tiny_config):
-    cfg = tiny_config(cifar10_root, epochs=2, deterministic=True, model={"dropout": 0.2},
-                      data={"train_subset": 128, "val_subset": 32})
+    cfg = tiny_config(
+        cifar10_root, epochs=2, deterministic=True, model={"dropout": 0.2}, data={"train_subset": 128, "val_subset": 32}
+    )
     states, histories = [], []
     for _ in range(2):
         model, splits = setup(cfg)
@@ -231,8 +255,14 @@ def test_deterministic_mode_gives_identical_weights(cifar10_root, tiny_config):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     assert histories[0] == histories[1]
     # another seed gives other weights
-    other = tiny_config(cifar10_root, epochs=2, deterministic=True, seed=1,
-                        model={"dropout": 0.2}, data={"train_subset": 128, "val_subset": 32})
+    other = tiny_config(
+        cifar10_root,
+        epochs=2,
+        deterministic=True,
+        seed=1,
+        model={"dropout": 0.2},
+        data={"train_subset": 128, "val_subset": 32},
+    )
     model, splits = setup(other)
     fit(model, splits, other, CPU, progress=False)
     assert not all(torch.equal(states[0][k], model.state_dict()[k]) for k in states[0])
@@ -290,8 +320,16 @@ def test_an_epoch_reads_back_from_the_device_twice_not_per_step(cifar10_root, ti
     # 110 steps an epoch: the training sums and the validation sums are read once each (progress
     # bars: two more); the augmentation's randomness is drawn where the data is. (SGD: Adam keeps
     # its step count in a host tensor and reads it every step, which waits for nothing.)
-    cfg = tiny_config(cifar10_root, epochs=2, batch_size=4, lookahead=True, eval={"tta": True},
-                      optimizer="sgd", schedule="onecycle", data={"train_subset": 440, "val_subset": 40})
+    cfg = tiny_config(
+        cifar10_root,
+        epochs=2,
+        batch_size=4,
+        lookahead=True,
+        eval={"tta": True},
+        optimizer="sgd",
+        schedule="onecycle",
+        data={"train_subset": 440, "val_subset": 40},
+    )
     model, splits = setup(cfg)
     with HostReads() as reads:
         fit(model, splits, cfg, CPU, progress=progress)
@@ -306,9 +344,18 @@ class Killed(Exception):
 def test_a_resumed_fit_ends_where_an_uninterrupted_one_does(cifar10_root, tiny_config, tmp_path, schedule, lookahead):
     from harness import resume
 
-    cfg = tiny_config(cifar10_root, epochs=4, deterministic=True, optimizer="sgd", schedule=schedule,
-                      lookahead=lookahead, lr_patience=0, patience=3, model={"dropout": 0.2},
-                      data={"train_subset": 128, "val_subset": 32})
+    cfg = tiny_config(
+        cifar10_root,
+        epochs=4,
+        deterministic=True,
+        optimizer="sgd",
+        schedule=schedule,
+        lookahead=lookahead,
+        lr_patience=0,
+        patience=3,
+        model={"dropout": 0.2},
+        data={"train_subset": 128, "val_subset": 32},
+    )
     model, splits = setup(cfg)
     whole = fit(model, splits, cfg, CPU, progress=False)
     expected = model.state_dict()
@@ -328,7 +375,8 @@ def test_a_resumed_fit_ends_where_an_uninterrupted_one_does(cifar10_root, tiny_c
     torch.manual_seed(123)  # the global generator (dropout) must come back from the checkpoint
     resumed = fit(model, splits, cfg, CPU, progress=False, resume=resume.load(path), callbacks=[seen.append])
     assert [m.epoch for m in seen] == [1, 2, 3, 4]  # the held epochs replayed to the callbacks first
-    assert [vars(m) | {"epoch_seconds": 0, "images_per_s": 0} for m in resumed.history] == \
-           [vars(m) | {"epoch_seconds": 0, "images_per_s": 0} for m in whole.history]
+    assert [vars(m) | {"epoch_seconds": 0, "images_per_s": 0} for m in resumed.history] == [
+        vars(m) | {"epoch_seconds": 0, "images_per_s": 0} for m in whole.history
+    ]
     assert (resumed.best_epoch, resumed.best_val_accuracy) == (whole.best_epoch, whole.best_val_accuracy)
     assert all(torch.equal(expected[k], v) for k, v in model.state_dict().items())

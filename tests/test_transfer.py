@@ -8,6 +8,7 @@ The CIFAR-100 here has the real `cifar-100-python/` layout and fine + coarse lab
 classes in 5 superclasses rather than 100 in 20 (this module trains ten CIFAR-100 runs); the
 100-class loader itself is tested in test_data.py.
 """
+
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -44,10 +45,18 @@ def env(tmp_path_factory, cifar10_root, empty_mlflow_db):
     uri = new_tracking_uri(tmp, empty_mlflow_db)
     cfg = make_tiny_config(cifar10_root, label_smoothing=0.1, model={"dropout": 0.1}, eval={"log_model": True})
     source = run_experiment(cfg, uri, experiment="source", progress=False)
-    result = run_transfer(source.run_id, "cifar100", data_dir=str(c100), tracking_uri=uri, overrides=NO_MODEL,
-                          progress=False)
-    return {"tmp": tmp, "c10": cifar10_root, "data": c100, "uri": uri, "source": source, "result": result,
-            "client": MlflowClient(uri)}
+    result = run_transfer(
+        source.run_id, "cifar100", data_dir=str(c100), tracking_uri=uri, overrides=NO_MODEL, progress=False
+    )
+    return {
+        "tmp": tmp,
+        "c10": cifar10_root,
+        "data": c100,
+        "uri": uri,
+        "source": source,
+        "result": result,
+        "client": MlflowClient(uri),
+    }
 
 
 # ----------------------------------------------------------------------------
@@ -67,8 +76,7 @@ def test_parent_and_children_tags_nesting_and_metrics(env):
 
     names = ["probe", "finetune", "freeze_0", "freeze_1", "freeze_2", "scratch"]
     assert [c.name for c in result.children] == names
-    runs = client.search_runs([parent.info.experiment_id],
-                              f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{result.parent_run_id}'")
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{result.parent_run_id}'")
     by_name = {r.info.run_name: r for r in runs}
     assert sorted(by_name) == sorted(names)
     frozen = {"probe": "2", "finetune": "0", "freeze_0": "0", "freeze_1": "1", "freeze_2": "2", "scratch": "0"}
@@ -108,8 +116,9 @@ def test_depth_figure_plots_each_childs_accuracy(env):
         assert fig.get_suptitle() == "the title"
         assert len(fig.axes) == 2
         by_name = table.set_index("name")
-        for ax, key, label in zip(fig.axes, ["test_accuracy", "test_coarse_accuracy"],
-                                  ["fine, 15 classes", "coarse, 5 superclasses"]):
+        for ax, key, label in zip(
+            fig.axes, ["test_accuracy", "test_coarse_accuracy"], ["fine, 15 classes", "coarse, 5 superclasses"]
+        ):
             assert ax.get_ylabel() == f"target test accuracy, {label}"
             curve, *flat = ax.lines
             assert list(curve.get_xdata()) == [0, 1, 2]
@@ -128,8 +137,10 @@ def test_depth_figure_plots_each_childs_accuracy(env):
 def test_split_figure_draws_the_four_curves_and_base_b():
     from studies.split_study import split_figure
 
-    curves = pd.DataFrame({"AnB": [0.5, 0.25], "BnB": [0.75, 0.5], "AnB+": [0.625, 0.5], "BnB+": [0.75, 0.875],
-                           "baseB": [0.8, 0.8]}, index=pd.Index([1, 2], name="depth"))
+    curves = pd.DataFrame(
+        {"AnB": [0.5, 0.25], "BnB": [0.75, 0.5], "AnB+": [0.625, 0.5], "BnB+": [0.75, 0.875], "baseB": [0.8, 0.8]},
+        index=pd.Index([1, 2], name="depth"),
+    )
     fig = split_figure(curves, "A = a\nB = b")
     try:
         ax = fig.axes[0]
@@ -226,8 +237,13 @@ def test_freeze_keeps_frozen_modules_in_eval_mode():
 
 
 def test_expand_modes():
-    assert [n for n, _, _ in expand_modes("probe,freeze,scratch", 2)] == \
-        ["probe", "freeze_0", "freeze_1", "freeze_2", "scratch"]
+    assert [n for n, _, _ in expand_modes("probe,freeze,scratch", 2)] == [
+        "probe",
+        "freeze_0",
+        "freeze_1",
+        "freeze_2",
+        "scratch",
+    ]
     with pytest.raises(TransferError, match="unknown transfer mode 'freeze_5'"):
         expand_modes(["freeze_5"], 2)
 
@@ -240,8 +256,13 @@ def _one_line(excinfo) -> str:
 
 def test_missing_source_run_fails_with_one_line(env):
     with pytest.raises(RunNotFound) as e:
-        run_transfer("0123456789abcdef0123456789abcdef", "cifar100", data_dir=str(env["data"]),
-                     tracking_uri=env["uri"], progress=False)
+        run_transfer(
+            "0123456789abcdef0123456789abcdef",
+            "cifar100",
+            data_dir=str(env["data"]),
+            tracking_uri=env["uri"],
+            progress=False,
+        )
     assert "not found" in _one_line(e)
 
 
@@ -253,8 +274,7 @@ def test_source_without_model_fails_with_one_line(env):
     run.log_text(C.to_yaml(cfg), "config.yaml")
     run.end("FINISHED")
     with pytest.raises(RunNotFound) as e:
-        run_transfer(run.run_id, "cifar100", data_dir=str(env["data"]), tracking_uri=env["uri"],
-                     progress=False)
+        run_transfer(run.run_id, "cifar100", data_dir=str(env["data"]), tracking_uri=env["uri"], progress=False)
     assert "no model checkpoint" in _one_line(e)
 
 
@@ -262,26 +282,44 @@ def test_missing_target_data_fails_with_one_line_before_any_run(env, tmp_path):
     client = env["client"]
     before = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
     with pytest.raises(DatasetError) as e:
-        run_transfer(env["source"].run_id, "cifar100", data_dir=str(tmp_path), tracking_uri=env["uri"],
-                     overrides=["data.download=false"], progress=False)
+        run_transfer(
+            env["source"].run_id,
+            "cifar100",
+            data_dir=str(tmp_path),
+            tracking_uri=env["uri"],
+            overrides=["data.download=false"],
+            progress=False,
+        )
     assert "cifar100 not found" in _one_line(e) and "--data-dir" in str(e.value)
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == before
 
 
 def test_best_of_unknown_study_fails_with_one_line(env, tmp_path):
-    from studies.options import StudyError
-
     import optuna
+
+    from studies.options import StudyError
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     with pytest.raises(StudyError) as e:  # no storage there at all
-        run_transfer("best:nosuchstudy", "cifar100", data_dir=str(env["data"]), tracking_uri=env["uri"],
-                     storage=storage, progress=False)
+        run_transfer(
+            "best:nosuchstudy",
+            "cifar100",
+            data_dir=str(env["data"]),
+            tracking_uri=env["uri"],
+            storage=storage,
+            progress=False,
+        )
     assert "no study storage at" in _one_line(e) and "--storage" in _one_line(e)
     optuna.storages.RDBStorage(storage)  # a storage without that study
     with pytest.raises(StudyError) as e:
-        run_transfer("best:nosuchstudy", "cifar100", data_dir=str(env["data"]), tracking_uri=env["uri"],
-                     storage=storage, progress=False)
+        run_transfer(
+            "best:nosuchstudy",
+            "cifar100",
+            data_dir=str(env["data"]),
+            tracking_uri=env["uri"],
+            storage=storage,
+            progress=False,
+        )
     msg = _one_line(e)
     # it names the study, where it looked, what is there, and the option that looks elsewhere
     assert "study 'nosuchstudy' not found in" in msg and storage in msg
@@ -299,8 +337,15 @@ def test_failing_child_is_recorded_and_the_study_goes_on(env, monkeypatch):
         return build(source, mode, *args, **kwargs)
 
     monkeypatch.setattr(T, "build_child", broken)
-    result = run_transfer(env["source"].run_id, "cifar100", data_dir=str(env["data"]), tracking_uri=env["uri"],
-                          overrides=CHILD, modes=["probe", "freeze_2"], progress=False)
+    result = run_transfer(
+        env["source"].run_id,
+        "cifar100",
+        data_dir=str(env["data"]),
+        tracking_uri=env["uri"],
+        overrides=CHILD,
+        modes=["probe", "freeze_2"],
+        progress=False,
+    )
     client = env["client"]
     assert [c.status for c in result.children] == ["FAILED", "FINISHED"]
     probe = client.get_run(result.child("probe").run_id)
@@ -323,8 +368,15 @@ def test_parent_fails_when_every_child_fails(env, monkeypatch):
         raise NonFiniteLoss("non-finite training loss (nan) at epoch 1, batch 1: lower the learning rate")
 
     monkeypatch.setattr("harness.experiment.fit", diverging)  # what train_run calls
-    result = run_transfer(env["source"].run_id, "cifar10", data_dir=str(env["c10"]), tracking_uri=env["uri"],
-                          overrides=NO_MODEL, modes=["freeze_2", "scratch"], progress=False)
+    result = run_transfer(
+        env["source"].run_id,
+        "cifar10",
+        data_dir=str(env["c10"]),
+        tracking_uri=env["uri"],
+        overrides=NO_MODEL,
+        modes=["freeze_2", "scratch"],
+        progress=False,
+    )
     client = env["client"]
     for c in result.children:
         run = client.get_run(c.run_id)
@@ -348,8 +400,12 @@ def test_split_classes():
 
 
 def test_split_study_metrics_by_depth(env):
-    result = run_split_study(data_dir=str(env["c10"]), tracking_uri=env["uri"],
-                             overrides=C.to_dict(make_tiny_config(env["c10"])), progress=False)
+    result = run_split_study(
+        data_dir=str(env["c10"]),
+        tracking_uri=env["uri"],
+        overrides=C.to_dict(make_tiny_config(env["c10"])),
+        progress=False,
+    )
     client = env["client"]
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and not result.failed
@@ -405,13 +461,34 @@ def test_transfer_from_the_command_line(env, capsys):
 
 
 def test_split_study_from_the_command_line(env, capsys):
-    tiny = ["epochs=1", "batch_size=32", "model.widths=[8,16]", "model.head_width=16", "data.download=false",
-            "device=cpu", "precision=fp32", "eval.log_model=false", "data.test_subset=100"]
-    code, out, err = _cli(capsys, "split-study", "--data-dir", str(env["c10"]), "--tracking-uri", env["uri"],
-                          "--classes-a", "airplane,automobile,bird,cat,deer", "--depths", "1", "--quiet",
-                          *[a for s in tiny for a in ("--set", s)])
+    tiny = [
+        "epochs=1",
+        "batch_size=32",
+        "model.widths=[8,16]",
+        "model.head_width=16",
+        "data.download=false",
+        "device=cpu",
+        "precision=fp32",
+        "eval.log_model=false",
+        "data.test_subset=100",
+    ]
+    code, out, err = _cli(
+        capsys,
+        "split-study",
+        "--data-dir",
+        str(env["c10"]),
+        "--tracking-uri",
+        env["uri"],
+        "--classes-a",
+        "airplane,automobile,bird,cat,deer",
+        "--depths",
+        "1",
+        "--quiet",
+        *[a for s in tiny for a in ("--set", s)],
+    )
     assert code == 0, err
     assert "A = airplane, automobile, bird, cat, deer" in out and "split study parent run" in out
-    code, out, err = _cli(capsys, "split-study", "--data-dir", str(env["c10"]), "--tracking-uri", env["uri"],
-                          "--depths", "7", "--quiet")
+    code, out, err = _cli(
+        capsys, "split-study", "--data-dir", str(env["c10"]), "--tracking-uri", env["uri"], "--depths", "7", "--quiet"
+    )
     assert code == 2 and len(err) == 1 and "bad depths [7]" in err[0]

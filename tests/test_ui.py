@@ -5,6 +5,7 @@ the study run shows in the runs table, and its trial runs once it is expanded, a
 click. The MLflow UI renders on the client, so the test waits for the table rather than dumping the
 first HTML. Where no Chromium can be had the browser test skips, saying so (`.ci/run` installs it).
 """
+
 from __future__ import annotations
 
 import queue
@@ -90,8 +91,13 @@ def test_port_in_use_is_one_line(store, capsys):
 @pytest.mark.slow
 def test_missing_study_from_the_installed_command(store, tmp_path):
     script = Path(sys.executable).parent / "harness"
-    proc = subprocess.run([str(script), "ui", "--study", "missing", "--tracking-uri", store], capture_output=True,
-                          text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [str(script), "ui", "--study", "missing", "--tracking-uri", store],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "harness" in line]
     assert len(errors) == 1 and "no study 'missing'" in errors[0] and "known" in errors[0], proc.stderr
@@ -117,9 +123,30 @@ def study_store(tmp_path_factory, cifar10_root) -> str:
     space = tmp / "space.yaml"
     space.write_text(SPACE)
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    args = ["tune", "--study", STUDY, "--space", str(space), "--trials", str(TRIALS), "--storage",
-            f"sqlite:///{tmp / 'optuna.db'}", "--tracking-uri", uri, "--data-dir", str(cifar10_root),
-            "--sampler", "random", "--pruner", "none", "--seed", "0", "--quiet", "--evaluate", "inline"]
+    args = [
+        "tune",
+        "--study",
+        STUDY,
+        "--space",
+        str(space),
+        "--trials",
+        str(TRIALS),
+        "--storage",
+        f"sqlite:///{tmp / 'optuna.db'}",
+        "--tracking-uri",
+        uri,
+        "--data-dir",
+        str(cifar10_root),
+        "--sampler",
+        "random",
+        "--pruner",
+        "none",
+        "--seed",
+        "0",
+        "--quiet",
+        "--evaluate",
+        "inline",
+    ]
     assert main([*args, *as_sets(FIXED)]) == 0
     return uri
 
@@ -137,15 +164,37 @@ def test_ui_opens_the_study_runs_in_a_real_browser(study_store, chromium, tmp_pa
     exp = client.get_experiment_by_name(STUDY)
     # (b) the experiment says what it holds and how to browse it
     note = exp.tags[NOTE_TAG]
-    for words in (f"study-{STUDY}", "trial-<n>", "summary/", f"harness compare --study {STUDY}",
-                  f"harness best --study {STUDY}", f"harness report --study {STUDY}"):
+    for words in (
+        f"study-{STUDY}",
+        "trial-<n>",
+        "summary/",
+        f"harness compare --study {STUDY}",
+        f"harness best --study {STUDY}",
+        f"harness report --study {STUDY}",
+    ):
         assert words in note, note
 
     port = free_port()
     started = time.monotonic()
-    ui = subprocess.Popen([sys.executable, "-m", "harness.cli", "ui", "--study", STUDY, "--no-browser",
-                           "--port", str(port), "--tracking-uri", study_store],
-                          stdout=subprocess.PIPE, stderr=open(tmp_path / "ui.err", "w"), text=True, cwd=tmp_path)
+    ui = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "ui",
+            "--study",
+            STUDY,
+            "--no-browser",
+            "--port",
+            str(port),
+            "--tracking-uri",
+            study_store,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=open(tmp_path / "ui.err", "w"),
+        text=True,
+        cwd=tmp_path,
+    )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=read_lines, args=(ui.stdout, lines), daemon=True).start()
     out: list[str] = []
@@ -180,8 +229,10 @@ def test_ui_opens_the_study_runs_in_a_real_browser(study_store, chromium, tmp_pa
             assert clicked, "no expander on the study run's row"
         page = browser.wait_for_text(*trials)
         rendered = time.monotonic()
-        print(f"harness ui answered in {ready - started:.1f} s; the browser showed the trials "
-              f"{rendered - ready:.1f} s later")
+        print(
+            f"harness ui answered in {ready - started:.1f} s; the browser showed the trials "
+            f"{rendered - ready:.1f} s later"
+        )
     finally:
         if browser is not None:
             browser.close()

@@ -1,4 +1,5 @@
 """The statistics behind every interval and test the harness prints, against scipy on fixed numbers."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,15 @@ import math
 import pytest
 from scipy import stats
 
-from harness.uncertainty import (accuracy_interval, distinguishable, interval_metrics, mean_interval, overlaps,
-                                 prediction_interval, welch_p)
+from harness.uncertainty import (
+    accuracy_interval,
+    distinguishable,
+    interval_metrics,
+    mean_interval,
+    overlaps,
+    prediction_interval,
+    welch_p,
+)
 
 
 def test_wilson_interval_of_an_accuracy():
@@ -20,7 +28,10 @@ def test_wilson_interval_of_an_accuracy():
     assert two_k[1] - two_k[0] > 2 * (high - low)  # 2,000 images: over twice as wide
     assert accuracy_interval(1.0, 50)[1] == pytest.approx(1.0)  # Wilson stays inside [0, 1]
     assert all(math.isnan(v) for v in accuracy_interval(0.5, 0))
-    assert interval_metrics("test_accuracy", 0.78, 10_000) == {"test_accuracy_ci_low": low, "test_accuracy_ci_high": high}
+    assert interval_metrics("test_accuracy", 0.78, 10_000) == {
+        "test_accuracy_ci_low": low,
+        "test_accuracy_ci_high": high,
+    }
 
 
 def test_mean_and_t_interval():
