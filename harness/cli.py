@@ -63,6 +63,19 @@ def add_storage_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    """How a study's (or a confirmation's) runs are trained: processes, heartbeats, evaluation."""
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (spread over its GPUs)")
+    p.add_argument("--heartbeat", type=int, default=30, help="seconds between a run's heartbeats")
+    p.add_argument(
+        "--evaluate",
+        choices=("background", "inline"),
+        default="background",
+        help="a run's test set, figures and model: by a background process while the next run "
+        "trains, or by the worker before it",
+    )
+
+
 def add_quiet_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -469,15 +482,7 @@ def add_tune(sub) -> None:
         default="accuracy",
         help="validation accuracy alone, or against parameter count / CPU latency (Pareto front)",
     )
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (spread over its GPUs)")
-    p.add_argument("--heartbeat", type=int, default=30, help="seconds between trial heartbeats")
-    p.add_argument(
-        "--evaluate",
-        choices=("background", "inline"),
-        default="background",
-        help="a trial's test set, figures and model: by a background process while the next trial "
-        "trains, or by the worker before it",
-    )
+    add_worker_args(p)
     p.add_argument(
         "--confirm-top",
         type=int,
@@ -514,15 +519,8 @@ def add_confirm(sub) -> None:
     p.add_argument("--study", required=True)
     p.add_argument("--top", type=int, default=3, metavar="K", help="the K best trials (by validation accuracy)")
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="new seeds for each (model init, data order)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--timeout", type=float, help="start no run after this many seconds (run again to resume)")
-    p.add_argument("--heartbeat", type=int, default=30, help="seconds between run heartbeats")
-    p.add_argument(
-        "--evaluate",
-        choices=("background", "inline"),
-        default="background",
-        help="each run's test set, figures and model: by a background process, or by the worker",
-    )
+    add_worker_args(p)
     p.add_argument("--data-dir", metavar="DIR", help="data root, if not where the trials found it")
     p.add_argument(
         "--set",
