@@ -25,7 +25,7 @@ from harness.uncertainty import ALPHA, distinguishable, mean_interval, welch_p
 from studies.driver import run_workers
 from studies.options import StudyError, TuneOptions
 from studies.plans import confirmation_name
-from studies.report import champion_uri, register_champion
+from studies.report import champion_uri, champion_version, register_champion
 
 
 @dataclass
@@ -170,11 +170,11 @@ def means_figure(table: pd.DataFrame, runs: pd.DataFrame):
             err = [[row[f"{what}_mean"] - row[f"{what}_ci_low"]], [row[f"{what}_ci_high"] - row[f"{what}_mean"]]]
             ax.errorbar(row[f"{what}_mean"], i, xerr=err, fmt="o", color=colour, capsize=4, markersize=7)
             seeds = runs.loc[runs["trial"] == row["trial"], f"{what}_accuracy"]
-            ax.scatter(seeds, [i] * len(seeds), marker="|", color=colour, s=120, alpha=0.6)
-        ax.set_title(f"{what} accuracy: mean, 95% t interval, seeds")
-        ax.set_yticks(range(len(table)), labels)
-        ax.invert_yaxis()
+            ax.scatter(seeds, [i + 0.18] * len(seeds), marker="x", color=colour, s=30, alpha=0.8)
+        ax.set_title(f"{what} accuracy: mean, 95% t interval, seeds (x)")
         ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(table)), labels)
+    axes[0].set_ylim(len(table) - 0.5, -0.5)  # best first, at the top (the axes share y)
     fig.suptitle(
         f"Confirmation: {int(table['n'].min())} seeds per configuration "
         "(green: best mean; blue: not distinguishable from it; grey: worse)"
@@ -202,6 +202,9 @@ def settle_confirmed_champion(client, study: optuna.Study, runs: pd.DataFrame, b
     tuning.set_user_attr("confirmed_champion", summary)
     if not uri:
         return None, chosen["run_id"]
+    current = champion_version(client, tuning.study_name)
+    if current is not None and current.run_id == chosen["run_id"]:  # (reported again: already registered)
+        return champion_uri(tuning.study_name), chosen["run_id"]
     tags = {
         "study": tuning.study_name,
         "trial_number": str(int(best["trial"])),

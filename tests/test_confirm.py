@@ -153,10 +153,13 @@ def test_confirmation_tells_seeds_from_configurations(env, confirmed, capsys):
 def test_confirmation_resumes_as_it_was(env, confirmed, capsys):
     """Run again, the confirmation runs nothing more and prints the same table."""
     before = len(env.confirmation_runs("known"))
+    client = MlflowClient(env.tracking)
+    versions = len(client.search_model_versions("name = 'known'"))
     assert main(env.confirm_args("known", 3, 3)) == 0
     out = capsys.readouterr().out
     assert "not distinguishable at n=3" in out and "champion: models:/known@champion" in out
     assert len(env.confirmation_runs("known")) == before
+    assert len(client.search_model_versions("name = 'known'")) == versions  # its champion is not registered again
     # another plan for the same study: refused in one line, before any run
     assert main(env.confirm_args("known", 2, 3)) == 2
     err = capsys.readouterr().err.strip()
