@@ -33,20 +33,20 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help=f"data root holding cifar-10-batches-py/ (default: ${C.DATA_DIR_ENV} or ./data)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a setting, dotted for nested ones: --set epochs=1 --set data.train_subset=10000",
-    )
+    add_set_arg(p)
     p.add_argument(
         "--profile",
         choices=C.PROFILES,
         default="auto",
         help="the config's (and a study space's) budget: quick for CPUs, full for GPUs; auto picks by device",
     )
+
+
+def add_set_arg(
+    p: argparse.ArgumentParser,
+    help: str = "override a setting, dotted for nested ones: --set epochs=1 --set data.train_subset=10000",
+) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
 def add_tracking_arg(p: argparse.ArgumentParser) -> None:
@@ -188,18 +188,10 @@ def _print_trial(best, study=None) -> None:
     print(f"best trial {best.number}: objective {values}{interval}; MLflow run {best.user_attrs.get('mlflow_run_id')}")
     for k, v in best.params.items():
         print(f"  {k} = {v}")
-    if study is not None and ci:
-        from harness.uncertainty import overlaps
+    if study is not None:
+        from studies.results import not_told_apart
 
-        tied = [
-            t.number
-            for t in study.get_trials(deepcopy=False)
-            if t.number != best.number
-            and t.user_attrs.get("val_ci")
-            and t.state.name == "COMPLETE"
-            and overlaps(t.user_attrs["val_ci"], ci)
-        ]
-        if tied:
+        if tied := not_told_apart(study, best):
             print(
                 f"  not told apart from it by one run each (overlapping 95% validation intervals): trial(s) "
                 f"{', '.join(map(str, tied))}; `harness confirm --study {study.study_name}` retrains the top "
@@ -522,14 +514,7 @@ def add_confirm(sub) -> None:
     p.add_argument("--timeout", type=float, help="start no run after this many seconds (run again to resume)")
     add_worker_args(p)
     p.add_argument("--data-dir", metavar="DIR", help="data root, if not where the trials found it")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="change a setting of every run (e.g. eval.figures=false)",
-    )
+    add_set_arg(p, "change a setting of every run (e.g. eval.figures=false)")
     add_storage_arg(p)
     add_tracking_arg(p)
     add_quiet_arg(p)
@@ -572,7 +557,7 @@ def add_transfer(sub) -> None:
     p.add_argument("--modes", help="comma list of probe,finetune,freeze,freeze_K,scratch")
     add_storage_arg(p)
     p.add_argument("--data-dir", metavar="DIR")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_set_arg(p)
     add_tracking_arg(p)
     add_quiet_arg(p)
     p.set_defaults(func=cmd_transfer)

@@ -23,6 +23,12 @@ class SeedReport:
     table: pd.DataFrame  # per metric: original, n, mean, interval, sd, min, max, prediction interval, inside
 
 
+def new_seeds(base_seed: int, n: int) -> list[int]:
+    """N seeds a run was not trained with: base+1..base+N (model initialization and data order; the
+    train/validation split has a seed of its own). `harness confirm` uses the same."""
+    return [base_seed + 1 + i for i in range(n)]
+
+
 def reproduce_seeds(
     run_id: str, seeds: int, tracking_uri: str | None = None, data_dir: str | None = None, progress: bool = True
 ) -> SeedReport:
@@ -35,7 +41,7 @@ def reproduce_seeds(
     original = get_run(client, run_id).data.metrics
     base = load_run_config(client, run_id).seed
     rows = []
-    for seed in range(base + 1, base + 1 + seeds):
+    for seed in new_seeds(base, seeds):
         result, _ = reproduce(run_id, tracking_uri, data_dir, progress=progress, seed=seed)
         rows.append(
             {

@@ -26,6 +26,7 @@ from studies.driver import run_workers
 from studies.options import StudyError, TuneOptions
 from studies.plans import confirmation_name
 from studies.report import champion_uri, champion_version, register_champion
+from studies.results import load
 
 
 @dataclass
@@ -58,21 +59,19 @@ def confirm(opts: TuneOptions) -> ConfirmResult:
     )
     study, client, parent = run_workers(copts)
     drain(opts.tracking_uri)  # test accuracies of runs evaluated in the background
-    return report_confirmation(study, client, parent)
+    return report_confirmation(study, load(opts.study, opts.storage), client, parent)
 
 
-def report_confirmation(study: optuna.Study, client, parent: str) -> ConfirmResult:
+def report_confirmation(study: optuna.Study, tuning: optuna.Study, client, parent: str) -> ConfirmResult:
     """The confirmation's table, figure and champion, logged on the tuning study's run."""
     runs = confirmation_runs(study, client)
     if runs.empty:
         raise StudyError(f"study {study.study_name} has no finished confirmation run yet: run the same command")
-    n = int(runs.groupby("trial").size().min())
     table = confirmation_table(runs, study.user_attrs.get("original_values") or {})
-    verdict = verdict_line(table, n)
+    verdict = verdict_line(table)
     logger = RunLogger(client, parent)
     logger.log_table(table, "confirmation/table.csv")
     logger.log_table(runs, "confirmation/runs.csv")
-    logger.log_text(table.to_markdown(index=False, floatfmt=".4f") + "\n\n" + verdict + "\n", "confirmation/table.md")
     logger.log_figure(means_figure(table, runs), "confirmation/means.png")
     best = table.iloc[0]
     logger.set_tags({"confirmed_trial": int(best["trial"]), "confirmation": verdict})
@@ -83,8 +82,10 @@ def report_confirmation(study: optuna.Study, client, parent: str) -> ConfirmResu
             "confirmation_runs": len(runs),
         }
     )
-    champion, run_id = settle_confirmed_champion(client, study, runs, best, parent)
-    return ConfirmResult(table, runs, verdict, champion, run_id)
+    champion, run_id = settle_confirmed_champion(client, tuning, runs, best, parent)
+    result = ConfirmResult(table, runs, verdict, champion, run_id)
+    logger.log_text(result.markdown(), "confirmation/table.md")
+    return result
 
 
 def confirmation_runs(study: optuna.Study, client) -> pd.DataFrame:
@@ -133,8 +134,9 @@ def confirmation_table(runs: pd.DataFrame, original: dict | None = None) -> pd.D
     return table
 
 
-def verdict_line(table: pd.DataFrame, n: int) -> str:
+def verdict_line(table: pd.DataFrame) -> str:
     """The sentence a researcher reads first: which configurations cannot be told apart."""
+    n = int(table["n"].min())
     tied = [int(t) for t, v in zip(table["trial"], table["verdict"]) if v in ("best", "not distinguishable")]
     best = int(table.loc[0, "trial"])
     if len(table) == 1:
@@ -183,13 +185,12 @@ def means_figure(table: pd.DataFrame, runs: pd.DataFrame):
     return fig
 
 
-def settle_confirmed_champion(client, study: optuna.Study, runs: pd.DataFrame, best: pd.Series, parent: str):
+def settle_confirmed_champion(client, tuning: optuna.Study, runs: pd.DataFrame, best: pd.Series, parent: str):
     """Register the best configuration's run nearest its mean as the champion; the tuning study's live
     updates leave the alias there from now on (its user attr `confirmed_champion`)."""
     mine = runs[runs["trial"] == best["trial"]].copy()
     mine["distance"] = (mine["val_accuracy"] - best["val_mean"]).abs()
     chosen = mine.sort_values(["distance", "seed"]).iloc[0]
-    tuning = optuna.load_study(study_name=study.user_attrs["confirms"], storage=study._storage)
     uri = client.get_run(chosen["run_id"]).data.tags.get(MODEL_URI_TAG)
     summary = {
         "trial": int(best["trial"]),

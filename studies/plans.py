@@ -11,15 +11,17 @@ and its seed. Its runs nest under the tuning study's run (run_kind `confirmation
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import optuna
 from optuna.trial import TrialState
 
 from harness import config as C
+from harness.reproduce import new_seeds
 from harness.tracking import open_client
 from studies.options import StudyError, TuneOptions
+from studies.report import update_study_run
 from studies.space import Space, sample
 
 CONFIRM_SUFFIX = ":confirm"
@@ -32,6 +34,7 @@ class Plan(Protocol):
     def config(self, trial: optuna.Trial) -> C.Config: ...
     def tags(self, trial: optuna.Trial) -> dict: ...
     def run_name(self, trial: optuna.Trial) -> str: ...
+    def after_trial(self, study: optuna.Study, client, parent_run_id: str) -> None: ...
 
 
 @dataclass
@@ -42,6 +45,7 @@ class SearchPlan:
     base: C.Config
     study: str
     run_kind: str = "trial"
+    settled: dict = field(default_factory=dict)  # the champion this worker settled (update_study_run)
 
     def has_work(self, trial) -> bool:
         return True
@@ -54,6 +58,10 @@ class SearchPlan:
 
     def run_name(self, trial) -> str:
         return f"trial-{trial.number}"
+
+    def after_trial(self, study, client, parent_run_id) -> None:
+        """The study run's row, live: counts, best trial, champion."""
+        update_study_run(study, client, parent_run_id, settled=self.settled)
 
 
 @dataclass
@@ -83,6 +91,9 @@ class ConfirmationPlan:
     def run_name(self, trial) -> str:
         return f"confirm-{trial.user_attrs['confirms_trial']}-seed{trial.user_attrs['seed']}"
 
+    def after_trial(self, study, client, parent_run_id) -> None:
+        """Nothing: the study run's row is the tuning study's; a confirmation reports at its end."""
+
 
 def confirmation_name(study: str) -> str:
     return study + CONFIRM_SUFFIX
@@ -94,11 +105,6 @@ def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
     if not done:
         raise StudyError(f"study {study.study_name} has no complete trial to confirm: run `harness tune` first")
     return sorted(done, key=lambda t: (-t.values[0], t.number))[:k]
-
-
-def seeds_for(base_seed: int, n: int) -> list[int]:
-    """N new seeds (model initialization and data order; the train/validation split has its own)."""
-    return [base_seed + 1 + i for i in range(n)]
 
 
 def prepare_plan(opts: TuneOptions):
@@ -115,7 +121,7 @@ def prepare_confirmation(opts: TuneOptions):
     """Create or join `opts.study` (= `<tuning study>:confirm`), queueing its runs when creating it."""
     from harness.checkpoints import load_run_config
     from studies.results import load
-    from studies.study import open_storage
+    from studies.study import create_or_join, open_storage
 
     os.environ.pop("MLFLOW_RUN_ID", None)
     tuning = load(opts.confirms, opts.storage)
@@ -125,24 +131,9 @@ def prepare_confirmation(opts: TuneOptions):
     top = top_trials(tuning, opts.confirm_top)
     client = open_client(opts.tracking_uri)
     configs = {t.number: _rerun_config(load_run_config(client, _run_id(t)), opts) for t in top}
-    storage = open_storage(opts)
-    try:
-        study = optuna.create_study(
-            study_name=opts.study,
-            storage=storage,
-            direction="maximize",
-            sampler=optuna.samplers.RandomSampler(),
-            pruner=optuna.pruners.NopPruner(),
-        )
-        created = True
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(
-            study_name=opts.study,
-            storage=storage,
-            sampler=optuna.samplers.RandomSampler(),
-            pruner=optuna.pruners.NopPruner(),
-        )
-        created = False
+    study, created = create_or_join(
+        opts.study, open_storage(opts), ["maximize"], optuna.samplers.RandomSampler(), optuna.pruners.NopPruner()
+    )
     plan = {"trials": [t.number for t in top], "seeds": opts.confirm_seeds}
     if created:
         for key, value in {
@@ -155,7 +146,7 @@ def prepare_confirmation(opts: TuneOptions):
         }.items():
             study.set_user_attr(key, value)
         for t in top:
-            for seed in seeds_for(configs[t.number].seed, opts.confirm_seeds):
+            for seed in new_seeds(configs[t.number].seed, opts.confirm_seeds):
                 study.enqueue_trial(
                     {}, user_attrs={"confirms_trial": t.number, "confirms_run": _run_id(t), "seed": seed}
                 )

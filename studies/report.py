@@ -22,8 +22,7 @@ from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
 from harness.tracking import MODEL_URI_TAG, RunLogger, error_line
-from harness.uncertainty import overlaps
-from studies.results import best_trial
+from studies.results import best_trial, not_told_apart
 from studies.space import builds_widths
 
 PLOTS = {
@@ -300,31 +299,22 @@ def compare_table(
                 table[col] = runs[prefix + col]
     if sort not in table:
         raise ValueError(f"bad --sort {sort!r}: choose one of {', '.join(table.columns)}")
-    table["vs_best"] = mark_best(table)
+    table["vs_best"] = mark_best(table, study)
     ascending = sort in ("trial", "params", "epochs")
     return table.sort_values(sort, ascending=ascending, na_position="last").reset_index(drop=True)
 
 
-def mark_best(table: pd.DataFrame) -> list[str]:
-    """`best` for the most accurate complete trial, `~best` for each whose 95% validation interval
-    overlaps the best's: single runs that cannot be told apart from it (a screen; `harness confirm`
-    tests it with seeds)."""
-    done = table[(table["state"] == "COMPLETE") & table["val_accuracy"].notna()]
-    if done.empty:
+def mark_best(table: pd.DataFrame, study: optuna.Study) -> list[str]:
+    """`best` on the best trial's row, `~best` on the rows of the trials whose 95% validation interval
+    overlaps its own (`results.not_told_apart`)."""
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return [""] * len(table)
-    best = done["val_accuracy"].idxmax()
-    low, high = table.loc[best, "val_ci_low"], table.loc[best, "val_ci_high"]
-    marks = []
-    for i, row in table.iterrows():
-        ok = row["state"] == "COMPLETE" and pd.notna(row["val_ci_low"]) and pd.notna(low)
-        marks.append(
-            "best"
-            if i == best
-            else "~best"
-            if ok and overlaps((row["val_ci_low"], row["val_ci_high"]), (low, high))
-            else ""
-        )
-    return marks
+    best = best_trial(study)
+    tied = set(not_told_apart(study, best))
+    return [
+        "" if state != "COMPLETE" else "best" if n == best.number else "~best" if n in tied else ""
+        for n, state in zip(table["trial"], table["state"])
+    ]
 
 
 def _numeric(column: pd.Series) -> pd.Series:

@@ -6,6 +6,7 @@ import optuna
 from optuna.trial import TrialState
 
 from harness.tracking import redact
+from harness.uncertainty import overlaps
 from studies.options import StudyError
 from studies.study import existing_storage
 
@@ -30,6 +31,19 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     if len(study.directions) == 1:
         return study.best_trial
     return max(study.best_trials, key=lambda t: t.values[0])
+
+
+def not_told_apart(study: optuna.Study, best: optuna.trial.FrozenTrial) -> list[int]:
+    """The complete trials whose 95% validation interval (user attr `val_ci`) overlaps `best`'s: single
+    runs that cannot be told apart from it (a screen; `harness confirm` tests it with seeds)."""
+    ci = best.user_attrs.get("val_ci")
+    if not ci:
+        return []
+    return [
+        t.number
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.number != best.number and t.user_attrs.get("val_ci") and overlaps(t.user_attrs["val_ci"], ci)
+    ]
 
 
 def best_run_id(study_name: str, storage: str | None = None, tracking_uri: str | None = None) -> str:

@@ -223,6 +223,18 @@ def _check_space(study: optuna.Study, name: str, defined: dict | None) -> None:
         )
 
 
+def create_or_join(name: str, storage, directions: list[str], sampler, pruner) -> tuple[optuna.Study, bool]:
+    """The study, and whether this call created it: creating is the atomic step that decides who
+    sets a new study up (its run, its queued trials) when several workers start at once."""
+    try:
+        study = optuna.create_study(
+            study_name=name, storage=storage, directions=directions, sampler=sampler, pruner=pruner
+        )
+        return study, True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner), False
+
+
 def open_study(
     opts: TuneOptions, storage, base: C.Config, client=None, first_trial: dict | None = None, space: Space | None = None
 ) -> tuple[optuna.Study, str]:
@@ -239,14 +251,7 @@ def open_study(
     multi = len(dirs) > 1
     sampler = make_sampler(opts.sampler, opts.seed)
     pruner = make_pruner(opts.pruner, base.epochs, multi)
-    try:
-        study = optuna.create_study(
-            study_name=opts.study, storage=storage, directions=dirs, sampler=sampler, pruner=pruner
-        )
-        created = True
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=opts.study, storage=storage, sampler=sampler, pruner=pruner)
-        created = False
+    study, created = create_or_join(opts.study, storage, dirs, sampler, pruner)
     if [d.name.lower() for d in study.directions] != dirs:
         raise StudyError(
             f"study {opts.study} was created with other objectives "

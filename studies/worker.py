@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import optuna
 from optuna.trial import TrialState
@@ -29,7 +29,6 @@ from harness.uncertainty import accuracy_interval
 from studies.options import StudyError, TuneOptions
 from studies.plans import Plan, prepare_plan
 from studies.reconcile import finish_study_run, reconcile_runs
-from studies.report import update_study_run
 from studies.slurm import slurm_tags
 from studies.study import requeue
 
@@ -96,7 +95,6 @@ class Worker:
     dataset: Dataset | None = None
     finisher: object = None  # harness.finisher.Finisher: evaluates finished trials in the background
     trial_id: int | None = None  # the trial in progress (to re-queue it when stopped)
-    settled: dict = field(default_factory=dict)  # the champion this worker settled (update_study_run)
 
     def objective(self, trial: optuna.Trial):
         """What Optuna calls. Signals are held (`hold`) from before Optuna creates the trial until this
@@ -229,8 +227,7 @@ class Worker:
                 raise
             finally:
                 release()  # a stop held while Optuna told the trial's end is raised here
-            if self.plan.run_kind == "trial":  # the study run's row, live (a confirmation reports at its end)
-                update_study_run(self.study, self.client, self.parent_run_id, settled=self.settled)
+            self.plan.after_trial(self.study, self.client, self.parent_run_id)
             trial = last["trial"]
             if trial.user_attrs.get("surplus"):
                 _QuietTrials.numbers.discard(trial.number)

@@ -142,6 +142,13 @@ def test_confirmation_tells_seeds_from_configurations(env, confirmed, capsys):
     )
     assert tuning.user_attrs["confirmed_champion"]["run_id"] == version.run_id
 
+    # `harness compare`: each trial's interval, the two identical ones marked as not told apart
+    assert main(["compare", "--study", "known", *env.stores(), "--csv", str(env.tmp / "compare.csv")]) == 0
+    ranked = pd.read_csv(env.tmp / "compare.csv").fillna("").set_index("trial")
+    assert sorted(ranked.loc[[0, 1], "vs_best"]) == ["best", "~best"] and ranked.loc[2, "vs_best"] == ""
+    assert (ranked["val_ci_low"] <= ranked["val_accuracy"]).all()
+    assert (ranked["val_accuracy"] <= ranked["val_ci_high"]).all()
+
     # the printed output says it plainly; `harness best` names the confirmed result
     capsys.readouterr()
     assert main(["best", "--study", "known", *env.stores()]) == 0
