@@ -264,7 +264,9 @@ def train_run(
             if state is not None:
                 run.killed_note = f"; resumable from the end of epoch {state['epoch']}"
                 run.set_tags({"resumed_from": resume_from, "resumed_at_epoch": state["epoch"]})
-                logged = state["epoch"] if resume_from == run.run_id else 0
+                if resume_from == run.run_id:  # a stop after an epoch's log, before its checkpoint: logged once
+                    history = run.client.get_metric_history(run.run_id, "val_accuracy")
+                    logged = max([state["epoch"], *(m.step for m in history)])
             if not logged:
                 log_setup(run, cfg, ds, model, device)
 
@@ -302,12 +304,13 @@ def train_run(
             else:
                 test, metrics = log_evaluation(run, cfg, model, ds, splits.test_x, splits.test_y)
             run.log_metrics({"tracking_seconds": run.seconds})
+            run.killed_note = ""
+            resume.discard(own)  # done: before the run ends, so a checkpoint on disk is an unfinished run's
     except KeyboardInterrupt:
         raise  # Ctrl-C or SIGTERM: the checkpoint stays, to resume from
     except BaseException:
         resume.discard(own)  # pruned or failed: nothing to resume
         raise
-    resume.discard(own)
     return RunResult(run.run_id, result, test, metrics, model, len(splits.val_y))
 
 

@@ -66,14 +66,21 @@ def finish(proc: subprocess.Popen) -> str:
     return out
 
 
-def running_run_with_checkpoint(client: MlflowClient, uri: str, proc: subprocess.Popen) -> str:
+def sigterm_at_first_checkpoint(uri: str, proc: subprocess.Popen) -> str:
+    """SIGTERM `proc` while its run is unfinished and resumable: frozen (SIGSTOP) the moment its
+    first checkpoint appears, signalled, then let go. A run discards its checkpoint only once it
+    ended, so one still there while the process is frozen is an unfinished run's. Returns its id."""
+    folder = resume.checkpoint_dir(uri)
     deadline = time.monotonic() + WAIT
     while time.monotonic() < deadline and proc.poll() is None:
-        exp = client.get_experiment_by_name("stop")
-        for run in client.search_runs([exp.experiment_id]) if exp else ():
-            if resume.path_for(uri, run.info.run_id).exists():
-                return run.info.run_id
-        time.sleep(0.02)
+        found = [p for p in folder.glob("*.pt")] if folder.is_dir() else []
+        if found:
+            proc.send_signal(signal.SIGSTOP)
+            assert found[0].exists(), "the run ended before it could be stopped: give it more epochs"
+            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGCONT)
+            return found[0].stem
+        time.sleep(0.005)  # polling the folder, not waiting out a guess
     pytest.fail(f"no run wrote a checkpoint:\n{finish(proc)[-3000:]}")
 
 
@@ -85,8 +92,7 @@ def test_sigterm_stops_a_run_which_resume_then_finishes_as_if_never_stopped(tmp_
     expected = client.search_runs([client.get_experiment_by_name("stop").experiment_id])[0]
 
     proc = harness(tmp_path, tracking_uri, *train_args(cifar10_root))
-    run_id = running_run_with_checkpoint(client, tracking_uri, proc)
-    proc.send_signal(signal.SIGTERM)
+    run_id = sigterm_at_first_checkpoint(tracking_uri, proc)
     out = finish(proc)
     assert proc.returncode == 143, out
     assert "Traceback" not in out and "harness: stopped by SIGTERM" in out.strip().splitlines()[-1]
