@@ -36,6 +36,11 @@ class ConfirmResult:
     verdict: str  # one sentence: which configurations can be told apart
     champion: str | None  # models:/<study>@champion, or None where no run logged its model
     champion_run_id: str | None
+    epochs: int | None = None  # each run's epochs, where not its trial's own (`--epochs`)
+
+    def describe(self) -> str:
+        budget = f"{self.epochs} epochs each" if self.epochs else "each at its trial's budget"
+        return f"{int(self.table['n'].min())} new seeds per configuration, {budget}"
 
     def markdown(self) -> str:
         return self.table.to_markdown(index=False, floatfmt=".4f") + "\n\n" + self.verdict + "\n"
@@ -83,7 +88,8 @@ def report_confirmation(study: optuna.Study, tuning: optuna.Study, client, paren
         }
     )
     champion, run_id = settle_confirmed_champion(client, tuning, runs, best, parent)
-    result = ConfirmResult(table, runs, verdict, champion, run_id)
+    epochs = (study.user_attrs.get("plan") or {}).get("epochs")
+    result = ConfirmResult(table, runs, verdict, champion, run_id, epochs)
     logger.log_text(result.markdown(), "confirmation/table.md")
     return result
 

@@ -43,3 +43,4 @@ class TuneOptions:
     confirms: str | None = None  # set: this is the confirmation study of that tuning study (studies/plans.py)
     confirm_top: int = 0  # the top trials to confirm (0: none after tuning)
     confirm_seeds: int = 3  # new seeds per confirmed trial
+    confirm_epochs: int = 0  # epochs of each confirmation run (0: the trial's own budget)

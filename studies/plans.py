@@ -134,7 +134,7 @@ def prepare_confirmation(opts: TuneOptions):
     study, created = create_or_join(
         opts.study, open_storage(opts), ["maximize"], optuna.samplers.RandomSampler(), optuna.pruners.NopPruner()
     )
-    plan = {"trials": [t.number for t in top], "seeds": opts.confirm_seeds}
+    plan = {"trials": [t.number for t in top], "seeds": opts.confirm_seeds, "epochs": opts.confirm_epochs or None}
     if created:
         for key, value in {
             "confirms": opts.confirms,
@@ -152,11 +152,13 @@ def prepare_confirmation(opts: TuneOptions):
                 )
     elif study.user_attrs.get("plan") != plan:
         stored = study.user_attrs.get("plan") or {}
+        was = f"--top {len(stored.get('trials') or [])} --seeds {stored.get('seeds')}"
+        was += f" --epochs {stored['epochs']}" if stored.get("epochs") else ""
         raise StudyError(
-            f"study {opts.confirms} was confirmed before with trials {stored.get('trials')} x "
-            f"{stored.get('seeds')} seeds, not {plan['trials']} x {plan['seeds']} (the top trials or "
-            f"--seeds changed): rerun with --top {len(stored.get('trials') or [])} --seeds "
-            f"{stored.get('seeds')} to resume it, or delete study {opts.study!r} to start over"
+            f"study {opts.confirms} was confirmed before with trials {stored.get('trials')} x {stored.get('seeds')} "
+            f"seeds ({stored.get('epochs') or 'their own'} epochs), not {plan['trials']} x {plan['seeds']} "
+            f"({plan['epochs'] or 'their own'} epochs): rerun with {was} to resume it, or delete study "
+            f"{opts.study!r} to start over"
         )
     base = next(iter(configs.values()))
     return ConfirmationPlan(configs, opts.confirms), base, study, parent, client
@@ -174,6 +176,8 @@ def _rerun_config(cfg: C.Config, opts: TuneOptions) -> C.Config:
     d = C.to_dict(cfg)
     if opts.overrides:
         d = C.merge(d, C.parse_overrides(opts.overrides))
+    if opts.confirm_epochs:
+        d["epochs"] = opts.confirm_epochs
     if opts.data_dir:
         d["data"]["root"] = opts.data_dir
     if opts.device:

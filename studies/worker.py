@@ -9,6 +9,7 @@ checkpoint. A worker killed outright is found by the next one (studies/reconcile
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -270,6 +271,8 @@ def worker_process(opts: TuneOptions, threads: int) -> None:
     except HarnessError as e:
         print(f"harness: worker {os.getpid()}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    finally:
+        gc.freeze()  # as harness/cli.py's main: exit without the final collection
 
 
 def run_worker(opts: TuneOptions) -> Worker:

@@ -171,6 +171,9 @@ def test_confirmation_resumes_as_it_was(env, confirmed, capsys):
     assert main(env.confirm_args("known", 2, 3)) == 2
     err = capsys.readouterr().err.strip()
     assert "confirmed before" in err and "--top 3 --seeds 3" in err and "\n" not in err
+    assert main([*env.confirm_args("known", 3, 3), "--epochs", "2"]) == 2  # another budget: another plan
+    err = capsys.readouterr().err.strip()
+    assert "(their own epochs), not" in err and "(2 epochs)" in err and "\n" not in err
 
 
 def test_confirm_needs_two_seeds_and_a_study(env, capsys):
@@ -185,7 +188,8 @@ def test_confirm_needs_two_seeds_and_a_study(env, capsys):
 def test_a_stopped_confirmation_resumes_to_exactly_k_times_n_runs(env, tmp_path):
     env.make_study("stopped")
     log = tmp_path / "confirm.log"
-    args = [sys.executable, "-m", "harness.cli", *env.confirm_args("stopped", 2, 3)]
+    again = [*env.confirm_args("stopped", 2, 3), "--epochs", "1"]  # one epoch each: the trials trained two
+    args = [sys.executable, "-m", "harness.cli", *again]
     with open(log, "w") as out:
         proc = subprocess.Popen(args, env=harness_env(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     storage = env.storage
@@ -201,8 +205,9 @@ def test_a_stopped_confirmation_resumes_to_exactly_k_times_n_runs(env, tmp_path)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
     assert complete() < 6
-    assert main(env.confirm_args("stopped", 2, 3)) == 0  # the same command resumes it
+    assert main(again) == 0  # the same command resumes it
     finished = [r for r in env.confirmation_runs("stopped") if r.info.status == "FINISHED"]
+    assert {r.data.metrics["epochs_trained"] for r in finished} == {1}
     pairs = sorted((int(r.data.tags["confirms_trial"]), int(r.data.tags["seed"])) for r in finished)
     assert pairs == sorted((t, s) for t in (0, 1) for s in (1, 2, 3))  # exactly K x N, each once
     assert all(r.info.status in ("FINISHED", "KILLED") for r in env.confirmation_runs("stopped"))
