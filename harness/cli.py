@@ -487,7 +487,11 @@ def add_tune(sub) -> None:
     )
     p.add_argument("--confirm-seeds", type=int, default=3, metavar="N", help="new seeds per confirmed trial")
     p.add_argument(
-        "--confirm-epochs", type=int, default=0, metavar="E", help="epochs of each confirmation run (default: the trial's)"
+        "--confirm-epochs",
+        type=int,
+        default=0,
+        metavar="E",
+        help="epochs of each confirmation run (default: its trial's)",
     )
     p.add_argument(
         "--transfer",
