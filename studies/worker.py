@@ -228,8 +228,14 @@ class Worker:
                 raise
             finally:
                 release()  # a stop held while Optuna told the trial's end is raised here
-            self.plan.after_trial(self.study, self.client, self.parent_run_id)
             trial = last["trial"]
+            try:
+                check()  # a stop a library caught and turned into an error: its trial FAILed with that error
+            except KeyboardInterrupt:
+                if trial.state == TrialState.FAIL and not trial.user_attrs.get("surplus"):
+                    requeue(self.study, trial)  # so it resumes, as a trial stopped the usual way does
+                raise
+            self.plan.after_trial(self.study, self.client, self.parent_run_id)
             if trial.user_attrs.get("surplus"):
                 _QuietTrials.numbers.discard(trial.number)
                 break

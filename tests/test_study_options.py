@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import signal
 
 import optuna
 import pandas as pd
@@ -21,6 +22,10 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from harness.cli import main
+from harness.interrupts import Stopped, release, stop_cleanly
+from studies.options import TuneOptions
+from studies.plans import prepare_plan
+from studies.worker import Worker
 
 # every test here runs whole studies (20-90 s each on 2 busy cores): out of the fast subset
 pytestmark = pytest.mark.slow
@@ -198,6 +203,52 @@ def test_three_failures_in_a_row_stop_the_worker_with_the_last_reason_and_the_st
     assert states[:4] == [TrialState.COMPLETE] + [TrialState.FAIL] * 3
     assert len(states) == 6 and all(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states[4:])
     assert env.study_run("failing").info.status == "FINISHED"
+
+
+class ConvertsTheStop:
+    """A trial's plan whose config step is a library that catches a stop and raises its own error
+    (the chaos benchmark's FAIL without a retry, within 0.1 s of a SIGTERM)."""
+
+    def __init__(self, plan):
+        self.plan, self.run_kind = plan, plan.run_kind
+
+    def __getattr__(self, name):
+        return getattr(self.plan, name)
+
+    def config(self, trial):
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        except KeyboardInterrupt as e:
+            raise RuntimeError("interrupted") from e
+
+
+def test_a_stop_a_library_turned_into_an_error_still_requeues_its_trial(env, capsys):
+    code, out, err = env.tune(capsys, "converted", 0)
+    assert code == 0, err
+    opts = TuneOptions(
+        study="converted",
+        space=str(env.space),
+        config=str(env.config),
+        trials=1,
+        storage=env.storage,
+        tracking_uri=env.tracking,
+        data_dir=str(env.data),
+        overrides=list(FIXED),
+        evaluate="inline",
+        progress=False,
+    )
+    plan, _, study, parent, client = prepare_plan(opts)
+    restore = stop_cleanly()
+    try:
+        with pytest.raises(Stopped):
+            Worker(opts, ConvertsTheStop(plan), study, parent, client).run()
+    finally:
+        release()
+        restore()
+    failed, retry = env.study("converted").trials
+    assert failed.state == TrialState.FAIL and "interrupted" in failed.user_attrs["fail_reason"]
+    assert retry.state == TrialState.WAITING  # queued again: the next worker resumes it
+    assert optuna.storages.RetryFailedTrialCallback.retried_trial_number(retry) == failed.number
 
 
 def test_a_study_resumed_with_another_search_space_is_refused_before_any_trial(env, capsys):
