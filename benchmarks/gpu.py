@@ -108,7 +108,7 @@ def harness_train(args, config: str, sets: list[str], store: Path) -> dict:
     }
 
 
-# what a `harness train` spends besides training, as its run logs it (harness.experiment.Stopwatch)
+# what a `harness train` spends besides training, as its run logs it (harness.eval_logging.Stopwatch)
 FIXED_STAGES = {
     "setup": "setup_seconds",
     "test set": "eval_test_seconds",

@@ -2,39 +2,25 @@
 
 `train_run` is what `harness train`, every study trial and `harness reproduce` call. It ends
 the MLflow run FINISHED, FAILED (with the reason) or KILLED (Ctrl-C), keeping what was logged.
-What follows training (`log_evaluation`: test set, figures, embeddings, the model) happens
+What follows training (harness/eval_logging.py: test set, figures, embeddings, the model) happens
 before the run ends, or, for study trials, in a background `Finisher` while the next trains.
 """
 
 from __future__ import annotations
 
-import copy
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
-import pandas as pd
 import torch
-from matplotlib.figure import Figure
 
 from harness import config as C
 from harness import resume
-from harness.data import MEAN, STD, Dataset, load_dataset, make_normalize, make_splits
-from harness.embeddings import DegenerateEmbeddings, plot_embedding_2d, project_tsne, project_umap, sample_indices
-from harness.evaluation import (
-    EvalResult,
-    class_samples_figure,
-    classification_metrics,
-    confusion_figure,
-    metrics_dict,
-    misclassified_figure,
-    per_class_figure,
-    predict,
-)
+from harness.data import Dataset, Splits, load_dataset, make_normalize, make_splits
+from harness.eval_logging import log_evaluation
+from harness.evaluation import EvalResult
 from harness.models import CNN, build_model, count_macs, count_parameters, whiten_stem
 from harness.tracking import RunLogger, client_for, experiment_id, git_commit
-from harness.training import Callback, FitResult, fit, seed_everything, select_device, use_bf16
+from harness.training import Callback, FitResult, fit, seed_everything, select_device
 from harness.uncertainty import interval_metrics
 
 STEM_IMAGES = 2000  # training images whose patches set a whitening stem
@@ -76,145 +62,6 @@ def log_setup(run: RunLogger, cfg: C.Config, ds: Dataset, model: CNN, device: to
     run.log_dataset(f"{ds.name}-test", ds.digest, ds.test_images, ds.test_labels, cfg.data.root, "testing")
 
 
-@dataclass
-class Stopwatch:
-    """Seconds per stage of what a run does besides training, logged as `<prefix><stage>_seconds`:
-    where its fixed cost goes (`benchmarks/gpu.py` prints them)."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @contextmanager
-    def __call__(self, stage: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
-
-    def metrics(self, prefix: str = "") -> dict[str, float]:
-        return {f"{prefix}{stage}_seconds": s for stage, s in self.seconds.items()}
-
-
-def log_evaluation(
-    run: RunLogger, cfg: C.Config, model: CNN, ds: Dataset, test_x: torch.Tensor, test_y: torch.Tensor
-) -> tuple[EvalResult, dict]:
-    """Everything a trained run logs about its model: the test set's metrics and figures, the
-    embedding plots, a look at the data, and the model itself. `test_x`, `test_y` on the model's device.
-
-    The figures go in one request at the end; the seconds of each stage (test, embeddings,
-    figures, model) are logged as `eval_<stage>_seconds`.
-    """
-    device = test_x.device
-    clock = Stopwatch()
-    test, metrics, figures = log_test(run, cfg, model, test_x, test_y, ds, use_bf16(device, cfg.precision), clock=clock)
-    with clock("figures"):
-        if cfg.eval.figures:
-            figures["data/train_samples.png"] = class_samples_figure(
-                ds.train_images, ds.train_labels, ds.classes, seed=cfg.seed
-            )
-        run.log_figures(figures)
-    if cfg.eval.log_model:
-        with clock("model"):
-            log_model(run, cfg, model)
-    run.log_metrics(clock.metrics("eval_"))
-    return test, metrics
-
-
-def log_test(
-    run: RunLogger,
-    cfg: C.Config,
-    model: CNN,
-    test_x: torch.Tensor,
-    test_y: torch.Tensor,
-    ds: Dataset,
-    bf16: bool = False,
-    prefix: str = "test_",
-    clock: Stopwatch | None = None,
-) -> tuple[EvalResult, dict, dict[str, Figure]]:
-    """Test metrics, confusion matrices and per-class table (logged), and the figures of the
-    test set and its embeddings (returned by artifact path, for the caller to log at once).
-    One pass over the test set gives both the logits and the embeddings."""
-    clock = clock or Stopwatch()
-    with clock("test"):
-        normalize = make_normalize(test_x.device, cfg.channels_last)
-        pred = predict(model, test_x, normalize, embed=True, bf16=bf16, tta=cfg.eval.tta).cpu()
-        labels = test_y.cpu().numpy()
-        result = classification_metrics(pred.logits, test_y.cpu(), ds.classes)
-        metrics = metrics_dict(result, prefix=prefix)
-        metrics.update(interval_metrics(f"{prefix}accuracy", metrics[f"{prefix}accuracy"], len(labels)))
-        if ds.fine_to_coarse is not None and cfg.data.label == "fine":  # CIFAR-100: superclass accuracy too
-            to_coarse = ds.fine_to_coarse
-            metrics[f"{prefix}coarse_accuracy"] = float(np.mean(to_coarse[result.predictions] == to_coarse[labels]))
-        run.log_metrics(metrics)
-        run.log_table(result.per_class, "eval/per_class.csv")
-        run.log_table(
-            pd.DataFrame(result.confusion, index=ds.classes, columns=ds.classes).rename_axis("true"),
-            "eval/confusion.csv",
-        )
-    figures = {}
-    if cfg.eval.figures:
-        with clock("figures"):
-            figures.update(test_figures(result, test_x, labels, ds.classes, cfg.eval.misclassified))
-    figures.update(embedding_figures(run, cfg, pred.embeddings.numpy(), labels, ds.classes, clock))
-    return result, metrics, figures
-
-
-def test_figures(
-    result: EvalResult, test_x: torch.Tensor, labels: np.ndarray, classes: list[str], misclassified: int
-) -> dict[str, Figure]:
-    """Confusion matrices (counts, row-normalised), per-class chart and the most confident mistakes."""
-    return {
-        "eval/confusion_counts.png": confusion_figure(result.confusion, classes, normalize=False),
-        "eval/confusion_normalized.png": confusion_figure(result.confusion, classes, normalize=True),
-        "eval/per_class.png": per_class_figure(result.per_class),
-        "eval/misclassified.png": misclassified_figure(
-            test_x.cpu().numpy(), labels, result.predictions, result.confidence, classes, k=misclassified
-        ),
-    }
-
-
-def embedding_figures(
-    run: RunLogger, cfg: C.Config, embeddings: np.ndarray, labels: np.ndarray, classes: list[str], clock: Stopwatch
-) -> dict[str, Figure]:
-    """t-SNE and UMAP plots of `cfg.eval.embedding_samples` test embeddings; a projection the
-    embeddings cannot have (a dead network) is skipped with a tag saying why."""
-    idx = sample_indices(len(labels), cfg.eval.embedding_samples, cfg.seed)
-    emb = embeddings[idx]
-    figures = {}
-    for name, enabled, project in (("tsne", cfg.eval.tsne, project_tsne), ("umap", cfg.eval.umap, project_umap)):
-        if enabled and len(idx) >= 10:
-            try:
-                with clock("embeddings"):
-                    xy = project(emb, seed=cfg.seed)
-            except DegenerateEmbeddings as e:
-                run.set_tags({f"{name}_skipped": str(e)})
-                continue
-            title = f"{name.upper()} of penultimate-layer embeddings ({len(idx)} test images)"
-            with clock("figures"):
-                figures[f"embeddings/{name}.png"] = plot_embedding_2d(xy, labels[idx], classes, title)
-    return figures
-
-
-def log_model(run: RunLogger, cfg: C.Config, model: CNN) -> None:
-    """The MLflow model and a weights-only checkpoint, from a CPU copy: the caller's model stays
-    where it is (a transfer or a latency measurement may still use it). The signature is the
-    one MLflow would infer, given rather than inferred by running the model."""
-    from mlflow.models import infer_signature
-
-    model = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format).eval()
-    example = np.zeros((1, 3, 32, 32), dtype=np.float32)
-    signature = infer_signature(example, np.zeros((1, model.num_classes), dtype=np.float32))
-    meta = {
-        "input": "float32 (n, 3, 32, 32), pixels/255 normalized by mean and std",
-        "mean": list(MEAN),
-        "std": list(STD),
-        "num_classes": model.num_classes,
-        "stages": model.stage_names,
-    }
-    run.log_torch_model(model, example, meta, signature=signature)
-    run.log_state_dict(model.state_dict())
-
-
 def train_run(
     cfg: C.Config,
     run: RunLogger,
@@ -252,57 +99,17 @@ def train_run(
             if cfg.eval.system_metrics:
                 run.monitor_system()  # until the run ends
             state = resume.adopt(run.client.tracking_uri, resume_from, run.run_id) if resume_from else None
-            ds = ds or load_dataset(cfg.data)
-            seed_everything(cfg.seed, cfg.deterministic)
-            device = select_device(cfg.device)
-            splits = make_splits(ds, cfg.data, device)
-            if model is None:
-                model = build_model(cfg.model, len(ds.classes)).to(device)
-                whiten_stem(model, make_normalize(device)(splits.train_x[:STEM_IMAGES]))
-            model = model.to(device)
-            logged = 0  # epochs this run logged before (resumed into itself)
-            if state is not None:
-                run.killed_note = f"; resumable from the end of epoch {state['epoch']}"
-                run.set_tags({"resumed_from": resume_from, "resumed_at_epoch": state["epoch"]})
-                if resume_from == run.run_id:  # a stop after an epoch's log, before its checkpoint: logged once
-                    history = run.client.get_metric_history(run.run_id, "val_accuracy")
-                    logged = max([state["epoch"], *(m.step for m in history)])
+            ds, device, splits, model = prepare(cfg, ds, model)
+            logged = resumed(run, state, resume_from)  # epochs this run logged before (resumed into itself)
             if not logged:
                 log_setup(run, cfg, ds, model, device)
-
-            def log_epoch(m):
-                if m.epoch > logged:
-                    run.log_metrics(m.as_dict(), step=m.epoch)
-
+            callbacks = [epoch_logger(run, logged), *callbacks]
             start = time.perf_counter()
-            result = fit(
-                model,
-                splits,
-                cfg,
-                device,
-                callbacks=[log_epoch, *callbacks],
-                param_groups=param_groups,
-                progress=progress,
-                checkpoint=checkpoint,
-                resume=state,
+            result = fit(model, splits, cfg, device, callbacks, param_groups, progress, checkpoint, resume=state)
+            log_fit(
+                run, result, len(splits.val_y), train_seconds=time.perf_counter() - start, setup_seconds=start - begun
             )
-            run.log_metrics(
-                {
-                    "best_val_accuracy": result.best_val_accuracy,
-                    "best_epoch": result.best_epoch,
-                    "epochs_trained": len(result.history),
-                    "train_seconds": time.perf_counter() - start,
-                    "setup_seconds": start - begun,  # data on the device, model, what the run is
-                    "val_images": len(splits.val_y),
-                    **interval_metrics("best_val_accuracy", result.best_val_accuracy, len(splits.val_y)),
-                }
-            )
-            run.set_tags({"stopped_early": result.stopped_early})
-            if finisher is not None:
-                finisher.submit(run, cfg, model)
-                test, metrics = None, {}
-            else:
-                test, metrics = log_evaluation(run, cfg, model, ds, splits.test_x, splits.test_y)
+            test, metrics = evaluate(run, cfg, model, ds, splits, finisher)
             run.log_metrics({"tracking_seconds": run.seconds})
             run.killed_note = ""
             resume.discard(own)  # done: before the run ends, so a checkpoint on disk is an unfinished run's
@@ -312,6 +119,69 @@ def train_run(
         resume.discard(own)  # pruned or failed: nothing to resume
         raise
     return RunResult(run.run_id, result, test, metrics, model, len(splits.val_y))
+
+
+def prepare(cfg: C.Config, ds: Dataset | None, model: CNN | None) -> tuple[Dataset, torch.device, Splits, CNN]:
+    """The data on the device and the model to train: `model` (transfer's), or a fresh one whose
+    whitening stem is set from the training images."""
+    ds = ds or load_dataset(cfg.data)
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = select_device(cfg.device)
+    splits = make_splits(ds, cfg.data, device)
+    if model is None:
+        model = build_model(cfg.model, len(ds.classes)).to(device)
+        whiten_stem(model, make_normalize(device)(splits.train_x[:STEM_IMAGES]))
+    return ds, device, splits, model.to(device)
+
+
+def resumed(run: RunLogger, state: dict | None, resume_from: str | None) -> int:
+    """Tags a resumed run and returns how many epochs it logged already: 0 unless it resumes into
+    itself, then its checkpoint's epoch, or one more where a stop came after an epoch's log and
+    before its checkpoint (so each epoch is logged once)."""
+    if state is None:
+        return 0
+    run.killed_note = f"; resumable from the end of epoch {state['epoch']}"
+    run.set_tags({"resumed_from": resume_from, "resumed_at_epoch": state["epoch"]})
+    if resume_from != run.run_id:
+        return 0
+    history = run.client.get_metric_history(run.run_id, "val_accuracy")
+    return max([state["epoch"], *(m.step for m in history)])
+
+
+def epoch_logger(run: RunLogger, logged: int) -> Callback:
+    """A callback that logs each epoch's metrics at its step, but only those past `logged`."""
+
+    def log_epoch(m):
+        if m.epoch > logged:
+            run.log_metrics(m.as_dict(), step=m.epoch)
+
+    return log_epoch
+
+
+def log_fit(run: RunLogger, result: FitResult, val_images: int, train_seconds: float, setup_seconds: float) -> None:
+    """What training reached (the best validation accuracy, with its interval), and in how long."""
+    run.log_metrics(
+        {
+            "best_val_accuracy": result.best_val_accuracy,
+            "best_epoch": result.best_epoch,
+            "epochs_trained": len(result.history),
+            "train_seconds": train_seconds,
+            "setup_seconds": setup_seconds,  # data on the device, model, what the run is
+            "val_images": val_images,
+            **interval_metrics("best_val_accuracy", result.best_val_accuracy, val_images),
+        }
+    )
+    run.set_tags({"stopped_early": result.stopped_early})
+
+
+def evaluate(
+    run: RunLogger, cfg: C.Config, model: CNN, ds: Dataset, splits: Splits, finisher
+) -> tuple[EvalResult | None, dict]:
+    """The test set's evaluation, logged now, or handed to a study's finisher (then (None, {}))."""
+    if finisher is None:
+        return log_evaluation(run, cfg, model, ds, splits.test_x, splits.test_y)
+    finisher.submit(run, cfg, model)
+    return None, {}
 
 
 def run_experiment(

@@ -105,7 +105,7 @@ class _Cache:
 def finish_job(job: Path, cache: _Cache) -> None:
     """Evaluate and log one job's run; a failure is recorded on the run, never raised."""
     from harness.data import test_split
-    from harness.experiment import log_evaluation
+    from harness.eval_logging import log_evaluation
     from harness.models import build_model
     from harness.training import select_device
 
@@ -193,7 +193,7 @@ def _warm_up(umap: bool) -> None:
     import mlflow.pytorch  # noqa: F401
     import numpy as np
 
-    import harness.experiment  # noqa: F401  (matplotlib, seaborn, scikit-learn)
+    import harness.eval_logging  # noqa: F401  (matplotlib, seaborn, scikit-learn)
     from harness.embeddings import project_umap
 
     if umap:

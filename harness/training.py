@@ -28,6 +28,7 @@ from harness.config import Config, ConfigError, pick
 from harness.data import Splits, augment, make_normalize
 from harness.errors import HarnessError
 from harness.evaluation import predict
+from harness.resume import TrainingState
 
 
 class NonFiniteLoss(HarnessError, RuntimeError):
@@ -212,150 +213,145 @@ def fit(
 ) -> FitResult:
     """Train `model` on `splits` (tensors already on `device`) and restore its best weights.
 
-    Early stopping (and a pruner, through the callbacks) watches validation accuracy, on the
-    first `data.prune_subset` validation images where set; `patience` epochs without a new best
-    end training. The weights kept are scored on the whole validation part (`best_val_accuracy`,
-    what a study selects on). Raises NonFiniteLoss at the end of an epoch whose loss became NaN/inf.
-    Every `cfg.checkpoint_every` epochs `checkpoint` gets the whole training state (see
-    harness/resume.py); `resume`, such a state, continues training from its epoch, with the
-    callbacks first called on the epochs it already holds.
+    Early stopping (and a pruner, through the callbacks) watches validation accuracy, on the first
+    `data.prune_subset` validation images where set: `patience` epochs without a new best end
+    training; the weights kept are scored on the whole part (`best_val_accuracy`, what a study
+    selects on). A NaN/inf loss raises NonFiniteLoss at its epoch's end. Every `checkpoint_every`
+    epochs `checkpoint` gets the training state (harness/resume.py); from such a state `resume`
+    continues, the callbacks first called on the epochs it holds.
     """
     bf16 = use_bf16(device, cfg.precision)
     normalize = make_normalize(device, cfg.channels_last)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if cfg.compile else model
-    opt = build_optimizer(param_groups or [{"params": model.parameters()}], cfg)
-    n = len(splits.train_y)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    scheduler, per_batch = build_scheduler(opt, cfg, steps_per_epoch)
-    lookahead = Lookahead(model, cfg.epochs * steps_per_epoch) if cfg.lookahead else None
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    watch_x, watch_y = splits.val_x[: cfg.data.prune_subset], splits.val_y[: cfg.data.prune_subset]
-    result = FitResult()
-    best_state = None
-    since_best = 0
-    steps = 0
-    first_epoch = 1
+    state, per_batch = new_state(model, param_groups, cfg, device, math.ceil(len(splits.train_y) / cfg.batch_size))
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resume["scheduler"])
-        if lookahead is not None:
-            torch._foreach_copy_(lookahead.slow, [t.to(device) for t in resume["lookahead"]])
-        gen.set_state(resume["generator"])
-        torch.set_rng_state(resume["torch_rng"])
-        if device.type == "cuda" and resume.get("cuda_rng"):
-            torch.cuda.set_rng_state_all(resume["cuda_rng"])
-        result.history = [EpochMetrics(**m) for m in resume["history"]]
-        result.best_epoch, result.best_val_accuracy = resume["best_epoch"], resume["best_val_accuracy"]
-        best_state = {k: v.to(device) for k, v in resume["best_state"].items()}
-        since_best, steps, first_epoch = resume["since_best"], resume["steps"], resume["epoch"] + 1
-        for metrics in result.history:
+        state.restore(resume, EpochMetrics)
+        for metrics in state.history:  # the epochs it holds, replayed to the callbacks
             for callback in callbacks:
                 callback(metrics)
+    watch_x, watch_y = splits.val_x[: cfg.data.prune_subset], splits.val_y[: cfg.data.prune_subset]
+    stopped_early = False
 
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        model.train()
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
         start = time.perf_counter()
-        order = torch.randperm(n, device=device, generator=gen)
-        sums = torch.zeros(2, device=device)  # loss * images, correct predictions
-        bar = tqdm(
-            range(steps_per_epoch),
-            desc=f"epoch {epoch}/{cfg.epochs}",
-            unit="batch",
-            leave=False,
-            disable=not progress,
-            dynamic_ncols=True,
-        )
-        show_at = {steps_per_epoch // 3, 2 * steps_per_epoch // 3} - {0}  # the bar's two reads
-        for step in bar:
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            x = normalize(augment(splits.train_x[idx], gen))
-            y = splits.train_y[idx]
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                logits = step_model(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if scheduler is not None and per_batch:
-                scheduler.step()
-            steps += 1
-            if lookahead is not None:
-                lookahead.step(steps)
-            sums += torch.stack([loss.detach() * len(y), (logits.detach().argmax(1) == y).sum().float()])
-            if progress and step in show_at:
-                seen = (step + 1) * cfg.batch_size
-                loss_sum, correct = sums.tolist()
-                bar.set_postfix(
-                    loss=f"{loss_sum / seen:.3f}",
-                    acc=f"{correct / seen:.3f}",
-                    img_s=f"{seen / (time.perf_counter() - start):.0f}",
-                )
-        loss_sum, correct = sums.tolist()  # the epoch's one wait for the device
-        train_seconds = time.perf_counter() - start
-        if not math.isfinite(loss_sum):
-            raise NonFiniteLoss(
-                f"non-finite training loss ({loss_sum / n}) in epoch {epoch}: lower the learning rate (lr={cfg.lr:g})"
-            )
+        loss, accuracy, images_per_s = train_epoch(state, step_model, splits, cfg, normalize, bf16, per_batch, progress)
         val_loss, val_accuracy = validate(model, watch_x, watch_y, normalize, bf16, cfg)
-        metrics = EpochMetrics(
-            epoch=epoch,
-            train_loss=loss_sum / n,
-            train_accuracy=correct / n,
-            val_loss=val_loss,
-            val_accuracy=val_accuracy,
-            lr=opt.param_groups[-1]["lr"],
-            images_per_s=n / train_seconds,
-            epoch_seconds=time.perf_counter() - start,
-        )
-        if scheduler is not None and not per_batch:
-            scheduler.step(metrics.val_accuracy) if cfg.schedule == "plateau" else scheduler.step()
-        result.history.append(metrics)
+        lr, seconds = state.optimizer.param_groups[-1]["lr"], time.perf_counter() - start
+        metrics = EpochMetrics(epoch, loss, accuracy, val_loss, val_accuracy, lr, images_per_s, seconds)
+        if state.scheduler is not None and not per_batch:
+            state.scheduler.step(val_accuracy) if cfg.schedule == "plateau" else state.scheduler.step()
+        record(state, metrics)
         if progress:
-            tqdm.write(
-                f"epoch {epoch:3d}  train loss {metrics.train_loss:.4f} acc {metrics.train_accuracy:.4f}"
-                f"  val loss {metrics.val_loss:.4f} acc {metrics.val_accuracy:.4f}"
-                f"  lr {metrics.lr:.2e}  {metrics.images_per_s:.0f} img/s"
-            )
-        if metrics.val_accuracy > result.best_val_accuracy or best_state is None:
-            result.best_epoch, result.best_val_accuracy = epoch, metrics.val_accuracy
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            since_best = 0
-        else:
-            since_best += 1
+            tqdm.write(summary(metrics))
         for callback in callbacks:
             callback(metrics)
-        if cfg.patience and since_best >= cfg.patience:
-            result.stopped_early = True
+        if cfg.patience and state.since_best >= cfg.patience:
+            stopped_early = True
             break
         if checkpoint is not None and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 and epoch < cfg.epochs:
-            checkpoint(
-                {
-                    "epoch": epoch,
-                    "steps": steps,
-                    "since_best": since_best,
-                    "model": _cpu(model.state_dict()),
-                    "optimizer": _cpu(opt.state_dict()),
-                    "scheduler": scheduler.state_dict() if scheduler else None,
-                    "lookahead": [t.cpu() for t in lookahead.slow] if lookahead else None,
-                    "generator": gen.get_state().cpu(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-                    "history": [vars(m) for m in result.history],
-                    "best_epoch": result.best_epoch,
-                    "best_val_accuracy": result.best_val_accuracy,
-                    "best_state": _cpu(best_state),
-                }
-            )
+            checkpoint(state.capture())
         interrupts.check()  # a stop Python swallowed mid-epoch (see harness/interrupts.py) stops here
 
-    model.load_state_dict(best_state)
+    model.load_state_dict(state.best_state)
+    result = FitResult(state.history, state.best_epoch, state.best_val_accuracy, stopped_early)
     if len(watch_y) < len(splits.val_y):  # watched on a subset: the weights kept are scored on the whole part
         result.best_val_accuracy = validate(model, splits.val_x, splits.val_y, normalize, bf16, cfg)[1]
     return result
+
+
+def new_state(
+    model: torch.nn.Module, param_groups: list[dict] | None, cfg: Config, device: torch.device, steps_per_epoch: int
+) -> tuple[TrainingState, bool]:
+    """A fresh run's state, and whether its schedule steps every batch (else every epoch)."""
+    opt = build_optimizer(param_groups or [{"params": model.parameters()}], cfg)
+    scheduler, per_batch = build_scheduler(opt, cfg, steps_per_epoch)
+    lookahead = Lookahead(model, cfg.epochs * steps_per_epoch) if cfg.lookahead else None
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    return TrainingState(model, opt, scheduler, lookahead, gen, device), per_batch
+
+
+def train_epoch(
+    state: TrainingState,
+    step_model: torch.nn.Module,
+    splits: Splits,
+    cfg: Config,
+    normalize,
+    bf16: bool,
+    per_batch: bool,
+    progress: bool,
+) -> tuple[float, float, float]:
+    """The epoch after `state.epoch`: one pass over the training images in a fresh order, returning
+    (loss, accuracy, images per second). `step_model` is `state.model`, compiled where asked; a
+    per-batch schedule steps with every batch."""
+    epoch, opt, scheduler, gen = state.epoch + 1, state.optimizer, state.scheduler, state.generator
+    state.model.train()
+    start = time.perf_counter()
+    n = len(splits.train_y)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    order = torch.randperm(n, device=state.device, generator=gen)
+    sums = torch.zeros(2, device=state.device)  # loss * images, correct predictions
+    bar = tqdm(
+        range(steps_per_epoch),
+        desc=f"epoch {epoch}/{cfg.epochs}",
+        unit="batch",
+        leave=False,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    show_at = {steps_per_epoch // 3, 2 * steps_per_epoch // 3} - {0}  # the bar's two reads
+    for step in bar:
+        idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+        x = normalize(augment(splits.train_x[idx], gen))
+        y = splits.train_y[idx]
+        with torch.autocast(device_type=state.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = step_model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if scheduler is not None and per_batch:
+            scheduler.step()
+        state.steps += 1
+        if state.lookahead is not None:
+            state.lookahead.step(state.steps)
+        sums += torch.stack([loss.detach() * len(y), (logits.detach().argmax(1) == y).sum().float()])
+        if progress and step in show_at:
+            seen = (step + 1) * cfg.batch_size
+            loss_sum, correct = sums.tolist()  # a read for the bar
+            bar.set_postfix(
+                loss=f"{loss_sum / seen:.3f}",
+                acc=f"{correct / seen:.3f}",
+                img_s=f"{seen / (time.perf_counter() - start):.0f}",
+            )
+    loss_sum, correct = sums.tolist()  # the epoch's one wait for the device
+    images_per_s = n / (time.perf_counter() - start)
+    if not math.isfinite(loss_sum):
+        raise NonFiniteLoss(
+            f"non-finite training loss ({loss_sum / n}) in epoch {epoch}: lower the learning rate (lr={cfg.lr:g})"
+        )
+    return loss_sum / n, correct / n, images_per_s
+
+
+def record(state: TrainingState, metrics: EpochMetrics) -> None:
+    """An epoch done: its metrics kept, and the weights too if they are the best yet."""
+    state.epoch = metrics.epoch
+    state.history.append(metrics)
+    if metrics.val_accuracy > state.best_val_accuracy or state.best_state is None:
+        state.best_epoch, state.best_val_accuracy = metrics.epoch, metrics.val_accuracy
+        state.best_state = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+        state.since_best = 0
+    else:
+        state.since_best += 1
+
+
+def summary(m: EpochMetrics) -> str:
+    return (
+        f"epoch {m.epoch:3d}  train loss {m.train_loss:.4f} acc {m.train_accuracy:.4f}"
+        f"  val loss {m.val_loss:.4f} acc {m.val_accuracy:.4f}"
+        f"  lr {m.lr:.2e}  {m.images_per_s:.0f} img/s"
+    )
 
 
 def validate(
@@ -366,16 +362,5 @@ def validate(
     val = predict(model, x, normalize, batch_size=1000, bf16=bf16, tta=cfg.eval.tta)
     loss, correct = torch.stack(
         [F.cross_entropy(val.logits, y, label_smoothing=cfg.label_smoothing), (val.logits.argmax(1) == y).sum().float()]
-    ).tolist()
+    ).tolist()  # validation's one wait for the device
     return loss, correct / len(y)
-
-
-def _cpu(state):
-    """A (nested) state dict's tensors copied to the host: a checkpoint that loads anywhere."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().cpu()
-    if isinstance(state, dict):
-        return {k: _cpu(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_cpu(v) for v in state)
-    return state

@@ -329,7 +329,7 @@ def test_a_multi_line_error_keeps_its_type_in_the_runs_error_tag(cifar10_root, t
 
 
 def test_logging_the_model_leaves_the_callers_model_as_it_was(cifar10_root, tracking_uri, tiny_config):
-    from harness.experiment import log_model
+    from harness.eval_logging import log_model
     from harness.models import build_model
 
     cfg = tiny_config(cifar10_root)
