@@ -1,38 +1,10 @@
 """`harness analyze RUN_ID`: what a trained run's features hold, stage by stage, logged back to MLflow.
 
-For every named stage of the network (global-average-pooled, see `flatten_features`) and the
-penultimate "embedding", on the test set of the run's dataset:
-
-- kNN accuracy (k = 1, 5, 20, cosine), leave-one-out within the analysed test images;
-- k-means (k = number of classes) against the labels: NMI, ARI, purity, silhouette;
-- linear-probe accuracy: logistic regression fit on a seeded half of the test features and
-  scored on the other half;
-- t-SNE / UMAP scatter plots on a seeded sample (at most `projection_samples` points);
-- nearest-neighbour image grids (first stage, last stage, embedding), feature maps of a few
-  images, the first conv layer's filters;
-- linear CKA between every pair of stages, and between a source model and this one (the
-  `source_run_id` tag of a transfer run, or `compare_run_id`), on the same test images.
-
-Why only the test set. The network has fit its training images (often memorised them), so
-features of training images flatter every score; test features say what the network does on
-images it never saw. Both evaluation protocols therefore stay inside the test set:
-
-- kNN is leave-one-out: each image is classified by all the others. Against a half/half split
-  this uses twice the bank (closer to a kNN monitor with a full train bank), every image is a
-  query (lower variance), and it costs the same one n x n similarity pass.
-- The probe needs a held-out half, because a logistic regression on d >= 128 features can fit
-  its own training points: it is fit on a seeded random half and scored on the other half.
-
-CKA is linear CKA on the same pooled features (full maps are up to 8,192-d per image at stage 1,
-which would make 10,000-image CKA cost minutes), with the debiased estimator, so that values do
-not drift with the number of images analysed; identical representations still give exactly 1.
-
-Everything is logged into the analysed run (or `log_to`) with `RunLogger`, which addresses the
-run by id: MLflow accepts metrics and artifacts for a FINISHED run as long as it is not deleted.
-Per-stage metrics are `analysis_<name>` with the stage index as step (so the MLflow UI charts
-them against depth), the same numbers go to `analysis/stage_metrics.csv`, figures under
-`analysis/`. Analysing a run again overwrites the artifacts and appends to the metric histories
-(MLflow shows the latest value).
+For every named stage (global-average-pooled, `flatten_features`) and the penultimate embedding,
+on the run's test set: kNN (leave-one-out), k-means scores, a linear probe on a seeded half, t-SNE
+and UMAP, image grids and filters, and linear CKA between stages and against a source model. All
+of it is logged into the analysed run (or `log_to`) with `RunLogger`, by run id. What each score
+is, and why only the test set: docs/analysis.md.
 """
 
 from __future__ import annotations

@@ -1,20 +1,11 @@
 """Finish study trials in a background process: test set, figures, embeddings and the model.
 
-Once `fit` returns, a trial has trained; what remains (evaluating the test set, drawing the
-figures, t-SNE and UMAP, logging the model) takes seconds in which the GPU would sit idle.
-So a trial leaves a job in a spool folder beside the tracking store, its run ends, and the
-worker starts its next trial while a process of its own, started with the worker, does the rest
-(`log_evaluation`, exactly what `harness train` does before its run ends):
-
-    <spool>/<run id>/job.json, model.pt   written by the trial (as a folder renamed into place)
-    <spool>/<run id>/lock                 held while a finisher works on the job
-    the folder removed once everything is logged; the run's tag `evaluation`: pending -> done
-
-A crash loses nothing: a job whose worker or finisher died stays in the spool, its lock freed
-with its process, and the next finisher on this store does it; `drain` does any left before a
-study's summary. The finisher pays the slow imports and loading UMAP's compiled code (compiled
-once per machine, harness.embeddings.load_umap) once, at start-up, and uses one thread (on a
-CPU it shares the cores with training; on a GPU machine it is free).
+Once `fit` returns, what remains (`log_evaluation`, exactly what `harness train` does before its
+run ends) takes seconds in which the device would sit idle, so a trial leaves a job in a spool
+folder beside the tracking store and the worker starts its next trial while this process does the
+rest. A job whose worker or finisher died stays for the next finisher; `drain` does any left
+before a study's summary. The spool's layout and why: docs/studies.md, "Trials spend their time
+training".
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """Ctrl-C and SIGTERM: the first asks for a clean stop, a second ends the process at once.
 
-Cluster jobs end by SIGTERM (`timeout`, `docker stop`, Kubernetes, Slurm preemption) far more
-often than by Ctrl-C. Here both raise in the main thread, SIGTERM as `Stopped`, a kind of
-KeyboardInterrupt, so every path that handles Ctrl-C handles it too: the run in progress ends
-KILLED with what it logged, a study's trial ends FAIL and is re-queued (it resumes from its last
-checkpoint), and the command exits 130 (Ctrl-C) or 143 (SIGTERM). SIGUSR1, the warning Slurm sends
-before a job's time limit (`--signal=B:USR1@SECONDS`), stops the same way, as `TimeUp` (exit 138):
-`harness tune` then requeues its Slurm job (studies/slurm.py). A second signal, a second or
-more after the first, ends the process at once; one sooner is the same signal arriving twice
-(from a terminal's process group and from the parent that forwards it) and is ignored.
-
-`hold()` ... `release()` brackets steps that must not be cut in two (Optuna creating a trial and
-starting its heartbeat; Optuna recording a trial's end): a signal in between is raised at
-`release()`. A stop raised while Python runs a weakref callback or a `__del__` is printed and
-swallowed ("Exception ignored in"): `check()`, called at every epoch's end and before every trial, raises it again.
+Both raise in the main thread, SIGTERM as `Stopped` and Slurm's SIGUSR1 as `TimeUp`, kinds of
+KeyboardInterrupt, so every path that handles Ctrl-C handles them too. `hold()` ... `release()`
+brackets steps that must not be cut in two (a signal in between is raised at `release()`);
+`check()` raises again a stop that Python swallowed in a weakref callback or a `__del__`. What a
+stop does to runs and trials: docs/stopping-and-outages.md.
 """
 
 from __future__ import annotations

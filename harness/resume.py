@@ -1,16 +1,10 @@
 """Resumable training state: written every few epochs, read by the run (or trial) that resumes it.
 
-A run killed at epoch 27 of 30 (SIGTERM, preemption, a dead machine) should not start again from
-epoch 1. `fit` keeps everything it carries from one epoch to the next in a `TrainingState`: the
-weights, the optimizer, the schedule, the epoch, every random generator, the best weights so far
-and the early-stopping count, the epochs' metrics. Every `checkpoint_every` epochs its `capture()`
-is saved here; `restore()`d into the same config, training continues as if never stopped: on the
-CPU in deterministic mode, to the same final weights.
-
-The files live in one folder per tracking store, `<store>/checkpoints/<run id>.pt` (beside an
-SQLite store; `./mlruns/checkpoints` for a tracking server), or in `$HARNESS_CHECKPOINT_DIR`:
-for studies over many machines, point it at a shared filesystem like the data. A run's file is
-removed once the run finished or failed for good, so a long study keeps one per trial in flight.
+`fit` keeps what it carries from one epoch to the next in a `TrainingState` (weights, optimizer,
+schedule, random generators, best weights, early-stopping count, the epochs' metrics); every
+`checkpoint_every` epochs its `capture()` is saved here, so a run killed at epoch 27 of 30 continues
+from there, `restore()`d, not from epoch 1. Where the files live and when they go:
+docs/stopping-and-outages.md.
 """
 
 from __future__ import annotations

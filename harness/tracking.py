@@ -2,9 +2,9 @@
 
 Runs are created with `MlflowClient` and a parent id passed in, never through the fluent
 "active run": the fluent run is per thread and per process, which is exactly where the
-stock Optuna callback loses the nesting of trials under a study (see docs/design notes in
-the README). Only `mlflow.pytorch.log_model`, which has no client form, resumes the run
-fluently for the moment it needs.
+stock Optuna callback loses the nesting of trials under a study (docs/architecture.md, "Why not
+optuna-integration's MLflowCallback"). Only `mlflow.pytorch.log_model`, which has no client form,
+resumes the run fluently for the moment it needs.
 """
 
 from __future__ import annotations
@@ -443,7 +443,7 @@ def error_line(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------
-# A tracking server that goes away (README, "Failures")
+# A tracking server that goes away (docs/stopping-and-outages.md)
 
 # MLflow's HTTP retries for an http(s):// tracking URI, where the environment does not set them.
 # MLflow retries every call (POSTs and artifact uploads too) on refused or dropped connections,

@@ -1,19 +1,10 @@
 """`harness dashboard`: optuna-dashboard on a study's storage, safe beside the workers writing to it.
 
-Why it needs care: optuna-dashboard opened on a live SQLite study crashed the study with
-"database is locked" (optuna-dashboard#545). In SQLite's default rollback-journal mode a query
-in progress holds a shared lock, and a writer cannot commit until every reader has let go; the
-study's commit waited out its busy timeout (5 s by default) and `optimize` raised. Measured here:
-a read left in progress makes another connection's commit fail in rollback-journal mode, and not
-in WAL mode. And the dashboard is not only a reader: its pages create, rename and delete studies,
-tell trials, edit notes and migrate the schema (a button), each taking the workers' write lock.
-
-So: the storage is in WAL mode (`harness tune` opens it so: readers and the writer never block
-each other); the dashboard's connections are read-only (SQLite `mode=ro`, PostgreSQL
-`default_transaction_read_only`) and wait out a busy database for 60 s, as the workers do; and
-requests that would write are answered 405 before they reach the storage.
-
-Each trial's note (written by the worker, `note_run_link`) links its run in the MLflow UI.
+The storage is in WAL mode, the dashboard's connections are read-only and wait out a busy
+database, and requests that would write are answered 405 before they reach the storage: an
+optuna-dashboard on a live SQLite study once crashed it with "database is locked"
+(optuna-dashboard#545). Why each is needed: docs/browsing.md. Each trial's note (written by the
+worker, `note_run_link`) links its run in the MLflow UI.
 """
 
 from __future__ import annotations

@@ -3,15 +3,10 @@
     job_id = submit(SlurmOptions(study="big", tune_args=["--space", "cnn", "--trials", "200"],
                                  array_size=8, partition="gpu", time="1-00:00:00", gpus_per_task=1))
 
-One `harness tune` worker per array task, all on one study (the storage and tracking URIs are
-written into the script). What a user would otherwise have to get right by hand:
-`--requeue` (a preempted task goes back in the queue, its trial resumes from its checkpoint),
-`--open-mode=append` (a requeued attempt's log follows the first one's instead of replacing it)
-and `--signal=B:USR1@N`. Without `B:` Slurm sends the signal to job steps only, and a worker
-started by the batch script without `srun` is in none; with it, only the batch shell gets it,
-so the script `exec`s the worker: the worker *is* the batch shell. On SIGUSR1 it stops as on
-SIGTERM and requeues its own task while the study has trials left (`requeue_self`), so a study
-outlives any one job's time limit. scripts/slurm/harness-array.sbatch is `template()`.
+One `harness tune` worker per array task, all on one study, with what a user would otherwise have
+to get right by hand (`--requeue`, `--open-mode=append`, `--signal=B:USR1@N` and a worker the
+script `exec`s); inside a job, its run tags and `requeue_self`. Why each: docs/many-machines.md.
+scripts/slurm/harness-array.sbatch is `template()`.
 """
 
 from __future__ import annotations

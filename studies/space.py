@@ -1,21 +1,9 @@
 """Search spaces: readable YAML definitions, checked before any trial starts, sampled by Optuna.
 
-A space file (see studies/spaces/) holds:
-
-    params:                      # what Optuna samples, by config key
-      lr: {type: float, low: 1.0e-3, high: 0.3, log: true}
-      optimizer: {type: categorical, choices: [sgd, adamw]}
-      momentum: {type: float, low: 0.8, high: 0.99, if: {optimizer: sgd}}   # conditional
-    profiles:                    # fixed settings for every trial, by budget
-      quick: {epochs: 4, data.train_subset: 8000}
-      full: {epochs: 30}
-
-Keys are `harness train` config keys, plus three that build `model.widths`: `model.stages`,
-`model.base_width` and `model.width_multiplier` (width of stage i = base * multiplier^i), or
-per-stage scales of the base config's widths, `model.width_scale.1`, `model.width_scale.2`, ...
-(stage k's width = the config's width of stage k times the scale, so one range fits every
-profile's network and 1.0 is the config's own). An optional `config: fast` names the run config
-the trials start from (studies/configs/).
+A space file (studies/spaces/) maps config keys to what Optuna samples (`params`, with `if:` for
+conditional ones and three keys that build `model.widths`, or per-stage width scales), fixes
+budgets per `profiles`, and may name the run config its trials start from (`config`). The format:
+docs/configuration.md, "Search spaces".
 """
 
 from __future__ import annotations

@@ -3,28 +3,9 @@
     run_split_study(data_dir="data")                      # a seeded split of the 10 classes
     run_split_study(classes_a=["airplane", "automobile", "bird", "cat", "deer"])
 
-The classes are split into halves A and B (default: a seeded random split, `class_seed`); each
-half is a dataset of its own, relabelled 0..4. Base networks baseA and baseB are trained on each.
-Then for each depth n = 1..S (the network's stages), four networks are trained on B and all are
-tested on B's test set:
-
-    AnB     stages 1..n copied from baseA and frozen, the layers above re-initialised and trained
-    BnB     the same from baseB (the control: only co-adaptation across the cut can hurt it)
-    AnB+    stages 1..n copied from baseA and fine-tuned with the rest (no layer frozen)
-    BnB+    the same from baseB
-
-Yosinski et al. find BnB dipping in the middle (fragile co-adaptation), AnB falling with depth
-(features grow specific to A), and AnB+ above baseB (transferred features generalise better).
-
-Runs: one parent in experiment `transfer-split-<dataset>` with both halves' classes as tags;
-baseA, baseB and every AnB/BnB/AnB+/BnB+ child nested under it (`A2B`, `B1B+`, ... as in the
-paper). The parent holds the four curves by depth with baseB's accuracy (figure, CSV and Markdown
-tables) and metrics `AnB_test_accuracy`, `AnB_plus_test_accuracy`, ... with the depth as step.
-A failing transfer child is recorded and the study goes on; a failing base network fails the
-study (everything depends on it).
-
-All children share one config, seed and budget; a re-initialised layer gets the same initial
-weights in every child (the same seed), so depth and origin are the only differences.
+Base networks baseA and baseB, then AnB, BnB, AnB+ and BnB+ at every depth, all tested on B, each a
+child of one parent run that holds the curves by depth. What each network is, what the paper finds
+and how the runs are laid out: docs/transfer.md, "Split study".
 """
 
 from __future__ import annotations

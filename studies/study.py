@@ -1,6 +1,6 @@
 """Opening a study: its storage, sampler and pruner, the trials' base config, and its study run.
 
-Where the stock Optuna + MLflow pairing breaks (see README, "Why not optuna-integration's
+Where the stock Optuna + MLflow pairing breaks (docs/architecture.md, "Why not optuna-integration's
 MLflowCallback"): it nests through the fluent active run, which lives in one thread of one
 process. Here the study's parent run id is stored in the study itself (Optuna user attrs), so
 every worker, in any process on any machine, finds the one study run and nests its trial runs

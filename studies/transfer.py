@@ -2,32 +2,11 @@
 
     run_transfer("best:STUDY" | RUN_ID, target="cifar100")
 
-The source model comes back from its weights-only checkpoint (`load_run_model`); every child keeps
-its architecture, gets a new head for the target's classes, and trains with `train_run`, so it
-logs what any run logs. Modes (all children share the target config, seed and budget):
-
-    probe       all stages and the embedding layer frozen; only the new head trains (linear probe)
-    finetune    everything trains; the backbone (stages + embedding) at `backbone_lr_scale` x lr
-    freeze_k    k = 0..S: the first k stages frozen, the rest (source weights, then the new head)
-                fine-tuned at one learning rate (Yosinski et al., 2014); freeze_0 is a one-rate
-                fine-tune, `finetune` the two-rate one
-    scratch     the same architecture and budget, randomly initialised, trained on the target alone
-
-Frozen layers are a fixed function: no gradients, left out of the optimizer, and kept in eval mode
-(`CNN.freeze`), so their BatchNorm statistics and dropout stay as in the source.
-
-Runs: one parent in experiment `transfer-<target>` tagged with the source run, its study, and the
-source's label smoothing and dropout (they change how well penultimate features transfer:
-Kornblith et al., 2019); each child nested under it (`mlflow.parentRunId`) with the same tags plus
-`transfer_mode` and `frozen_stages`. The parent holds the summary: accuracy against frozen depth
-(fine, and coarse for CIFAR-100 fine labels) with probe, fine-tune and scratch as lines, and a
-CSV/Markdown table of every child.
-
-Failures: a source, config or data problem raises one line before any run exists. A child that
-fails ends FAILED with its reason (by `train_run`); the study records it in the table and in the
-parent's `failed_modes` tag and goes on: one diverging mode should not waste the others. The
-parent ends FINISHED when at least one child finished, FAILED when none did; Ctrl-C ends it KILLED.
-Callers (the CLI) should exit non-zero when `TransferResult.failed` is not empty.
+The source model comes back from its weights-only checkpoint (`load_run_model`), gets a new head
+for the target's classes, and trains with `train_run` once per mode (probe, finetune, freeze_k,
+scratch), each a child of one parent run that holds the summary. Frozen layers are a fixed
+function (`CNN.freeze`). The modes, runs and failures: docs/transfer.md. Callers (the CLI) should
+exit non-zero when `TransferResult.failed` is not empty.
 """
 
 from __future__ import annotations

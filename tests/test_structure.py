@@ -1,5 +1,6 @@
-"""The house's shape: arrows only downward, no import cycles, and a command line that loads a
-subcommand's modules only when that subcommand runs.
+"""The house's shape: arrows only downward, no import cycles, a command line that loads a
+subcommand's modules only when that subcommand runs, and docs that point only at what exists
+(docs/architecture.md naming every module).
 
     harness/  the core (config, data, models, training, evaluation, tracking, ...)
     studies/  Optuna studies, transfer and split studies     -> may import harness
@@ -12,6 +13,7 @@ The graph counts every import, at the top of a module or inside a function.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +130,55 @@ assert len(quiet_filters()) == 1 and len(optimize.filters) == 1
 def test_importing_the_studies_sets_no_filter_and_starting_one_sets_each_once():
     out = subprocess.run([sys.executable, "-c", IMPORT_LEAVES_NO_TRACE], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------
+# The documentation: README.md and docs/*.md point only at what exists, and docs/architecture.md
+# names every module.
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)|<img [^>]*src=\"([^\"]+)\"")
+# a project file in backticks: `studies/spaces/fast.yaml`, `harness/host_reads.py` (not artifacts such as
+# `analysis/stage_metrics.csv`, nor `mlruns/<id>/...`)
+PROJECT_PATH = re.compile(
+    r"`((?:harness|studies|analysis|benchmarks|scripts|tests|docs|\.ci)/[\w/-]+\.(?:py|sh|yaml|md))`"
+)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    return {slug(m) for m in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_the_docs_link_only_to_what_exists(doc):
+    text = doc.read_text()
+    broken = []
+    for m in LINK.finditer(text):
+        target = m.group(1) or m.group(2)
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        path = (doc.parent / file).resolve() if file else doc
+        if not path.exists():
+            broken.append(target)
+        elif anchor and path.suffix == ".md" and anchor not in anchors(path):
+            broken.append(f"{target} (no such heading)")
+    for m in PROJECT_PATH.finditer(text):
+        if not (ROOT / m.group(1)).exists():
+            broken.append(m.group(1))
+    assert not broken, f"{doc.name}: {broken}"
+
+
+def test_the_architecture_page_names_every_module():
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    files = [p for pkg in (*PACKAGES, "benchmarks") for p in (ROOT / pkg).glob("*.py") if p.name != "__init__.py"]
+    files += [p for p in (ROOT / "scripts").rglob("*") if p.is_file()] + list((ROOT / ".ci").glob("*"))
+    unnamed = [str(p.relative_to(ROOT)) for p in files if f"({'../' + str(p.relative_to(ROOT))})" not in page]
+    assert not unnamed, f"add a line for each to docs/architecture.md: {sorted(unnamed)}"

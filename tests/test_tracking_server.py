@@ -1,7 +1,7 @@
 """A tracking server that goes away: a real `mlflow server`, real harness processes.
 
 - The server stopped for 30 s in the middle of `harness train` and started again on the same
-  port and stores: with the harness's retry settings (README, "Failures") the run ends FINISHED
+  port and stores: with the harness's retry settings (docs/stopping-and-outages.md) the run ends FINISHED
   with every epoch's metrics, its figures and its model. A figure and a model logged while the
   server is away (artifact uploads through its `mlflow-artifacts:` proxy, and the fluent
   `mlflow.pytorch.log_model`) wait for it and arrive too.
