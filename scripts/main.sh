@@ -12,6 +12,10 @@ DATA_DIR=${HARNESS_DATA_DIR:-data}
 if [ ! -f "$DATA_DIR/cifar-10-batches-py/batches.meta" ] && [ -f ../shared/datasets/materialize.py ]; then
   .venv/bin/python ../shared/datasets/materialize.py --out "$DATA_DIR"
 fi
-# Tuning, then the top trials confirmed with new seeds (the champion is the best mean), then transfer.
-exec .venv/bin/harness tune --study "${STUDY:-cifar10-cnn}" --space fast --trials "${TRIALS:-14}" \
-  --confirm-top "${CONFIRM_TOP:-3}" --confirm-seeds "${CONFIRM_SEEDS:-3}" --data-dir "$DATA_DIR" --transfer "$@"
+# Tuning, then the top trials confirmed with new seeds (the champion is the best mean), then
+# transfer. On a CPU the trials train 3 epochs (the space's quick profile) and their confirmation
+# runs 5, the budget the champion is then used at; on a GPU both train the full profile's 10.
+CONFIRM_EPOCHS=${CONFIRM_EPOCHS:-$(.venv/bin/python -c 'import torch; print(0 if torch.cuda.is_available() else 5)')}
+exec .venv/bin/harness tune --study "${STUDY:-cifar10-cnn}" --space fast --trials "${TRIALS:-12}" \
+  --confirm-top "${CONFIRM_TOP:-2}" --confirm-seeds "${CONFIRM_SEEDS:-3}" --confirm-epochs "$CONFIRM_EPOCHS" \
+  --data-dir "$DATA_DIR" --transfer "$@"
