@@ -288,7 +288,7 @@ def test_qmc_and_cmaes_samplers_run_a_study_sampling_in_bounds(env, capsys, samp
         for t in trials[1:]:
             assert any(k.startswith("cma:") and k.endswith("generation") for k in t.system_attrs), t.system_attrs
     else:
-        attrs = study._storage.get_study_system_attrs(study._study_id)
+        attrs = next(s for s in optuna.get_all_studies(env.storage) if s.study_name == sampler).system_attrs
         assert [v for k, v in attrs.items() if k.startswith("qmc:")] == [1]  # Sobol points 0 and 1
 
 
