@@ -91,6 +91,14 @@ def journal(tmp_path):
     return url
 
 
+def test_a_journal_trial_is_lost_after_three_beats_and_the_time_a_beat_may_wait_for_the_lock(journal):
+    from studies.journal import LOCK_GRACE
+    from studies.optuna_access import heartbeat
+
+    study = optuna.load_study(study_name="s", storage=open_journal(journal, 30, requeue))
+    assert heartbeat(study).grace == 3 * 30 + LOCK_GRACE
+
+
 def test_reading_commands_open_a_journal_study(journal, capsys):
     from studies.results import best_run_id, load
 
