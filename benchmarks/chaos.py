@@ -607,10 +607,9 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
 
 def no_heartbeat(chaos: Chaos, study) -> list[int]:
     """RUNNING trials with no heartbeat recorded: Optuna never finds them stale (its check skips them)."""
-    from studies.reconcile import silent_trial_ids
+    from studies.reconcile import silent_trials
 
-    numbers = {t._trial_id: t.number for t in study.get_trials(deepcopy=False)}
-    return sorted(numbers[i] for i in silent_trial_ids(study))
+    return sorted(t.number for t in silent_trials(study))
 
 
 def near_kills(chaos: Chaos, moment, label: str) -> str:

@@ -59,8 +59,8 @@ def add_tracking_arg(p: argparse.ArgumentParser) -> None:
 def add_storage_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage",
-        help="Optuna storage URL (default: $HARNESS_STORAGE or sqlite:///mlruns/optuna.db; "
-        "postgresql://user@host/db for many machines)",
+        help="Optuna storage URL (default: $HARNESS_STORAGE or sqlite:///mlruns/optuna.db; journal:PATH "
+        "for a shared filesystem without a database; postgresql://user@host/db for many machines)",
     )
 
 

@@ -1,10 +1,11 @@
 """`harness dashboard`: optuna-dashboard on a study's storage, safe beside the workers writing to it.
 
 The storage is in WAL mode, the dashboard's connections are read-only and wait out a busy
-database, and requests that would write are answered 405 before they reach the storage: an
-optuna-dashboard on a live SQLite study once crashed it with "database is locked"
-(optuna-dashboard#545). Why each is needed: docs/browsing.md. Each trial's note (written by the
-worker, `note_run_link`) links its run in the MLflow UI.
+database, a journal file (`journal:PATH`) is read through a backend that refuses to write, and
+requests that would write are answered 405 before they reach the storage: an optuna-dashboard on
+a live SQLite study once crashed it with "database is locked" (optuna-dashboard#545). Why each is
+needed: docs/browsing.md. Each trial's note (written by the worker, `note_run_link`) links its run
+in the MLflow UI.
 """
 
 from __future__ import annotations
@@ -42,9 +43,14 @@ def note_run_link(trial, run) -> None:
 
 
 def read_only_storage(url: str):
-    """An RDBStorage on `url` that cannot write, waiting up to 60 s for a busy database."""
+    """A storage on `url` that cannot write: an RDBStorage waiting up to 60 s for a busy database, or
+    a journal file's that refuses every write (no lock taken: readers never hold the workers up)."""
     import optuna
 
+    from studies.journal import journal_path, read_journal
+
+    if journal_path(url) is not None:
+        return read_journal(url, writable=False)
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///")).expanduser().resolve()
 
@@ -95,6 +101,7 @@ def open_dashboard(study: str, storage: str | None = None, host: str = "127.0.0.
     """(server, URL of the study's page, storage URL), not serving yet; a user's error is a StudyError."""
     from harness.tracking import redact
     from studies.options import StudyError
+    from studies.optuna_access import study_id
     from studies.study import existing_storage
 
     try:
@@ -104,7 +111,9 @@ def open_dashboard(study: str, storage: str | None = None, host: str = "127.0.0.
     url = existing_storage(storage, study)  # the same resolution as `harness tune`; creates nothing
     try:
         ro = read_only_storage(url)
-        names = {s.study_name: s._study_id for s in ro.get_all_studies()}
+        names = {s.study_name: study_id(s) for s in ro.get_all_studies()}
+    except StudyError:  # a journal file that is none: said already
+        raise
     except Exception as e:
         raise StudyError(
             f"cannot read study storage {redact(url)} ({error_line(e)}): check the --storage URL "

@@ -15,6 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 from harness.tracking import RunLogger
+from studies.optuna_access import beating_trial_ids, heartbeat, study_storage, trial_id
 
 
 def reconcile_runs(study: optuna.Study, client, run_kind: str = "trial") -> int:
@@ -61,46 +62,32 @@ def fail_silent_trials(study: optuna.Study, now: Callable[[], datetime] = dateti
     the grace period: their worker was killed outright in the instant between Optuna creating the
     trial and starting its heartbeat. Optuna's stale check skips trials without a heartbeat, so
     they would stay RUNNING for good. Returns their numbers. `now`: the clock (Optuna's local time)."""
-    storage = getattr(study._storage, "_backend", study._storage)  # (under Optuna's cache)
-    interval = getattr(storage, "heartbeat_interval", None)
-    if interval is None:
+    beat = heartbeat(study)
+    if beat is None:
         return []
-    grace = timedelta(seconds=storage.grace_period or 2 * interval)
+    storage = study_storage(study)
     failed = []
-    for trial_id in silent_trial_ids(study):
-        trial = storage.get_trial(trial_id)
-        if trial.datetime_start is None or now() - trial.datetime_start < grace:
+    for trial in silent_trials(study):
+        if trial.datetime_start is None or now() - trial.datetime_start < timedelta(seconds=beat.grace):
             continue  # just created: its heartbeat is about to start
         try:
             storage.set_trial_user_attr(
-                trial_id,
+                trial_id(trial),
                 "fail_reason",
                 "its worker died as the trial started (no heartbeat was ever recorded); re-queued",
             )
-            if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
+            if not storage.set_trial_state_values(trial_id(trial), TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker got there first
-        callback = storage.get_heartbeat_stale_trial_callback()
-        if callback is not None:
-            callback(study, storage.get_trial(trial_id))
+        if beat.callback is not None:
+            beat.callback(study, storage.get_trial(trial_id(trial)))
         failed.append(trial.number)
     return failed
 
 
-def silent_trial_ids(study: optuna.Study) -> list[int]:
-    """The storage ids of the study's RUNNING trials with no heartbeat recorded (an RDB storage)."""
-    import sqlalchemy
-
-    storage = getattr(study._storage, "_backend", study._storage)
-    with storage.engine.connect() as conn:
-        return [
-            row[0]
-            for row in conn.execute(
-                sqlalchemy.text(
-                    "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
-                    "WHERE t.study_id = :study AND t.state = 'RUNNING' AND h.trial_id IS NULL"
-                ),
-                {"study": study._study_id},
-            )
-        ]
+def silent_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The study's RUNNING trials with no heartbeat recorded, on any storage with heartbeats."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    beating = beating_trial_ids(study)  # (read second: a trial that beats in between is not silent)
+    return [t for t in running if trial_id(t) not in beating]

@@ -8,15 +8,16 @@ from optuna.trial import TrialState
 from harness.tracking import redact
 from harness.uncertainty import overlaps
 from studies.options import StudyError
-from studies.study import existing_storage
+from studies.study import existing_storage, storage_for
 
 
 def load(study_name: str, storage: str | None = None) -> optuna.Study:
     url = existing_storage(storage, study_name)
+    opened = storage_for(url)
     try:
-        return optuna.load_study(study_name=study_name, storage=url)
+        return optuna.load_study(study_name=study_name, storage=opened)
     except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(url)]
+        names = [s.study_name for s in optuna.get_all_study_summaries(opened)]
         raise StudyError(
             f"study {study_name!r} not found in {redact(url)}; studies there: "
             f"{', '.join(names) or 'none'} (pass --storage if it lives elsewhere)"

@@ -22,7 +22,7 @@ import optuna
 
 from harness import config as C
 from harness.tracking import RunLogger, experiment_id, open_client, redact, store_lock
-from studies import library
+from studies import journal, library
 from studies.options import DEFAULT_STORAGE, OBJECTIVES, StudyError, TuneOptions
 from studies.slurm import slurm_tags
 from studies.space import Space, check_stages, load_space, profile_settings, starting_point
@@ -56,9 +56,12 @@ def storage_url(url: str | None) -> str:
 
 
 def writable_storage(url: str | None) -> str:
-    """`storage_url`, its SQLite file (and folder) created in WAL mode: for the commands that write."""
+    """`storage_url`, its SQLite file (and folder) created in WAL mode: for the commands that write. A
+    journal's folder must exist already (on the shared filesystem: a typo must not make a local one)."""
     url = storage_url(url)
-    if url.startswith("sqlite:///"):
+    if journal.journal_path(url) is not None:
+        journal.check_writable(url)
+    elif url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///")).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
         with store_lock(url), sqlite3.connect(path, timeout=60) as db:
@@ -67,18 +70,26 @@ def writable_storage(url: str | None) -> str:
 
 
 def existing_storage(url: str | None, study: str) -> str:
-    """`storage_url` for the commands that only read: a missing SQLite file is one line, not created."""
+    """`storage_url` for the commands that only read: a missing SQLite or journal file is one line, not created."""
     url = storage_url(url)
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).expanduser().is_file():
-        raise StudyError(
-            f"no study storage at {url.removeprefix('sqlite:///')}: run `harness tune --study {study}` "
-            "first, or pass --storage"
-        )
+    path = journal.journal_path(url)
+    if path is None and url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///")).expanduser()
+    if path is not None and not path.is_file():
+        raise StudyError(f"no study storage at {path}: run `harness tune --study {study}` first, or pass --storage")
     return url
 
 
-def open_storage(opts: TuneOptions) -> optuna.storages.RDBStorage:
+def storage_for(url: str):
+    """What Optuna's functions take for a storage URL: the URL itself, or the journal file's storage."""
+    return journal.read_journal(url) if journal.journal_path(url) is not None else url
+
+
+def open_storage(opts: TuneOptions) -> optuna.storages.BaseStorage:
+    """The storage the workers write to, with heartbeats (a stale trial is failed and re-queued)."""
     url = writable_storage(opts.storage)  # (an SQLite file in WAL mode)
+    if journal.journal_path(url) is not None:
+        return journal.open_journal(url, opts.heartbeat, requeue)
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(5):
         try:
@@ -335,7 +346,7 @@ def study_description(name: str) -> str:
 def _wait_for_parent(study: optuna.Study, timeout: float = 120.0) -> str:
     deadline = time.time() + timeout
     while True:
-        attrs = optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs
+        attrs = study.user_attrs  # (read from the storage each time, not cached)
         if "mlflow_parent_run_id" in attrs:
             return attrs["mlflow_parent_run_id"]
         if time.time() > deadline:

@@ -28,6 +28,7 @@ from harness.models import count_parameters
 from harness.tracking import RunLogger, error_line, last_try, server_unreachable
 from harness.uncertainty import accuracy_interval
 from studies.options import StudyError, TuneOptions
+from studies.optuna_access import OPTIMIZE_LOGGER
 from studies.plans import Plan, prepare_plan
 from studies.reconcile import finish_study_run, reconcile_runs
 from studies.slurm import slurm_tags
@@ -59,7 +60,7 @@ class _QuietTrials(logging.Filter):
 
 def quiet_trial_logs() -> None:
     """`_QuietTrials` on Optuna's trial log, once: installed when a worker starts, not on import."""
-    logger = logging.getLogger("optuna.study._optimize")
+    logger = logging.getLogger(OPTIMIZE_LOGGER)
     if not any(isinstance(f, _QuietTrials) for f in logger.filters):
         logger.addFilter(_QuietTrials())
 
@@ -95,13 +96,13 @@ class Worker:
     client: object
     dataset: Dataset | None = None
     finisher: object = None  # harness.finisher.Finisher: evaluates finished trials in the background
-    trial_id: int | None = None  # the trial in progress (to re-queue it when stopped)
+    trial_number: int | None = None  # the trial in progress (to re-queue it when stopped)
 
     def objective(self, trial: optuna.Trial):
         """What Optuna calls. Signals are held (`hold`) from before Optuna creates the trial until this
         starts, and again from its end until Optuna has recorded the trial's end (its `tell`): a stop
         cut into either would leave the trial RUNNING or half told."""
-        self.trial_id = trial._trial_id  # a stop from here on re-queues it: the one held since the ask goes now
+        self.trial_number = trial.number  # a stop from here on re-queues it: the one held since the ask goes now
         release()
         try:
             return self.train_trial(trial)
@@ -191,9 +192,10 @@ class Worker:
         took its predecessor's checkpoint over, the latest earlier run of the lineage that left one."""
         from harness import resume
 
-        history = self.study._storage.get_trial_system_attrs(trial._trial_id).get("retry_history") or []
+        trials = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trials[trial.number])
         numbers = list(reversed(history))[1:]  # (the latest is retry_of's own trial)
-        runs = {t.number: t.user_attrs.get("mlflow_run_id") for t in self.study.get_trials(deepcopy=False)}
+        runs = {n: t.user_attrs.get("mlflow_run_id") for n, t in trials.items()}
         for run_id in [retry_of] + [runs.get(n) for n in numbers]:
             if run_id and resume.path_for(self.client.tracking_uri, run_id).is_file():
                 return run_id
@@ -212,7 +214,7 @@ class Worker:
                 break
             if self.opts.timeout and time.time() - start >= self.opts.timeout:
                 break
-            self.trial_id = None
+            self.trial_number = None
             hold()  # a stop while Optuna creates the trial would leave it RUNNING without a heartbeat
             try:  # (the objective releases the hold while it runs)
                 self.study.optimize(
@@ -223,8 +225,9 @@ class Worker:
                     callbacks=[lambda s, t: last.update(trial=t)],
                 )
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trial is FAIL; queue it again to resume
-                if self.trial_id is not None:
-                    requeue(self.study, self.study._storage.get_trial(self.trial_id))
+                if self.trial_number is not None:
+                    stopped = [t for t in self.study.get_trials(deepcopy=False) if t.number == self.trial_number]
+                    requeue(self.study, stopped[0])
                 raise
             finally:
                 release()  # a stop held while Optuna told the trial's end is raised here

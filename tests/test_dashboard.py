@@ -274,11 +274,12 @@ def test_a_note_that_cannot_be_written_does_not_fail_the_trial(tmp_path, trackin
     from harness.tracking import RunLogger
     from studies.dashboard import note_run_link
 
-    study = optuna.create_study(study_name=STUDY, storage=storage_url(f"sqlite:///{tmp_path / 'o.db'}"))
+    url = storage_url(f"sqlite:///{tmp_path / 'o.db'}")
+    study = optuna.create_study(study_name=STUDY, storage=url)
     trial = study.ask()
     run = RunLogger(MlflowClient(tracking_uri), "0123abc", experiment_id="7")
     note_run_link(trial, run)
     assert "http://127.0.0.1:5000/#/experiments/7/runs/0123abc" in get_note(trial)
-    study._storage.delete_study(study._study_id)  # the note can no longer be written
+    optuna.delete_study(study_name=STUDY, storage=url)  # the note can no longer be written
     note_run_link(trial, run)  # logged, not raised
     assert any("no dashboard note" in r.getMessage() for r in caplog.records)

@@ -1,9 +1,10 @@
 """Many workers on one study, and workers that die: real processes, real stores.
 
-- Four workers on a fresh SQLite store (two `harness tune --workers 2` at once) and two
-  separately launched workers on PostgreSQL (`HARNESS_TEST_POSTGRES_URL`, which .ci/run sets;
-  skipped with the reason without it) finish exactly N trials between them, no trial lost or
-  duplicated, all nested under one study run, with no lock errors in their output.
+- Four workers on a fresh SQLite store (two `harness tune --workers 2` at once), four separately
+  launched ones on a fresh journal file, and two separately launched workers on PostgreSQL
+  (`HARNESS_TEST_POSTGRES_URL`, which .ci/run sets; skipped with the reason without it) finish
+  exactly N trials between them, no trial lost or duplicated, all nested under one study run,
+  with no lock errors in their output.
 - A worker SIGKILLed mid-trial leaves its trial to the heartbeat: the resumed study fails it,
   retries it (a trial tagged `retry_of_run`) and ends the dead run FAILED.
 - SIGINT stops a worker cleanly (exit 130, trial FAIL, run KILLED); the study resumes later.
@@ -112,10 +113,11 @@ class Setup:
 
     def study(self, name: str) -> optuna.Study:
         from studies.study import (
+            storage_for,  # a journal file's storage
             storage_url,  # postgresql:// with the driver we install
         )
 
-        return optuna.load_study(study_name=name, storage=storage_url(self.storage))
+        return optuna.load_study(study_name=name, storage=storage_for(storage_url(self.storage)))
 
     def client(self) -> MlflowClient:
         return MlflowClient(self.tracking)
@@ -187,6 +189,33 @@ def test_four_concurrent_workers_on_a_fresh_sqlite_store(tmp_path, shared):
     assert setup.output().count("best trial") == 2
     names = {a.path for a in setup.client().list_artifacts(study.user_attrs["mlflow_parent_run_id"], "summary")}
     assert "summary/trials.csv" in names
+
+
+def test_four_workers_on_a_fresh_journal_file(tmp_path, shared):
+    """The journal choice (a shared filesystem, no database server), proved as SQLite's is.
+
+    Four workers launched separately, as on four machines, on a journal file that does not exist
+    yet: exactly N trials between them under one study run, no lock error, and each trial's
+    heartbeats (the harness's: Optuna's journal has none) written through the journal. Four trials
+    of one epoch, evaluated inline: the storage is what is under test, in a fraction of SQLite's time.
+    """
+    from studies.optuna_access import HEARTBEAT_ATTR, trial_id
+
+    journal = tmp_path / "optuna.journal"
+    setup = Setup(tmp_path, shared, storage=f"journal:{journal}")
+    one_epoch = [f for f in FIXED if not f.startswith("epochs=")] + ["epochs=1"]
+    args = setup.args("journal", 4, fixed=one_epoch, extra=("--evaluate", "inline"))
+    procs = [setup.start(args) for _ in range(4)]
+    _wait(procs, setup)
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], setup.output()[-5000:]
+    study = check_study(setup, "journal", 4)
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        assert t.system_attrs[HEARTBEAT_ATTR][0] == trial_id(t), t.system_attrs
+    client = setup.client()
+    study_run = client.search_runs([client.get_experiment_by_name("journal").experiment_id], "tags.run_kind = 'study'")
+    assert study_run[0].data.tags["storage"] == f"journal:{journal}"
+    assert sorted(p.name for p in tmp_path.glob("optuna.journal*")) == ["optuna.journal"]  # no lock left behind
+    assert "lock file" not in setup.output()  # (Optuna warns of a lock held 10 s, and of one it breaks)
 
 
 def _redact(url: str) -> str:
@@ -272,12 +301,12 @@ def _wait_until_stale(setup: Setup, name: str, trial: optuna.trial.FrozenTrial) 
     period of 3 heartbeats, by the database's clock), as the next worker will."""
     from conftest import wait_until
 
+    from studies.optuna_access import stale_trial_ids, trial_id
     from studies.study import storage_url
 
     storage = optuna.storages.RDBStorage(storage_url(setup.storage), heartbeat_interval=1, grace_period=3)
-    study_id = storage.get_study_id_from_name(name)
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-    wait_until(lambda: trial_id in storage._get_stale_trial_ids(study_id), f"stale trial {trial.number}", timeout=WAIT)
+    study = optuna.load_study(study_name=name, storage=storage)
+    wait_until(lambda: trial_id(trial) in stale_trial_ids(study), f"stale trial {trial.number}", timeout=WAIT)
 
 
 # trials of a few seconds: the test sees one running well before it ends

@@ -111,13 +111,13 @@ def test_train_help_does_not_import_optuna_or_the_studies():
 
 IMPORT_LEAVES_NO_TRACE = """
 import logging, warnings
-import studies.driver, studies.report, studies.study, studies.worker
+import studies.driver, studies.optuna_access, studies.report, studies.study, studies.worker
 from optuna.exceptions import ExperimentalWarning
 
 def quiet_filters():
     return [f for f in warnings.filters if f[2] is ExperimentalWarning and f[0] == "ignore"]
 
-optimize = logging.getLogger("optuna.study._optimize")
+optimize = logging.getLogger(studies.optuna_access.OPTIMIZE_LOGGER)
 assert not quiet_filters() and not optimize.filters, "set on import"
 assert not hasattr(studies.report, "_settled"), "a module-global cache"
 for _ in range(2):  # what a worker and its study install when they start, once however often

@@ -26,6 +26,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
 from harness.cli import main
+from studies.optuna_access import study_id
 
 STUDY = "tiny"
 # the budget of every trial: a few hundred generated images, two small stages, two epochs
@@ -121,7 +122,7 @@ def _snapshot(env: Env) -> dict:
     client = env.client()
     exp = client.get_experiment_by_name(STUDY)
     return {
-        "study_id": study._study_id,
+        "study_id": study_id(study),
         "experiment_id": exp.experiment_id,
         "parent": study.user_attrs["mlflow_parent_run_id"],
         "trials": {t.number: t.state for t in study.trials},

@@ -339,7 +339,8 @@ def test_qmc_and_cmaes_samplers_run_a_study_sampling_in_bounds(env, capsys, samp
         for t in trials[1:]:
             assert any(k.startswith("cma:") and k.endswith("generation") for k in t.system_attrs), t.system_attrs
     else:
-        attrs = study._storage.get_study_system_attrs(study._study_id)
+        storage = optuna.storages.RDBStorage(env.storage)
+        attrs = storage.get_study_system_attrs(storage.get_study_id_from_name(sampler))
         assert [v for k, v in attrs.items() if k.startswith("qmc:")] == [1]  # Sobol points 0 and 1
 
 
