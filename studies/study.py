@@ -259,9 +259,8 @@ def open_study(
     loaded, stored with a new study and compared with a joined one's.
     """
     dirs = directions(opts.objectives)
-    multi = len(dirs) > 1
     sampler = make_sampler(opts.sampler, opts.seed)
-    pruner = make_pruner(opts.pruner, base.epochs, multi)
+    pruner = make_pruner(opts.pruner, base.epochs, len(dirs) > 1)
     study, created = create_or_join(opts.study, storage, dirs, sampler, pruner)
     if [d.name.lower() for d in study.directions] != dirs:
         raise StudyError(
@@ -269,43 +268,9 @@ def open_study(
             f"({study.user_attrs.get('objectives')}): use the same --objectives or a new --study name"
         )
     if created:
-        client = client or open_client(opts.tracking_uri)
-        experiment_id(client, opts.study, description=study_description(opts.study))
-        run = RunLogger.start(
-            client,
-            opts.study,
-            f"study-{opts.study}",
-            tags={
-                "study": opts.study,
-                "run_kind": "study",
-                "sampler": opts.sampler,
-                "pruner": opts.pruner,
-                "objectives": opts.objectives,
-                "storage": redact(storage.url if hasattr(storage, "url") else str(storage)),
-                **slurm_tags(),
-            },
+        return study, start_study_run(
+            opts, storage, base, study, client or open_client(opts.tracking_uri), first_trial, space
         )
-        run.log_params(
-            {
-                "space": opts.space,
-                "trials": opts.trials,
-                "sampler": opts.sampler,
-                "pruner": opts.pruner,
-                "seed": opts.seed,
-                "objectives": opts.objectives,
-            }
-        )
-        run.log_text(C.to_yaml(base), "base_config.yaml")
-        study.set_user_attr("base_config", _comparable(C.to_dict(base)))
-        study.set_user_attr("space", opts.space)
-        if space is not None:
-            study.set_user_attr("space_params", space_definition(space))
-        study.set_user_attr("objectives", opts.objectives)
-        study.set_user_attr("mlflow_experiment", opts.study)
-        if first_trial:
-            study.enqueue_trial(first_trial, user_attrs={"first_trial": "the base config"})
-        study.set_user_attr("mlflow_parent_run_id", run.run_id)
-        return study, run.run_id
     parent = _wait_for_parent(study)
     _check_space(study, opts.space, space_definition(space) if space is not None else None)
     stored, ours = study.user_attrs.get("base_config") or {}, _comparable(C.to_dict(base))
@@ -316,6 +281,50 @@ def open_study(
             "run it with the same --profile/--set/--config, or use a new --study name"
         )
     return study, parent
+
+
+def start_study_run(
+    opts: TuneOptions, storage, base: C.Config, study: optuna.Study, client, first_trial: dict | None, space
+) -> str:
+    """A new study's MLflow experiment and study run, and what the study keeps to be joined and resumed
+    as it was (its base config, space, objectives, first trial); the run's id is stored last, the
+    sign for waiting workers that the study is ready."""
+    experiment_id(client, opts.study, description=study_description(opts.study))
+    run = RunLogger.start(
+        client,
+        opts.study,
+        f"study-{opts.study}",
+        tags={
+            "study": opts.study,
+            "run_kind": "study",
+            "sampler": opts.sampler,
+            "pruner": opts.pruner,
+            "objectives": opts.objectives,
+            "storage": redact(storage.url if hasattr(storage, "url") else str(storage)),
+            **slurm_tags(),
+        },
+    )
+    run.log_params(
+        {
+            "space": opts.space,
+            "trials": opts.trials,
+            "sampler": opts.sampler,
+            "pruner": opts.pruner,
+            "seed": opts.seed,
+            "objectives": opts.objectives,
+        }
+    )
+    run.log_text(C.to_yaml(base), "base_config.yaml")
+    study.set_user_attr("base_config", _comparable(C.to_dict(base)))
+    study.set_user_attr("space", opts.space)
+    if space is not None:
+        study.set_user_attr("space_params", space_definition(space))
+    study.set_user_attr("objectives", opts.objectives)
+    study.set_user_attr("mlflow_experiment", opts.study)
+    if first_trial:
+        study.enqueue_trial(first_trial, user_attrs={"first_trial": "the base config"})
+    study.set_user_attr("mlflow_parent_run_id", run.run_id)
+    return run.run_id
 
 
 def study_description(name: str) -> str:

@@ -110,6 +110,41 @@ class Worker:
             hold()  # until `optimize` returns (released in `run`)
 
     def train_trial(self, trial: optuna.Trial):
+        self.refuse_surplus(trial)
+        cfg, run, resume_from = self.start_run(trial)
+        run.finished_by = (optuna.TrialPruned,)
+        try:
+            with run:  # however the trial ends, so does its run (train_run ends it first once it runs)
+                trial.set_user_attr("mlflow_run_id", run.run_id)
+                from studies.dashboard import (
+                    note_run_link,  # here: the CLI does not load it at start-up
+                )
+
+                note_run_link(trial, run)  # the trial's optuna-dashboard note links its run; never fails it
+                result = train_run(
+                    cfg,
+                    run,
+                    self.dataset,
+                    callbacks=[self.pruning_report(trial, cfg)],
+                    progress=self.opts.progress,
+                    ok_exceptions=(optuna.TrialPruned,),
+                    finisher=self.finisher,
+                    resume_from=resume_from,
+                )
+        except optuna.TrialPruned:
+            run.set_tags({"trial_state": "PRUNED"})
+            raise
+        except BaseException as e:
+            trial.set_user_attr("fail_reason", error_line(e)[:1000])
+            with last_try(run.server_gone):  # its server away past the retries: the run stays RUNNING
+                run.set_tags({"trial_state": "FAIL"})
+            raise
+        run.set_tags({"trial_state": "COMPLETE"})
+        return self.values(trial, run, result)
+
+    def refuse_surplus(self, trial: optuna.Trial) -> None:
+        """A trial beyond the study's target (or a confirmation trial with nothing to train) ends
+        FAIL at once, marked surplus, before any run exists."""
         if is_surplus(self.study, trial, self.opts.trials) or not self.plan.has_work(trial):
             _QuietTrials.numbers.add(trial.number)
             trial.set_user_attr("surplus", True)
@@ -119,7 +154,11 @@ class Worker:
                 "while this worker was starting one; given up without a run",
             )
             raise SurplusTrial(f"study {self.opts.study} already has its {self.opts.trials} trials")
-        try:  # before the run exists: a failure here (the tracking server away too) leaves no run behind
+
+    def start_run(self, trial: optuna.Trial):
+        """(config, run, the run to resume from): the trial's run started nested under the study run.
+        Before the run exists a failure (the tracking server away too) leaves no run behind."""
+        try:
             cfg = self.plan.config(trial)
             if self.dataset is None or self.dataset.name != cfg.data.dataset:
                 self.dataset = load_dataset(cfg.data)
@@ -139,6 +178,10 @@ class Worker:
         except BaseException as e:
             trial.set_user_attr("fail_reason", error_line(e)[:1000])
             raise
+        return cfg, run, resume_from
+
+    def pruning_report(self, trial: optuna.Trial, cfg):
+        """The epoch callback that reports validation accuracy to Optuna and prunes when it says so."""
         multi = len(self.study.directions) > 1
 
         def report(m):
@@ -149,34 +192,11 @@ class Worker:
             if m.epoch < cfg.epochs and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {m.epoch} (val accuracy {m.val_accuracy:.4f})")
 
-        run.finished_by = (optuna.TrialPruned,)
-        try:
-            with run:  # however the trial ends, so does its run (train_run ends it first once it runs)
-                trial.set_user_attr("mlflow_run_id", run.run_id)
-                from studies.dashboard import (
-                    note_run_link,  # here: the CLI does not load it at start-up
-                )
+        return report
 
-                note_run_link(trial, run)  # the trial's optuna-dashboard note links its run; never fails it
-                result = train_run(
-                    cfg,
-                    run,
-                    self.dataset,
-                    callbacks=[report],
-                    progress=self.opts.progress,
-                    ok_exceptions=(optuna.TrialPruned,),
-                    finisher=self.finisher,
-                    resume_from=resume_from,
-                )
-        except optuna.TrialPruned:
-            run.set_tags({"trial_state": "PRUNED"})
-            raise
-        except BaseException as e:
-            trial.set_user_attr("fail_reason", error_line(e)[:1000])
-            with last_try(run.server_gone):  # its server away past the retries: the run stays RUNNING
-                run.set_tags({"trial_state": "FAIL"})
-            raise
-        run.set_tags({"trial_state": "COMPLETE"})
+    def values(self, trial: optuna.Trial, run, result):
+        """What the trial tells Optuna: validation accuracy (with its interval as an attribute), and the
+        second objective of a multi-objective study."""
         values = [result.fit.best_val_accuracy]
         trial.set_user_attr("val_ci", list(accuracy_interval(values[0], result.val_images)))
         if self.opts.objectives == "accuracy,params":
@@ -185,7 +205,7 @@ class Worker:
             latency = measure_latency(result.model)
             run.log_metrics({"latency_ms": latency})
             values.append(latency)
-        return values if multi else values[0]
+        return values if len(values) > 1 else values[0]
 
     def lineage_checkpoint(self, trial: optuna.Trial, retry_of: str) -> str:
         """The run to resume from: the one this trial retries, or, where that one was stopped before it
