@@ -18,6 +18,7 @@ are imported when a function runs, so `import harness` loads neither torch, MLfl
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # (annotations only)
@@ -79,20 +80,21 @@ def tune(
     from studies.driver import tune as run_study
     from studies.options import TuneOptions
 
-    return run_study(
-        TuneOptions(
-            study=study,
-            space=space,
-            trials=trials,
-            config=config,
-            overrides=_sets(overrides),
-            data_dir=data_dir,
-            storage=storage,
-            tracking_uri=tracking_uri,
-            progress=progress,
-            **options,
+    with _keeping_plots():
+        return run_study(
+            TuneOptions(
+                study=study,
+                space=space,
+                trials=trials,
+                config=config,
+                overrides=_sets(overrides),
+                data_dir=data_dir,
+                storage=storage,
+                tracking_uri=tracking_uri,
+                progress=progress,
+                **options,
+            )
         )
-    )
 
 
 def trials(study: str, storage: str | None = None) -> pd.DataFrame:
@@ -174,19 +176,20 @@ def confirm(
     from studies.confirm import confirm as run_confirmation
     from studies.options import TuneOptions
 
-    return run_confirmation(
-        TuneOptions(
-            study=study,
-            storage=storage,
-            tracking_uri=tracking_uri,
-            data_dir=data_dir,
-            overrides=_sets(overrides),
-            progress=progress,
-            confirm_top=top,
-            confirm_seeds=seeds,
-            **options,
+    with _keeping_plots():
+        return run_confirmation(
+            TuneOptions(
+                study=study,
+                storage=storage,
+                tracking_uri=tracking_uri,
+                data_dir=data_dir,
+                overrides=_sets(overrides),
+                progress=progress,
+                confirm_top=top,
+                confirm_seeds=seeds,
+                **options,
+            )
         )
-    )
 
 
 def _sets(overrides: list[str] | dict | None) -> list[str]:
@@ -200,3 +203,20 @@ def _sets(overrides: list[str] | dict | None) -> list[str]:
 
         return [f"{k}={json.dumps(v)}" for k, v in C.flatten(overrides).items()]
     return list(overrides)
+
+
+@contextmanager
+def _keeping_plots():
+    """A study's summary and confirmation figures switch matplotlib to Agg (studies/report.py and
+    confirm.py: no window may open); the caller's backend comes back after, so a notebook's plots show.
+    It is loaded first, as the caller's: a notebook's inline backend hooks its display in as it loads."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    before = matplotlib.get_backend()
+    plt.switch_backend(before)
+    try:
+        yield
+    finally:
+        if matplotlib.get_backend() != before:
+            plt.switch_backend(before)
