@@ -5,7 +5,7 @@
     python benchmarks/chaos.py --workers 4 --kills 40 --trials 30 --seed 3 --keep
 
 N workers, each a separate `harness tune` process as a user on a cluster would start them, run
-one study on tiny generated CIFAR-10 (tests/conftest.py's `write_cifar10`). Once the study
+one study on tiny generated CIFAR-10 (tests/helpers.py's `write_cifar10`). Once the study
 exists, every few seconds (uniform in --interval) a random worker gets SIGKILL or SIGTERM (a
 coin toss) and a replacement starts at once, --kills times. The worker is drawn from those past
 their start-up (their finisher process started: they are in the study, nearly always in a trial),
@@ -47,29 +47,21 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from helpers import harness_env, tiny_trial, write_cifar10  # noqa: E402  (tests/helpers.py)
+
 SPACE = """\
 params:
   lr: {type: float, low: 0.005, high: 0.05, log: true}
   model.dropout: {type: float, low: 0.0, high: 0.2}
 """
 # trials of several seconds on 2 busy cores, one resumable checkpoint per epoch
-FIXED = [
-    "batch_size=32",
-    "model.widths=[8,16]",
+FIXED = tiny_trial(
     "data.train_subset=600",
-    "data.val_subset=100",
-    "data.test_subset=100",
-    "eval.tsne=false",
-    "eval.umap=false",
     "eval.misclassified=4",
-    "eval.log_model=false",
     "eval.system_metrics=false",
-    "data.download=false",
-    "device=cpu",
-    "precision=fp32",
-    "patience=0",
     "checkpoint_every=1",
-]
+    drop=("epochs", "eval.figures"),  # --epochs; figures on
+)
 STUDY = "chaos"
 LOCK_ERRORS = ("database is locked", "database table is locked")
 # error_line of SIGTERM and Ctrl-C, and studies/reconcile.py's reason for a trial killed as it started
@@ -774,7 +766,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, stores) for inspection")
     a = p.parse_args(argv)
 
-    import conftest  # tests/conftest.py: the generated CIFAR-10
     from mlflow import MlflowClient
 
     tmp = Path(tempfile.mkdtemp(prefix="chaos-"))
@@ -782,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         (tmp / "logs").mkdir()
         (tmp / "space.yaml").write_text(SPACE)
-        conftest.write_cifar10(tmp / "data", n_train=1000, n_test=200, seed=a.seed)
+        write_cifar10(tmp / "data", n_train=1000, n_test=200, seed=a.seed)
         tracking = f"sqlite:///{tmp / 'mlruns' / 'mlflow.db'}"
         (tmp / "mlruns").mkdir()
         MlflowClient(tracking).search_experiments()  # the MLflow store made once (a tracking server's part)
@@ -791,14 +782,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             storage = f"sqlite:///{tmp / 'optuna.db'}"
         env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1",
+            **harness_env(),
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         }
         for var in (
-            "MLFLOW_RUN_ID",
             "MLFLOW_TRACKING_URI",
             "HARNESS_STORAGE",
             "HARNESS_CHECKPOINT_DIR",

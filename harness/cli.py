@@ -1,4 +1,4 @@
-"""`harness` command line: a thin layer of argparse over the library, and its one composition root.
+"""`harness` command line: a thin layer of argparse over the library and its Python API (harness/api.py).
 
 Each command is a `cmd_*` function over the library and a small `add_*` function that builds its
 parser. A command imports its modules only when it runs, so `harness train` never loads Optuna.
@@ -11,6 +11,7 @@ import argparse
 import gc
 import sys
 
+from harness import api
 from harness import config as C
 from harness.errors import HarnessError
 from harness.tracking import DEFAULT_TRACKING_URI, tracking_uri
@@ -81,23 +82,25 @@ def add_quiet_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def resolve_config(args) -> C.Config:
-    from studies.library import config_path
-
-    return C.load(config_path(args.config), args.overrides, args.data_dir, getattr(args, "profile", "auto"))
-
-
 # ----------------------------------------------------------------------------
 # Commands
 
 
 def cmd_train(args) -> int:
-    from harness.experiment import resume_run, run_experiment
+    from harness.experiment import resume_run
 
     if args.resume:
         result = resume_run(args.resume, args.tracking_uri, args.data_dir, progress=not args.quiet)
     else:
-        result = run_experiment(resolve_config(args), args.tracking_uri, args.experiment, progress=not args.quiet)
+        result = api.train(
+            args.config,
+            args.overrides,
+            data_dir=args.data_dir,
+            profile=args.profile,
+            tracking_uri=args.tracking_uri,
+            experiment=args.experiment,
+            progress=not args.quiet,
+        )
     m = result.metrics
     print(
         f"run {result.run_id}: test accuracy {m['test_accuracy']:.4f} (top-5 {m['test_top5_accuracy']:.4f}), "
@@ -212,25 +215,22 @@ def _print_confirmation(result, study: str) -> None:
 
 
 def cmd_confirm(args) -> int:
-    from studies.confirm import confirm
-    from studies.options import TuneOptions
-
-    opts = TuneOptions(
-        study=args.study,
+    result = api.confirm(
+        args.study,
+        args.top,
+        args.seeds,
+        overrides=args.overrides,
+        data_dir=args.data_dir,
         storage=args.storage,
         tracking_uri=args.tracking_uri,
-        data_dir=args.data_dir,
-        overrides=args.overrides,
+        progress=not args.quiet,
         workers=args.workers,
         heartbeat=args.heartbeat,
         evaluate=args.evaluate,
         timeout=args.timeout,
-        progress=not args.quiet,
-        confirm_top=args.top,
-        confirm_seeds=args.seeds,
-        confirm_epochs=args.epochs,
+        epochs=args.epochs,
     )
-    _print_confirmation(confirm(opts), args.study)
+    _print_confirmation(result, args.study)
     return 0
 
 
@@ -267,17 +267,7 @@ def cmd_best(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from harness.tracking import client_for
-    from studies.report import compare_table
-    from studies.results import load
-
-    study = load(args.study, args.storage)
-    try:
-        table = compare_table(client_for(args.tracking_uri), study, sort=args.sort, columns=args.column)
-    except ValueError as e:
-        raise C.ConfigError(str(e)) from None
-    if args.top:
-        table = table.head(args.top)
+    table = api.compare(args.study, args.storage, args.tracking_uri, sort=args.sort, columns=args.column, top=args.top)
     if args.csv:
         table.to_csv(args.csv, index=False)
         print(f"wrote {args.csv}")
@@ -311,25 +301,15 @@ def cmd_report(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from harness.experiment import reproduce
-
-    if args.seeds:
-        return _reproduce_seeds(args)
-
-    result, diffs = reproduce(args.run_id, args.tracking_uri, args.data_dir, progress=not args.quiet)
-    print(f"reproduced {args.run_id} as run {result.run_id}")
-    print(f"{'metric':<24}{'original':>12}{'reproduced':>12}{'difference':>12}")
-    for k, (a, b) in diffs.items():
-        print(f"{k:<24}{a:>12.6f}{b:>12.6f}{b - a:>+12.6f}")
-    return 0
-
-
-def _reproduce_seeds(args) -> int:
-    from harness.reproduce import reproduce_seeds
-
-    if args.seeds < 2:
-        raise C.ConfigError(f"--seeds {args.seeds}: a distribution needs at least 2 seeds")
-    report = reproduce_seeds(args.run_id, args.seeds, args.tracking_uri, args.data_dir, progress=not args.quiet)
+    report = api.reproduce(
+        args.run_id, args.seeds, tracking_uri=args.tracking_uri, data_dir=args.data_dir, progress=not args.quiet
+    )
+    if args.seeds is None:
+        print(f"reproduced {args.run_id} as run {report.runs['run_id'].iloc[0]}")
+        print(f"{'metric':<24}{'original':>12}{'reproduced':>12}{'difference':>12}")
+        for row in report.table.itertuples():
+            print(f"{row.metric:<24}{row.original:>12.6f}{row.reproduced:>12.6f}{row.difference:>+12.6f}")
+        return 0
     print(f"reproduced {args.run_id} with {args.seeds} new seeds: runs {', '.join(report.runs['run_id'])}")
     print(report.table.to_markdown(index=False, floatfmt=".4f"))
     for row in report.table.itertuples():

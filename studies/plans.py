@@ -18,7 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from harness import config as C
-from harness.reproduce import new_seeds
+from harness.reproduction import new_seeds
 from harness.tracking import open_client
 from studies.options import StudyError, TuneOptions
 from studies.report import update_study_run

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_tiny_config  # the tiny_config fixture's helper, usable at module scope
+from helpers import make_tiny_config  # the tiny_config fixture's helper, usable at module scope
 from mlflow import MlflowClient
 
 from analysis.analyze import METRICS, analyze_run, grid_queries, neighbours_excluding_self, probe_split

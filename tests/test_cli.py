@@ -10,31 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import as_sets, tiny_trial
 from mlflow import MlflowClient
 
 from harness import config as C
 from harness.cli import main
 
-# on top of studies/configs/default.yaml: a run of a few seconds
-TINY_SETS = [
-    "epochs=1",
-    "batch_size=32",
-    "model.widths=[8,16]",
-    "model.head_width=16",
-    "data.test_subset=100",
-    "data.download=false",
-    "device=cpu",
-    "precision=fp32",
-    "eval.tsne=false",
-    "eval.umap=false",
-    "eval.embedding_samples=50",
-    "eval.misclassified=4",
-    "eval.log_model=false",
-]
-
-
-def sets(*items: str) -> list[str]:
-    return [a for item in items for a in ("--set", item)]
+# on top of studies/configs/default.yaml: a run of a few seconds, figures and all
+TINY_SETS = tiny_trial(
+    "epochs=1", "model.head_width=16", "eval.figures=true", "eval.embedding_samples=50", "eval.misclassified=4"
+)
 
 
 def error_line(capsys) -> str:
@@ -62,7 +47,7 @@ def test_train_succeeds_and_prints_the_run_id(cifar10_root, tracking_uri, capsys
             "--quiet",
             "--experiment",
             "cli",
-            *sets(*TINY_SETS, "name=cli-run"),
+            *as_sets([*TINY_SETS, "name=cli-run"]),
         ]
     )
     out, err = capsys.readouterr()
@@ -81,7 +66,7 @@ def test_train_succeeds_and_prints_the_run_id(cifar10_root, tracking_uri, capsys
 def test_data_root_and_store_from_the_environment(cifar10_root, tracking_uri, monkeypatch, capsys):
     monkeypatch.setenv(C.DATA_DIR_ENV, str(cifar10_root))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    code = main(["train", "--quiet", *sets(*TINY_SETS, "epochs=1")])
+    code = main(["train", "--quiet", *as_sets([*TINY_SETS, "epochs=1"])])
     out, err = capsys.readouterr()
     assert code == 0, err
     run = MlflowClient(tracking_uri).get_run(run_id_from(out))
@@ -94,10 +79,10 @@ def test_data_dir_option_beats_the_environment(cifar10_root, tracking_uri, tmp_p
     """The variable names a folder without data: alone it fails naming that folder; with
     --data-dir naming the data, the option wins and the run trains."""
     monkeypatch.setenv(C.DATA_DIR_ENV, str(tmp_path / "nothing-here"))
-    assert main(["train", "--quiet", "--tracking-uri", tracking_uri, *sets(*TINY_SETS)]) == 2
+    assert main(["train", "--quiet", "--tracking-uri", tracking_uri, *as_sets(TINY_SETS)]) == 2
     assert str(tmp_path / "nothing-here") in error_line(capsys)
     code = main(
-        ["train", "--quiet", "--tracking-uri", tracking_uri, "--data-dir", str(cifar10_root), *sets(*TINY_SETS)]
+        ["train", "--quiet", "--tracking-uri", tracking_uri, "--data-dir", str(cifar10_root), *as_sets(TINY_SETS)]
     )
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -154,7 +139,7 @@ def test_unavailable_device(cifar10_root, tracking_uri, capsys):
             str(cifar10_root),
             "--tracking-uri",
             tracking_uri,
-            *sets(*TINY_SETS, f"device={device}"),
+            *as_sets([*TINY_SETS, f"device={device}"]),
         ]
     )
     assert code == 2
@@ -176,7 +161,7 @@ def test_non_finite_loss_is_one_line(cifar10_root, tracking_uri, capsys):
             "--tracking-uri",
             tracking_uri,
             "--quiet",
-            *sets(*TINY_SETS, "lr=1e30", "schedule=none", "eval.log_model=false"),
+            *as_sets([*TINY_SETS, "lr=1e30", "schedule=none", "eval.log_model=false"]),
         ]
     )
     assert code == 2

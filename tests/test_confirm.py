@@ -19,7 +19,7 @@ import sys
 import optuna
 import pandas as pd
 import pytest
-from conftest import as_sets, harness_env, tiny_trial, wait_until
+from helpers import StudyEnv, harness_env, tiny_trial, wait_until
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -34,39 +34,7 @@ params:
 FIXED = tiny_trial("eval.log_model=true")
 
 
-class Env:
-    def __init__(self, tmp, data):
-        self.tmp, self.data = tmp, data
-        self.storage, self.tracking = f"sqlite:///{tmp / 'optuna.db'}", f"sqlite:///{tmp / 'mlflow.db'}"
-        (tmp / "space.yaml").write_text(SPACE)
-
-    def stores(self) -> list[str]:
-        return ["--storage", self.storage, "--tracking-uri", self.tracking]
-
-    def tune(self, study: str, trials: int) -> int:
-        return main(
-            [
-                "tune",
-                "--study",
-                study,
-                "--space",
-                str(self.tmp / "space.yaml"),
-                "--trials",
-                str(trials),
-                "--data-dir",
-                str(self.data),
-                "--sampler",
-                "random",
-                "--pruner",
-                "none",
-                "--quiet",
-                "--evaluate",
-                "inline",
-                *self.stores(),
-                *as_sets(FIXED),
-            ]
-        )
-
+class Env(StudyEnv):
     def confirm_args(self, study: str, top: int, seeds: int) -> list[str]:
         return [
             "confirm",
@@ -86,20 +54,19 @@ class Env:
 
     def make_study(self, study: str) -> None:
         assert self.tune(study, 0) == 0  # the study, its run and its first trial (the base config)
-        tuning = optuna.load_study(study_name=study, storage=self.storage)
+        tuning = self.study(study)
         tuning.enqueue_trial({"lr": 0.05})
         tuning.enqueue_trial({"lr": 1e-6})
         assert self.tune(study, 3) == 0
 
     def confirmation_runs(self, study: str) -> list:
-        client = MlflowClient(self.tracking)
-        exp = client.get_experiment_by_name(study)
-        return client.search_runs([exp.experiment_id], "tags.run_kind = 'confirmation'", max_results=1000)
+        return self.runs(study, "confirmation")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, cifar10_root):
-    return Env(tmp_path_factory.mktemp("confirm"), cifar10_root)
+def env(tmp_path_factory, cifar10_root, empty_mlflow_db):
+    options = ("--sampler", "random", "--pruner", "none", "--evaluate", "inline")
+    return Env(tmp_path_factory.mktemp("confirm"), cifar10_root, SPACE, FIXED, empty_mlflow_db, options=options)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import as_sets, harness_env, tiny_trial, wait_until
+from helpers import as_sets, harness_env, tiny_trial, wait_until
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from optuna_dashboard import get_note

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import optuna
 import pytest
-from conftest import TINY_TRIAL
+from helpers import TINY_TRIAL, harness_env, tiny_trial, wait_until
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
@@ -44,14 +44,11 @@ WAIT = 240  # seconds: only a bound on waiting for a worker, never a measure
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory, cifar10_root):
+def shared(tmp_path_factory, cifar10_root, empty_mlflow_db):
     """Data, a space file and an MLflow store already migrated (creating one costs ~5 s)."""
-    root = tmp_path_factory.mktemp("distributed")
-    space = root / "space.yaml"
+    space = tmp_path_factory.mktemp("distributed") / "space.yaml"
     space.write_text(SPACE)
-    template = root / "mlflow-template.db"
-    MlflowClient(f"sqlite:///{template}").search_experiments()
-    return {"data": cifar10_root, "space": space, "mlflow_template": template}
+    return {"data": cifar10_root, "space": space, "mlflow_template": empty_mlflow_db}
 
 
 class Setup:
@@ -63,8 +60,7 @@ class Setup:
             shutil.copy(shared["mlflow_template"], tmp / "mlflow.db")
         self.tracking = f"sqlite:///{tmp / 'mlflow.db'}"
         self.logs: list[Path] = []
-        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.env.pop("MLFLOW_RUN_ID", None)
+        self.env = harness_env()
 
     def args(self, study: str, trials: int, fixed=FIXED, extra=()) -> list[str]:
         args = [
@@ -299,8 +295,6 @@ def _running_trial_with_run(setup: Setup, name: str, proc: subprocess.Popen) -> 
 def _wait_until_stale(setup: Setup, name: str, trial: optuna.trial.FrozenTrial) -> None:
     """Until Optuna reads the dead worker's trial as stale (its heartbeat older than the workers' grace
     period of 3 heartbeats, by the database's clock), as the next worker will."""
-    from conftest import wait_until
-
     from studies.optuna_access import stale_trial_ids, trial_id
     from studies.study import storage_url
 
@@ -310,7 +304,7 @@ def _wait_until_stale(setup: Setup, name: str, trial: optuna.trial.FrozenTrial) 
 
 
 # trials of a few seconds: the test sees one running well before it ends
-SLOW = [f for f in FIXED if not f.startswith("epochs=")] + ["epochs=5"]
+SLOW = tiny_trial("epochs=5")
 
 
 def _resume(setup: Setup, name: str, trials: int) -> None:
@@ -412,12 +406,7 @@ def test_a_stopped_study_leaves_nothing_running_and_the_same_command_completes_i
 
 
 # deterministic trials of several epochs: long enough to be killed between two checkpoints
-RESUMABLE = [f for f in FIXED if not f.startswith(("epochs=", "data.train_subset="))] + [
-    "epochs=6",
-    "data.train_subset=600",
-    "deterministic=true",
-    "model.dropout=0.1",
-]
+RESUMABLE = tiny_trial("epochs=6", "data.train_subset=600", "deterministic=true", "model.dropout=0.1")
 
 
 def test_a_sigkilled_trial_resumes_from_its_last_checkpoint_and_ends_as_if_never_stopped(tmp_path, shared):

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import optuna
 import pytest
-from conftest import wait_until
+from helpers import wait_until
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import TrialState
 

@@ -4,13 +4,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from helpers import harness_env, tiny_trial
 from mlflow import MlflowClient
 
 from harness import resume
@@ -18,35 +18,23 @@ from harness.cli import main
 
 WAIT = 240  # seconds: a bound on waiting for a process, never a measure
 # deterministic, several epochs of a few hundred generated images: long enough to stop between checkpoints
-SETTINGS = [
+SETTINGS = tiny_trial(
     "epochs=6",
-    "batch_size=32",
-    "model.widths=[8,16]",
     "model.head_width=16",
     "data.train_subset=600",
-    "data.val_subset=100",
-    "data.test_subset=100",
-    "eval.tsne=false",
-    "eval.umap=false",
     "eval.misclassified=4",
-    "eval.log_model=false",
-    "data.download=false",
-    "device=cpu",
-    "precision=fp32",
+    "eval.figures=true",
     "deterministic=true",
     "model.dropout=0.1",
-    "patience=0",
-]
+)
 
 
 def harness(tmp_path, uri, *args) -> subprocess.Popen:
     """`harness ...` in a process of its own with one thread (float sums then come out the same)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env.pop("MLFLOW_RUN_ID", None)
     return subprocess.Popen(
         [sys.executable, "-m", "harness.cli", *args, "--tracking-uri", uri, "--quiet"],
         cwd=tmp_path,
-        env=env,
+        env=harness_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -134,7 +122,7 @@ def test_resume_refuses_runs_it_cannot_continue_with_one_line(tmp_path, cifar10_
 
 @pytest.mark.slow
 def test_sigterm_stops_a_transfer_with_every_run_ended(tmp_path, cifar10_root, tracking_uri):
-    from conftest import write_cifar100
+    from helpers import write_cifar100
 
     c100 = write_cifar100(tmp_path / "c100", n_train=600, n_test=100, num_fine=10, num_coarse=5).root
     assert (

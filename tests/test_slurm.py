@@ -24,7 +24,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import harness_env, tiny_trial
+from helpers import harness_env, tiny_trial
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState

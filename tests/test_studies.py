@@ -20,8 +20,7 @@ import sqlite3
 import optuna
 import pandas as pd
 import pytest
-from conftest import TINY_SPACE, tiny_trial
-from mlflow import MlflowClient
+from helpers import TINY_SPACE, StudyEnv, tiny_trial
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
@@ -35,89 +34,32 @@ SPACE = TINY_SPACE + "  epochs: {type: int, low: 3, high: 6}      # fixed by --s
 GOOD = {"optimizer": "adamw", "lr": 0.01, "model.dropout": 0.0}
 
 
-class Env:
-    def __init__(self, tmp, data_root):
-        self.tmp = tmp
-        self.data = data_root  # conftest's generated CIFAR-10: classes a tiny CNN learns in an epoch
-        self.storage = f"sqlite:///{tmp / 'optuna.db'}"
-        self.tracking = f"sqlite:///{tmp / 'mlflow.db'}"
-        self.space = tmp / "tiny.yaml"
-        self.space.write_text(SPACE)
-        self.outputs: list[tuple[int, str, str]] = []
-
-    def tune(self, capsys, trials: int, study: str = STUDY, extra: tuple = (), fixed=FIXED) -> int:
-        """`harness tune` in this process; `capsys` None where pytest's capture can't be had (module fixtures)."""
-        args = [
-            "tune",
-            "--study",
-            study,
-            "--space",
-            str(self.space),
-            "--trials",
-            str(trials),
-            "--storage",
-            self.storage,
-            "--tracking-uri",
-            self.tracking,
-            "--data-dir",
-            str(self.data),
-            "--sampler",
-            "random",
-            "--pruner",
-            "median",
-            "--seed",
-            "0",
-            "--quiet",
-            *extra,
-        ]
-        for item in fixed:
-            args += ["--set", item]
-        code = main(args)
-        if capsys is not None:
-            out = capsys.readouterr()
-            self.outputs.append((code, out.out, out.err))
-        return code
-
-    def cli(self, capsys, *args) -> tuple[int, str, str]:
-        code = main(list(args))
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    def study(self, name: str = STUDY) -> optuna.Study:
-        return optuna.load_study(study_name=name, storage=self.storage)
-
-    def client(self) -> MlflowClient:
-        return MlflowClient(self.tracking)
-
-    def runs(self, name: str = STUDY, kind: str | None = None):
-        client = self.client()
-        exp = client.get_experiment_by_name(name)
-        where = f"tags.run_kind = '{kind}'" if kind else ""
-        return client.search_runs([exp.experiment_id], where, max_results=1000)
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, cifar10_root):
-    return Env(tmp_path_factory.mktemp("studies"), cifar10_root)
+def env(tmp_path_factory, cifar10_root, empty_mlflow_db):
+    """The study's folder; the data: the generated CIFAR-10, classes a tiny CNN learns in an epoch."""
+    options = ("--sampler", "random", "--pruner", "median", "--seed", "0")
+    return StudyEnv(
+        tmp_path_factory.mktemp("studies"), cifar10_root, SPACE, FIXED, empty_mlflow_db, options=options, name=STUDY
+    )
 
 
 @pytest.fixture(scope="module")
 def built(env):
     """The study of the module docstring, with what each step saw."""
     steps = {}
-    assert env.tune(None, 1) == 0
+    assert env.tune(STUDY, 1) == 0
     study = env.study()
     steps["after_1"] = _snapshot(env)
     for params in (GOOD, GOOD, {**GOOD, "optimizer": "sgd", "lr": 1.0e6, "momentum": 0.9}, {**GOOD, "lr": 1.0e-7}):
         study.enqueue_trial(params)
-    assert env.tune(None, 4) == 0
+    assert env.tune(STUDY, 4) == 0
     steps["after_2"] = _snapshot(env)
-    assert env.tune(None, 5) == 0
+    assert env.tune(STUDY, 5) == 0
     steps["after_3"] = _snapshot(env)
     return steps
 
 
-def _snapshot(env: Env) -> dict:
+def _snapshot(env: StudyEnv) -> dict:
     study = env.study()
     client = env.client()
     exp = client.get_experiment_by_name(STUDY)
@@ -224,8 +166,7 @@ def test_set_takes_a_parameter_out_of_the_search(env, built):
 @pytest.mark.slow
 def test_resuming_with_other_fixed_settings_is_refused(env, built, capsys):
     before = len(env.study().trials)
-    code = env.tune(capsys, 7, fixed=[f for f in FIXED if not f.startswith("epochs")] + ["epochs=3"])
-    _, out, err = env.outputs[-1]
+    code, out, err = env.tune_output(capsys, STUDY, 7, fixed=tiny_trial("deterministic=true", "epochs=3"))
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "other fixed settings (epochs)" in lines[0], err
@@ -470,10 +411,8 @@ def test_a_study_that_stores_no_space_parameters_is_compared_by_space_name():
 @pytest.mark.slow
 def test_tune_with_transfer_skips_it_with_one_line_when_the_target_is_missing(env, capsys):
     """The study stands; CIFAR-100 is absent from the generated data root, so the transfer is skipped."""
-    env.tune(
-        capsys, 1, study="then-transfer", extra=("--transfer",), fixed=[f for f in FIXED if f != "eval.log_model=false"]
-    )  # trials keep their checkpoint
-    code, out, err = env.outputs[-1]
+    fixed = tiny_trial("deterministic=true", drop=("eval.log_model",))  # trials keep their checkpoint
+    code, out, err = env.tune_output(capsys, "then-transfer", 1, "--transfer", fixed=fixed)
     assert code == 0, err
     study = env.study("then-transfer")
     assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 1

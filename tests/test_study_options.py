@@ -14,10 +14,9 @@ import math
 import re
 import signal
 
-import optuna
 import pandas as pd
 import pytest
-from conftest import TINY_SPACE, new_tracking_uri, tiny_trial
+from helpers import TINY_SPACE, StudyEnv, tiny_trial
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -39,8 +38,8 @@ weight_decay: 0.0
 model: {widths: [8, 16], head_width: 16, dropout: 0.0}
 """
 # the budget of every trial, as in test_studies.py
-FIXED = [f for f in tiny_trial("deterministic=true") if not f.startswith("model.widths=")]  # the config's widths
-ONE_EPOCH = [f for f in FIXED if not f.startswith("epochs=")] + ["epochs=1"]
+FIXED = tiny_trial("deterministic=true", drop=("model.widths",))  # the config's widths
+ONE_EPOCH = tiny_trial("deterministic=true", "epochs=1", drop=("model.widths",))
 SPACE = TINY_SPACE
 GOOD = {"optimizer": "adamw", "lr": 0.01, "model.dropout": 0.0}  # = CONFIG's values: the first trial
 DEAD = {**GOOD, "lr": 1.0e-7}  # learns nothing: near chance after an epoch
@@ -54,70 +53,14 @@ params:
 BOUNDS_2D = {"lr": (0.005, 0.05), "label_smoothing": (0.0, 0.2)}
 
 
-class Env:
-    """One study's stores, space and base config in a folder of its own; `harness tune` in this process."""
-
-    def __init__(self, tmp, data_root, template, space: str = SPACE):
-        self.tmp = tmp
-        self.data = data_root
-        self.storage = f"sqlite:///{tmp / 'optuna.db'}"
-        self.tracking = new_tracking_uri(tmp, template)  # a copy of a migrated empty store: no migrations here
-        self.space = tmp / "space.yaml"
-        self.space.write_text(space)
-        self.config = tmp / "base.yaml"
-        self.config.write_text(CONFIG)
-
-    def args(self, study: str, trials: int, *extra: str, fixed=FIXED) -> list[str]:
-        args = [
-            "tune",
-            "--study",
-            study,
-            "--space",
-            str(self.space),
-            "--config",
-            str(self.config),
-            "--trials",
-            str(trials),
-            "--storage",
-            self.storage,
-            "--tracking-uri",
-            self.tracking,
-            "--data-dir",
-            str(self.data),
-            "--seed",
-            "0",
-            "--quiet",
-            "--evaluate",
-            "inline",
-            *extra,
-        ]  # (no finisher process to start for trials of a second)
-        for item in fixed:
-            args += ["--set", item]
-        return args
-
-    def tune(self, capsys, study: str, trials: int, *extra: str, fixed=FIXED) -> tuple[int, str, str]:
-        code = main(self.args(study, trials, *extra, fixed=fixed))
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    def study(self, name: str) -> optuna.Study:
-        return optuna.load_study(study_name=name, storage=self.storage)
-
-    def client(self) -> MlflowClient:
-        return MlflowClient(self.tracking)
-
-    def run_of(self, trial):
-        return self.client().get_run(trial.user_attrs["mlflow_run_id"])
-
-    def study_run(self, name: str):
-        return self.client().get_run(self.study(name).user_attrs["mlflow_parent_run_id"])
-
-
 @pytest.fixture
-def env(tmp_path, cifar10_root, empty_mlflow_db, monkeypatch):
+def env(tmp_path, cifar10_root, empty_mlflow_db, monkeypatch) -> StudyEnv:
+    """One study's stores, space and base config in a folder of its own (a copy of a migrated empty
+    MLflow store: no migrations here); trials evaluated inline (no finisher process for trials of a second)."""
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
         monkeypatch.delenv(var, raising=False)
-    return Env(tmp_path, cifar10_root, empty_mlflow_db)
+    options = ("--seed", "0", "--evaluate", "inline")
+    return StudyEnv(tmp_path, cifar10_root, SPACE, FIXED, empty_mlflow_db, config=CONFIG, options=options)
 
 
 def harness_lines(err: str) -> list[str]:
@@ -136,11 +79,11 @@ def test_the_default_hyperband_pruner_prunes_a_trial_that_learns_nothing(env, ca
     the rung, a trial goes past it only with the best accuracy there, ties included. Trial 0 (CONFIG) and
     trial 1 (the same values, deterministic) tie and both go on; trial 2, at lr 1e-7, stays near chance: pruned.
     """
-    code, out, err = env.tune(capsys, "hb", 1)
+    code, out, err = env.tune_output(capsys, "hb", 1)
     assert code == 0, err
     for params in (GOOD, DEAD):
         env.study("hb").enqueue_trial(params)
-    code, out, err = env.tune(capsys, "hb", 3)
+    code, out, err = env.tune_output(capsys, "hb", 3)
     assert code == 0, err
     study = env.study("hb")
     assert env.study_run("hb").data.tags["pruner"] == "hyperband"  # what the study ran with, by default
@@ -161,11 +104,11 @@ def test_the_default_hyperband_pruner_prunes_a_trial_that_learns_nothing(env, ca
 def test_a_trial_is_never_pruned_after_its_last_epoch(env, capsys):
     """One-epoch trials: Hyperband's rung, epoch 1, is their last. The dead trial has spent its whole
     budget by then: it completes with its poor value instead of being hidden as pruned."""
-    code, out, err = env.tune(capsys, "last", 1, fixed=ONE_EPOCH)
+    code, out, err = env.tune_output(capsys, "last", 1, fixed=ONE_EPOCH)
     assert code == 0, err
     for params in (GOOD, DEAD):
         env.study("last").enqueue_trial(params)
-    code, out, err = env.tune(capsys, "last", 3, fixed=ONE_EPOCH)
+    code, out, err = env.tune_output(capsys, "last", 3, fixed=ONE_EPOCH)
     assert code == 0, err
     trials = env.study("last").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
@@ -177,11 +120,11 @@ def test_a_trial_is_never_pruned_after_its_last_epoch(env, capsys):
 
 
 def test_three_failures_in_a_row_stop_the_worker_with_the_last_reason_and_the_study_resumes(env, capsys):
-    code, out, err = env.tune(capsys, "failing", 1)
+    code, out, err = env.tune_output(capsys, "failing", 1)
     assert code == 0, err
     for _ in range(3):
         env.study("failing").enqueue_trial(FAILING)
-    code, out, err = env.tune(capsys, "failing", 5)
+    code, out, err = env.tune_output(capsys, "failing", 5)
     assert code == 2
     lines = harness_lines(err)
     assert len(lines) == 1, err
@@ -197,7 +140,7 @@ def test_three_failures_in_a_row_stop_the_worker_with_the_last_reason_and_the_st
     parent = env.study_run("failing")
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_fail"] == 3
     # the same command resumes: the failures don't count towards the target, two more trials run
-    code, out, err = env.tune(capsys, "failing", 3)
+    code, out, err = env.tune_output(capsys, "failing", 3)
     assert code == 0, err
     states = [t.state for t in env.study("failing").trials]
     assert states[:4] == [TrialState.COMPLETE] + [TrialState.FAIL] * 3
@@ -254,10 +197,10 @@ def test_a_stop_a_library_turned_into_an_error_still_requeues_its_trial(env, cap
 def test_a_study_resumed_with_another_search_space_is_refused_before_any_trial(env, capsys):
     """The same study, its space file edited (same name, other parameters): one line naming the
     study's space and the fix, and no trial; the same space again goes on."""
-    code, out, err = env.tune(capsys, "spaced", 0)
+    code, out, err = env.tune_output(capsys, "spaced", 0)
     assert code == 0, err
     env.space.write_text(SPACE_2D)
-    code, out, err = env.tune(capsys, "spaced", 2)
+    code, out, err = env.tune_output(capsys, "spaced", 2)
     assert code == 2
     lines = harness_lines(err)
     assert len(lines) == 1, err
@@ -265,14 +208,14 @@ def test_a_study_resumed_with_another_search_space_is_refused_before_any_trial(e
     assert f"run it with --space {env.space}, or use a new --study name" in lines[0]
     assert [t.state for t in env.study("spaced").trials] == [TrialState.WAITING]  # (its first trial, queued)
     env.space.write_text(SPACE)
-    code, out, err = env.tune(capsys, "spaced", 0)
+    code, out, err = env.tune_output(capsys, "spaced", 0)
     assert code == 0, err
 
 
 def test_timeout_stops_the_worker_starting_trials(env, capsys):
     """--timeout 1 with a target of 50: the first trial starts within the second and takes longer; no
     trial starts after it (one more at most, on a machine where a trial takes under a second)."""
-    code, out, err = env.tune(capsys, "timed", 50, "--timeout", "1", "--pruner", "none", fixed=ONE_EPOCH)
+    code, out, err = env.tune_output(capsys, "timed", 50, "--timeout", "1", "--pruner", "none", fixed=ONE_EPOCH)
     assert code == 0, err
     trials = env.study("timed").trials
     assert 1 <= len(trials) <= 2, [(t.number, t.state.name) for t in trials]
@@ -288,11 +231,11 @@ def test_timeout_stops_the_worker_starting_trials(env, capsys):
 def test_a_failed_worker_of_two_fails_the_command_with_one_line(env, capfd):
     """Both spawned workers meet three failing trials in a row (six queued, each worker stops at its
     third); each worker says why in one line, and the command exits 2 with one line counting them."""
-    code, out, err = env.tune(capfd, "two", 1)
+    code, out, err = env.tune_output(capfd, "two", 1)
     assert code == 0, err
     for _ in range(6):
         env.study("two").enqueue_trial(FAILING)
-    code = main(env.args("two", 10, "--workers", "2"))
+    code = main(env.tune_args("two", 10, "--workers", "2"))
     out, err = capfd.readouterr()  # the workers' output too: they write to this process's descriptors
     assert code == 2
     lines = harness_lines(err)
@@ -319,7 +262,7 @@ def test_a_failed_worker_of_two_fails_the_command_with_one_line(env, capfd):
 @pytest.mark.parametrize("sampler", ["qmc", "cmaes"])
 def test_qmc_and_cmaes_samplers_run_a_study_sampling_in_bounds(env, capsys, sampler):
     env.space.write_text(SPACE_2D)
-    code, out, err = env.tune(capsys, sampler, 3, "--sampler", sampler, "--pruner", "none", fixed=ONE_EPOCH)
+    code, out, err = env.tune_output(capsys, sampler, 3, "--sampler", sampler, "--pruner", "none", fixed=ONE_EPOCH)
     assert code == 0, err
     study = env.study(sampler)
     trials = study.trials
@@ -345,7 +288,7 @@ def test_qmc_and_cmaes_samplers_run_a_study_sampling_in_bounds(env, capsys, samp
 
 
 def test_accuracy_and_latency_objectives_give_two_values_a_latency_metric_and_a_pareto_front(env, capsys):
-    code, out, err = env.tune(capsys, "fast-nets", 2, "--objectives", "accuracy,latency", fixed=ONE_EPOCH)
+    code, out, err = env.tune_output(capsys, "fast-nets", 2, "--objectives", "accuracy,latency", fixed=ONE_EPOCH)
     assert code == 0, err
     study = env.study("fast-nets")
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
@@ -376,7 +319,7 @@ def test_accuracy_and_latency_objectives_give_two_values_a_latency_metric_and_a_
 def test_two_objectives_on_the_fast_space_search_its_architecture(env, capsys, objectives):
     """The main job's space (`fast`: the recipe's config, its architecture searched) with two objectives:
     the first trial is the recipe, the second another network, and each trial's second value is its own."""
-    tiny = [f for f in FIXED if not f.startswith("model.widths=")] + ["epochs=1", "data.train_subset=100"]
+    tiny = tiny_trial("deterministic=true", "epochs=1", "data.train_subset=100", drop=("model.widths",))
     args = [
         "tune",
         "--study",
@@ -427,7 +370,7 @@ def test_two_objectives_on_the_fast_space_search_its_architecture(env, capsys, o
 
 def test_evaluate_inline_evaluates_each_trial_before_its_run_ends(env, capsys):
     """No finisher process: each trial's run ends with its test metrics, figures and tables."""
-    code, out, err = env.tune(capsys, "inline", 2, "--pruner", "none", fixed=tiny_trial("eval.figures=true"))
+    code, out, err = env.tune_output(capsys, "inline", 2, "--pruner", "none", fixed=tiny_trial("eval.figures=true"))
     assert code == 0, err
     from harness.finisher import pending, spool_dir
 

@@ -24,13 +24,11 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from conftest import new_tracking_uri, tiny_trial, write_cifar100
-from mlflow import MlflowClient
+from helpers import StudyEnv, new_tracking_uri, tiny_trial, write_cifar100
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from harness.checkpoints import load_run_model
-from harness.cli import main
 from harness.tracking import MODEL_URI_TAG, RunLogger, client_for
 from studies.options import TuneOptions
 from studies.report import champion_version, model_name, update_study_run, write_summary
@@ -154,72 +152,30 @@ def test_registered_model_names_keep_the_study_name_where_mlflow_accepts_it():
 # A real study
 
 
-class Env:
-    def __init__(self, tmp, data_root, template):
-        self.tmp, self.data = tmp, data_root
-        self.storage = f"sqlite:///{tmp / 'optuna.db'}"
-        self.tracking = new_tracking_uri(tmp, template)
-        self.space = tmp / "space.yaml"
-        self.space.write_text(SPACE)
-
-    def options(self, trials: int) -> TuneOptions:
-        return TuneOptions(
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, cifar10_root, empty_mlflow_db):
+    options = ("--sampler", "random", "--pruner", "none")
+    env = StudyEnv(
+        tmp_path_factory.mktemp("study_run"), cifar10_root, SPACE, FIXED, empty_mlflow_db, options=options, name=STUDY
+    )
+    # the study and its study run, no trial yet (as `harness tune` makes them)
+    prepare(
+        TuneOptions(
             study=STUDY,
-            space=str(self.space),
-            trials=trials,
-            storage=self.storage,
+            space=str(env.space),
+            trials=0,
+            storage=env.storage,
             sampler="random",
             pruner="none",
             overrides=list(FIXED),
-            data_dir=str(self.data),
-            tracking_uri=self.tracking,
+            data_dir=str(env.data),
+            tracking_uri=env.tracking,
         )
-
-    def tune(self, trials: int) -> int:
-        return main(
-            [
-                "tune",
-                "--study",
-                STUDY,
-                "--space",
-                str(self.space),
-                "--trials",
-                str(trials),
-                "--storage",
-                self.storage,
-                "--tracking-uri",
-                self.tracking,
-                "--data-dir",
-                str(self.data),
-                "--sampler",
-                "random",
-                "--pruner",
-                "none",
-                "--quiet",
-                *[a for f in FIXED for a in ("--set", f)],
-            ]
-        )
-
-    def cli(self, capsys, *args) -> tuple[int, str, str]:
-        code = main(list(args))
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    def client(self) -> MlflowClient:
-        return MlflowClient(self.tracking)
-
-    def study(self) -> optuna.Study:
-        return optuna.load_study(study_name=STUDY, storage=self.storage)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, cifar10_root, empty_mlflow_db):
-    env = Env(tmp_path_factory.mktemp("study_run"), cifar10_root, empty_mlflow_db)
-    prepare(env.options(0))  # the study and its study run, no trial yet (as `harness tune` makes them)
+    )
     for params in (BAD, GOOD):
         env.study().enqueue_trial(params)
     # every queued trial (a new study may queue its base config first)
-    assert env.tune(len(env.study().trials)) == 0
+    assert env.tune(STUDY, len(env.study().trials)) == 0
     return env
 
 

@@ -28,26 +28,13 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import wait_until
+from helpers import tiny_trial, wait_until
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from harness.tracking import HTTP_RETRIES
 
-FIXED = [
-    "batch_size=32",
-    "model.widths=[8,16]",
-    "data.train_subset=200",
-    "data.val_subset=100",
-    "data.test_subset=100",
-    "eval.tsne=false",
-    "eval.umap=false",
-    "eval.misclassified=4",
-    "data.download=false",
-    "device=cpu",
-    "precision=fp32",
-    "patience=0",
-]
+FIXED = tiny_trial("eval.misclassified=4", drop=("epochs", "eval.figures", "eval.log_model"))  # each test's epochs
 SPACE = "params:\n  lr: {type: float, low: 0.005, high: 0.05, log: true}\n"
 OUTAGE = 30  # seconds between stopping the server and starting it again (it then needs its start-up too)
 WAIT = 300  # seconds: only a bound on waiting for a process, never a measure

@@ -64,7 +64,7 @@ def download(client: MlflowClient, run_id: str, path: str, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory, cifar10_root, empty_mlflow_db):
     """Two epochs on the generated CIFAR-10 with every output on: t-SNE, UMAP and the logged model."""
-    from conftest import make_tiny_config, new_tracking_uri
+    from helpers import make_tiny_config, new_tracking_uri
 
     tmp = tmp_path_factory.mktemp("train_run")
     uri = new_tracking_uri(tmp, empty_mlflow_db)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_tiny_config, new_tracking_uri, write_cifar100
+from helpers import make_tiny_config, new_tracking_uri, tiny_trial, write_cifar100
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -461,17 +461,7 @@ def test_transfer_from_the_command_line(env, capsys):
 
 
 def test_split_study_from_the_command_line(env, capsys):
-    tiny = [
-        "epochs=1",
-        "batch_size=32",
-        "model.widths=[8,16]",
-        "model.head_width=16",
-        "data.download=false",
-        "device=cpu",
-        "precision=fp32",
-        "eval.log_model=false",
-        "data.test_subset=100",
-    ]
+    tiny = tiny_trial("epochs=1", "model.head_width=16")
     code, out, err = _cli(
         capsys,
         "split-study",

@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna  # noqa: F401  (imported now: its log handler keeps the stream of the moment, not a test's capsys)
 import pytest
 from chrome import Chrome, find_chromium
-from conftest import as_sets, tiny_trial
+from helpers import as_sets, tiny_trial
 from mlflow import MlflowClient
 
 from harness.cli import main
