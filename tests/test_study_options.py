@@ -14,6 +14,7 @@ import math
 import re
 import signal
 
+import optuna
 import pandas as pd
 import pytest
 from helpers import TINY_SPACE, StudyEnv, tiny_trial
@@ -166,7 +167,7 @@ class ConvertsTheStop:
 
 
 def test_a_stop_a_library_turned_into_an_error_still_requeues_its_trial(env, capsys):
-    code, out, err = env.tune(capsys, "converted", 0)
+    code, out, err = env.tune_output(capsys, "converted", 0)
     assert code == 0, err
     opts = TuneOptions(
         study="converted",
