@@ -297,30 +297,79 @@ def analyze_run(
     The steps: load, features, the stage table and CKA (`stage_table`, `cka_tables`: pure
     computation), then everything logged (`_log_stages`, `_log_images`).
     """
-    from harness.data import make_normalize
-
     timer = _Timer()
     start = time.perf_counter()
     with timer("load"):
         inputs = _load(run_id, tracking_uri, data_dir, compare_run_id, log_to, device)
-    cfg, ds = inputs.cfg, inputs.ds
+    idx = _test_sample(inputs.ds, samples, seed)
+    projections = _chosen_projections(projections, inputs.cfg)
+    log = _Log(inputs.logger, timer)
+    table, cka, cka_source, skipped = _analyse(
+        inputs, idx, projections, projection_samples, seed, log, run_id, progress
+    )
+    timings = _log_summary(inputs, run_id, len(idx), samples, seed, projections, skipped, log, start)
+    return AnalysisResult(
+        run_id,
+        inputs.target,
+        len(idx),
+        [*inputs.model.stage_names, EMBEDDING],
+        table,
+        cka,
+        inputs.source_id,
+        cka_source,
+        log.artifacts,
+        timings,
+    )
+
+
+def _test_sample(ds, samples: int | None, seed: int) -> np.ndarray:
+    """The test images analysed (all, or a seeded sample), by index: enough for kNN and k-means to mean something."""
     idx = sample_indices(len(ds.test_labels), samples, seed)
-    images_np, labels = ds.test_images[idx], ds.test_labels[idx]
     if len(idx) < MIN_IMAGES:
         raise AnalysisError(f"only {len(idx)} test images to analyse: need at least {MIN_IMAGES} (raise --samples)")
+    return idx
+
+
+def _chosen_projections(projections: tuple[str, ...] | None, cfg) -> tuple[str, ...]:
+    """The projections asked for; by default those the run itself drew (its eval.tsne, eval.umap)."""
     if projections is None:
         projections = tuple(p for p in PROJECTIONS if getattr(cfg.eval, p))
     unknown = set(projections) - set(PROJECTIONS)
     if unknown:
         raise AnalysisError(f"unknown projection {sorted(unknown)[0]!r}: choose from {', '.join(PROJECTIONS)}")
+    return projections
+
+
+def _on_device(
+    inputs: _Inputs, images_np: np.ndarray
+) -> tuple[torch.Tensor, object, torch.nn.Module, torch.nn.Module | None]:
+    """The images on the device, their normalization, and both models in the run's memory format."""
+    from harness.data import make_normalize
+
+    channels_last = inputs.cfg.channels_last
     images = torch.from_numpy(np.ascontiguousarray(images_np)).to(inputs.device)
-    normalize = make_normalize(inputs.device, cfg.channels_last)
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    normalize = make_normalize(inputs.device, channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = inputs.model.to(memory_format=fmt)
     source_model = inputs.source_model.to(memory_format=fmt) if inputs.source_model is not None else None
-    stage_names = [*model.stage_names, EMBEDDING]
-    log = _Log(inputs.logger, timer)
+    return images, normalize, model, source_model
 
+
+def _analyse(
+    inputs: _Inputs,
+    idx: np.ndarray,
+    projections: tuple[str, ...],
+    projection_samples: int,
+    seed: int,
+    log: _Log,
+    run_id: str,
+    progress: bool,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, dict[str, str]]:
+    """Features, scores, the stages' logging and the images, one step of the progress bar each.
+    Returns the stage table, both CKA tables and the tags of skipped projections."""
+    ds, timer = inputs.ds, log.timer
+    images_np, labels = ds.test_images[idx], ds.test_labels[idx]
+    images, normalize, model, source_model = _on_device(inputs, images_np)
     bar = tqdm(
         total=4, desc=f"analyze {run_id[:8]}", unit="step", leave=False, disable=not progress, dynamic_ncols=True
     )
@@ -331,25 +380,12 @@ def analyze_run(
             source_feats = extract_features(source_model, images, normalize) if source_model is not None else None
         bar.update()
         bar.set_postfix_str("scores")
-        table = stage_table(feats, labels, len(ds.classes), seed, timer)
-        with timer("cka"):
-            cka, cka_source = cka_tables(feats, source_feats)
-        if cka_source is not None:  # same-named stages: how far each one moved from the source
-            table["cka_source"] = [cka_source.loc[s, s] if s in cka_source.index else np.nan for s in stage_names]
+        table, cka, cka_source = _scores(feats, source_feats, labels, len(ds.classes), seed, timer)
         bar.update()
         bar.set_postfix_str("projections, tables")
+        proj_idx = sample_indices(len(labels), projection_samples, seed)
         skipped = _log_stages(
-            log,
-            table,
-            feats,
-            labels,
-            ds.classes,
-            cka,
-            cka_source,
-            inputs.source_id,
-            projections,
-            sample_indices(len(labels), projection_samples, seed),
-            seed,
+            log, table, feats, labels, ds.classes, cka, cka_source, inputs.source_id, projections, proj_idx, seed
         )
         bar.update()
         bar.set_postfix_str("images")
@@ -357,22 +393,56 @@ def analyze_run(
         bar.update()
     finally:
         bar.close()
+    return table, cka, cka_source, skipped
 
+
+def _scores(
+    feats: dict[str, np.ndarray],
+    source_feats: dict[str, np.ndarray] | None,
+    labels: np.ndarray,
+    n_classes: int,
+    seed: int,
+    timer: _Timer,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """The stage table and the CKA tables; with a source model, the table also says how far each
+    stage moved from its same-named source stage (`cka_source`)."""
+    table = stage_table(feats, labels, n_classes, seed, timer)
+    with timer("cka"):
+        cka, cka_source = cka_tables(feats, source_feats)
+    if cka_source is not None:
+        table["cka_source"] = [cka_source.loc[s, s] if s in cka_source.index else np.nan for s in feats]
+    return table, cka, cka_source
+
+
+def _log_summary(
+    inputs: _Inputs,
+    run_id: str,
+    n_images: int,
+    samples: int | None,
+    seed: int,
+    projections: tuple[str, ...],
+    skipped: dict[str, str],
+    log: _Log,
+    start: float,
+) -> dict[str, float]:
+    """summary.json, the analysis tags and its duration on the receiving run. Returns the seconds
+    of each step, "total" included (the summary's own are those before this logging)."""
+    timer = log.timer
     timings = {k: round(v, 3) for k, v in timer.seconds.items()}
     timings["total"] = round(time.perf_counter() - start, 3)
     summary = {
         "run_id": run_id,
-        "n_images": len(labels),
+        "n_images": n_images,
         "samples": samples,
         "seed": seed,
-        "dataset": ds.name,
-        "dataset_digest": ds.digest,
-        "stages": stage_names,
+        "dataset": inputs.ds.name,
+        "dataset_digest": inputs.ds.digest,
+        "stages": [*inputs.model.stage_names, EMBEDDING],
         "source_run_id": inputs.source_id,
         "projections": list(projections),
         "timings_s": timings,
     }
-    tags = {"analysis.n_images": len(labels), "analysis.source_run_id": inputs.source_id or "", **skipped}
+    tags = {"analysis.n_images": n_images, "analysis.source_run_id": inputs.source_id or "", **skipped}
     if inputs.target != run_id:
         tags["analysis.run_id"] = run_id
     with timer("logging"):
@@ -382,18 +452,7 @@ def analyze_run(
     log.artifacts.append("analysis/summary.json")
     timings["logging"] = round(timer.seconds["logging"], 3)
     timings["total"] = round(time.perf_counter() - start, 3)
-    return AnalysisResult(
-        run_id,
-        inputs.target,
-        len(labels),
-        stage_names,
-        table,
-        cka,
-        inputs.source_id,
-        cka_source,
-        log.artifacts,
-        timings,
-    )
+    return timings
 
 
 class _Log:

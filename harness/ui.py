@@ -22,9 +22,6 @@ def serve(
     tracking: str | None, study: str | None, experiment: str | None, host: str, port: int, no_browser: bool
 ) -> int:
     """Serve the UI until Ctrl-C; returns the exit code (2: a study, experiment or port that can't be had)."""
-    import signal
-    import socket
-
     uri = tracking_uri(tracking)
     client = open_client(uri)  # a fresh store is created (and migrated) here, under the workers' lock
     try:
@@ -34,20 +31,39 @@ def serve(
         return 2
     if uri.startswith(("http://", "https://")):  # a tracking server already serves the UI
         return _show(client, uri.rstrip("/"), exp_id, what, no_browser)
+    refused = _cannot_bind(host, port)
+    if refused:
+        print(f"harness: error: {refused}", file=sys.stderr)
+        return 2
+    host, base = _local_address(host, port)
+    print(f"MLflow UI starting on {base} over {redact(uri)} ...", flush=True)
+    server = _start_server(uri, host, port)
+    return _serve_until_stopped(server, client, base, exp_id, what, no_browser)
+
+
+def _cannot_bind(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (None: it can), found before it starts."""
+    import socket
+
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
             probe.bind((host, port))
     except OSError as e:
-        print(
-            f"harness: error: cannot serve on {host}:{port} ({e.strerror or e}): choose another --port (or --host)",
-            file=sys.stderr,
-        )
-        return 2
+        return f"cannot serve on {host}:{port} ({e.strerror or e}): choose another --port (or --host)"
+    return None
+
+
+def _local_address(host: str, port: int) -> tuple[str, str]:
+    """The host to serve on and the base URL to browse: a wildcard address is browsed on loopback."""
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(host, host)
-    base = f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{port}"
-    print(f"MLflow UI starting on {base} over {redact(uri)} ...", flush=True)
+    return host, f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{port}"
+
+
+def _start_server(uri: str, host: str, port: int) -> subprocess.Popen:
+    """`mlflow ui` over the store, in a process group of its own: Ctrl-C reaches this process, which
+    then stops the whole server."""
     # one worker is plenty for one person; the job runner serves GenAI judges only (7 more processes)
     env = {
         **os.environ,
@@ -67,8 +83,15 @@ def serve(
         "--workers",
         "1",
     ]
-    # a process group of its own: Ctrl-C reaches this process, which then stops the whole server
-    server = subprocess.Popen(cmd, env=env, start_new_session=True)
+    return subprocess.Popen(cmd, env=env, start_new_session=True)
+
+
+def _serve_until_stopped(
+    server: subprocess.Popen, client, base: str, exp_id: str | None, what: str, no_browser: bool
+) -> int:
+    """Show the UI once the server answers, then wait: 0 once Ctrl-C or SIGTERM stops it, 1 if it
+    never answers or stops by itself. The server is stopped on every way out."""
+    import signal
 
     def on_term(signum, frame):
         raise KeyboardInterrupt

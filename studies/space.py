@@ -79,7 +79,19 @@ def resolve_path(space: str) -> Path:
 
 
 def load_space(space: str) -> Space:
+    """A space file, checked whole: every mistake in it is one line now, not a failed trial later."""
     path = resolve_path(space)
+    raw = _read_space(path)
+    config = _space_config(path, raw.get("config"))
+    params = [_param(path, name, spec) for name, spec in raw["params"].items()]
+    _check_widths(path, params)
+    _check_conditions(path, params)
+    profiles = _profiles(path, raw.get("profiles") or {})
+    return Space(path.stem, str(path), params, profiles, config)
+
+
+def _read_space(path: Path) -> dict:
+    """The file's YAML: a mapping with a non-empty `params` and no section the format lacks."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -98,16 +110,24 @@ def load_space(space: str) -> Space:
             f"search space {path}: unknown section(s) {', '.join(sorted(unknown))}; "
             "valid: params, profiles, description, config"
         )
-    config = raw.get("config")
-    if config is not None:
-        found = library.find(config, library.CONFIGS_DIR) or library.find(path.parent / str(config), path.parent)
-        if found is None:
-            raise SpaceError(
-                f"search space {path}: config {config!r} not found: name one of "
-                f"{library.known(library.CONFIGS_DIR)} or a YAML file beside the space"
-            )
-        config = str(found)
-    params = [_param(path, name, spec) for name, spec in raw["params"].items()]
+    return raw
+
+
+def _space_config(path: Path, config) -> str | None:
+    """The run config the space names, as a path: one of studies/configs/ or a YAML file beside the space."""
+    if config is None:
+        return None
+    found = library.find(config, library.CONFIGS_DIR) or library.find(path.parent / str(config), path.parent)
+    if found is None:
+        raise SpaceError(
+            f"search space {path}: config {config!r} not found: name one of "
+            f"{library.known(library.CONFIGS_DIR)} or a YAML file beside the space"
+        )
+    return str(found)
+
+
+def _check_widths(path: Path, params: list[Param]) -> None:
+    """Width scales and the keys that build `model.widths` make two different widths: one or the other."""
     scales = [p.name for p in params if p.name in SCALE_KEYS]
     builders = [p.name for p in params if p.name in WIDTH_KEYS]
     if scales and builders:
@@ -115,6 +135,10 @@ def load_space(space: str) -> Space:
             f"search space {path}: parameter {scales[0]}: per-stage width scales cannot be combined "
             f"with {builders[0]} (scales multiply the config's widths): search one or the other"
         )
+
+
+def _check_conditions(path: Path, params: list[Param]) -> None:
+    """Each `if:` names a parameter above it, with values it can take: else the parameter is never sampled."""
     for i, p in enumerate(params):
         above = {q.name: q for q in params[:i]}
         for key, want in (p.when or {}).items():
@@ -129,7 +153,10 @@ def load_space(space: str) -> Space:
                         f"search space {path}: parameter {p.name}: condition {key}={value!r} "
                         f"can never hold ({key} never takes that value)"
                     )
-    profiles = raw.get("profiles") or {}
+
+
+def _profiles(path: Path, profiles) -> dict[str, dict]:
+    """The space's profiles, each settings the config accepts (an empty profile: no settings)."""
     if not isinstance(profiles, dict):
         raise SpaceError(f"search space {path}: 'profiles' must map profile names to settings")
     for prof, settings in profiles.items():
@@ -139,7 +166,7 @@ def load_space(space: str) -> Space:
             C.from_dict(C.nest(settings or {}))
         except C.ConfigError as e:
             raise SpaceError(f"search space {path}: profile {prof}: {e}") from None
-    return Space(path.stem, str(path), params, {k: v or {} for k, v in profiles.items()}, config)
+    return {k: v or {} for k, v in profiles.items()}
 
 
 def _param(path: Path, name: str, spec) -> Param:

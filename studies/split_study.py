@@ -20,17 +20,19 @@ from matplotlib.figure import Figure
 from harness import config as C
 from harness.data import Dataset, digest, load_dataset
 from harness.models import CNN, build_model
-from harness.tracking import RunLogger, client_for, experiment_id
+from harness.tracking import RunLogger, client_for
 from harness.training import select_device
 from studies import library
 from studies.transfer import (
     CHILD_EVAL,
     ChildResult,
     TransferError,
+    child_runner,
     children_table,
+    log_config,
     log_summary_table,
     parent_run,
-    run_child,
+    start_parent,
 )
 
 VARIANTS = ("AnB", "BnB", "AnB+", "BnB+")
@@ -177,39 +179,25 @@ def run_split_study(
     seeded half (`class_seed`). `depths`: default 1..S. Data, config and argument problems
     raise one line before any run exists.
     """
-    if isinstance(classes_a, str):
-        classes_a = [c.strip() for c in classes_a.split(",") if c.strip()]
-    if isinstance(depths, str):
-        depths = [int(d) for d in depths.split(",") if d.strip()]
-    if isinstance(variants, str):
-        variants = [v.strip() for v in variants.split(",") if v.strip()]
+    classes_a, depths, variants = _listed(classes_a), _listed(depths, int), _listed(variants)
     cfg = split_config(config, data_dir, overrides, profile)
     ds = load_dataset(cfg.data)  # missing data: one line, before any run exists
     a, b = split_classes(len(ds.classes), class_seed, classes_a, ds.classes)
     ds_a, ds_b = select_classes(ds, a, f"{ds.name}-A"), select_classes(ds, b, f"{ds.name}-B")
-    num_stages = len(cfg.model.widths)
-    depths = list(depths or range(1, num_stages + 1))
-    if any(not 1 <= n <= num_stages for n in depths):
-        raise TransferError(f"bad depths {depths}: each in 1..{num_stages} (the network's stages)")
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise TransferError(f"unknown split-study variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
+    depths = _checked_depths(depths, len(cfg.model.widths))
+    _check_variants(variants)
 
     client = client_for(tracking_uri)
     experiment = experiment or f"transfer-split-{ds.name}"
-    experiment_id(client, experiment, description=split_description(experiment, ds.name))
-    names_a, names_b = [ds.classes[i] for i in a], [ds.classes[i] for i in b]
-    common = {
-        "split_classes_a": ",".join(names_a),
-        "split_classes_b": ",".join(names_b),
-        "class_seed": class_seed if classes_a is None else "given",
-    }
-    parent = RunLogger.start(
+    names_a, names_b = ds_a.classes, ds_b.classes
+    halves = _halves_tags(names_a, names_b, class_seed, classes_a)
+    parent = start_parent(
         client,
         experiment,
+        split_description(experiment, ds.name),
         f"split-{'given' if classes_a else f'seed{class_seed}'}",
-        tags={
-            **common,
+        {
+            **halves,
             "run_kind": "split_study",
             "dataset": ds.name,
             "dataset_digest": ds.digest,
@@ -219,55 +207,73 @@ def run_split_study(
     )
     children: list[ChildResult] = []
     total = 2 + len(depths) * len(variants)
-
-    def child(name, mode, frozen, data, build, tags):
-        c = run_child(
-            client,
-            experiment,
-            parent.run_id,
-            name,
-            mode,
-            frozen,
-            cfg,
-            data,
-            build,
-            {**common, **tags},
-            progress=progress,
-        )
-        children.append(c)
-        if progress:
-            status = (
-                f"test accuracy {c.metrics['test_accuracy']:.4f}" if c.status == "FINISHED" else f"FAILED ({c.error})"
-            )
-            print(f"[{len(children)}/{total}] {name}: {status}  (run {c.run_id})", flush=True)
-        return c
-
     with parent_run(parent, children):
-        parent.log_params(C.flatten(C.to_dict(cfg)))
-        parent.log_text(C.to_yaml(cfg), "config.yaml")
-        bases = {}
-        for half, data in (("A", ds_a), ("B", ds_b)):
-            c = child(f"base{half}", "base", 0, data, lambda: (None, None), {"half": half, "depth": 0})
-            if c.status != "FINISHED":
-                raise TransferError(f"base network base{half} failed ({c.error}): see run {c.run_id}")
-            bases[half] = c.model
-        for n in depths:
-            for v in variants:
-                origin, frozen = v[0], not v.endswith("+")
-                name = f"{origin}{n}B{'' if frozen else '+'}"
-                child(
-                    name,
-                    v,
-                    n if frozen else 0,
-                    ds_b,
-                    lambda: copied_model(cfg, bases[origin], n, len(ds_b.classes), frozen),
-                    {"half": "B", "depth": n, "copied_from": f"base{origin}", "copied_stages": n},
-                )
+        log_config(parent, cfg)
+        child = child_runner(client, experiment, parent, cfg, children, total, halves, progress, run_when_failed=True)
+        bases = _train_bases(child, ds_a, ds_b)
+        _train_copies(child, cfg, bases, ds_b, depths, variants)
         table = children_table(children, ("depth",))
         table["depth"] = table["depth"].astype(int)
         curves = _curves(table, variants)
         _log_summary(parent, table, curves, children, names_a, names_b)
     return SplitResult(parent.run_id, experiment, names_a, names_b, children, table, curves)
+
+
+def _listed(value, kind=str.strip):
+    """The command line's "a,b,c" as a list, each item `kind(item)` (a list or None as it is)."""
+    if not isinstance(value, str):
+        return value
+    return [kind(v) for v in value.split(",") if v.strip()]
+
+
+def _checked_depths(depths: list[int] | None, num_stages: int) -> list[int]:
+    """The depths to copy at (default: every stage), each one a stage the network has."""
+    depths = list(depths or range(1, num_stages + 1))
+    if any(not 1 <= n <= num_stages for n in depths):
+        raise TransferError(f"bad depths {depths}: each in 1..{num_stages} (the network's stages)")
+    return depths
+
+
+def _check_variants(variants) -> None:
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise TransferError(f"unknown split-study variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
+
+
+def _halves_tags(names_a: list[str], names_b: list[str], class_seed: int, classes_a) -> dict:
+    """The split on every run of the study: A's and B's classes, and the seed that drew them."""
+    return {
+        "split_classes_a": ",".join(names_a),
+        "split_classes_b": ",".join(names_b),
+        "class_seed": class_seed if classes_a is None else "given",
+    }
+
+
+def _train_bases(child, ds_a: Dataset, ds_b: Dataset) -> dict[str, CNN]:
+    """baseA and baseB, each trained on its half; a failed base ends the study (its copies need it)."""
+    bases = {}
+    for half, data in (("A", ds_a), ("B", ds_b)):
+        c = child(f"base{half}", "base", 0, data, lambda: (None, None), {"half": half, "depth": 0})
+        if c.status != "FINISHED":
+            raise TransferError(f"base network base{half} failed ({c.error}): see run {c.run_id}")
+        bases[half] = c.model
+    return bases
+
+
+def _train_copies(child, cfg: C.Config, bases: dict[str, CNN], ds_b: Dataset, depths, variants) -> None:
+    """At each depth n, each variant: the first n stages of baseA or baseB copied (frozen, or
+    fine-tuned for the + variants) into a fresh network trained on B."""
+    for n in depths:
+        for v in variants:
+            origin, frozen = v[0], not v.endswith("+")
+            child(
+                f"{origin}{n}B{'' if frozen else '+'}",
+                v,
+                n if frozen else 0,
+                ds_b,
+                lambda: copied_model(cfg, bases[origin], n, len(ds_b.classes), frozen),
+                {"half": "B", "depth": n, "copied_from": f"base{origin}", "copied_stages": n},
+            )
 
 
 def metric_key(variant: str) -> str:

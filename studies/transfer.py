@@ -350,6 +350,53 @@ def finish_parent(run: RunLogger, children: list[ChildResult]) -> None:
         run.end("FINISHED")
 
 
+def start_parent(client, experiment: str, description: str, name: str, tags: dict) -> RunLogger:
+    """A study's parent run, in its experiment (created with its description in the UI if new)."""
+    experiment_id(client, experiment, description=description)
+    return RunLogger.start(client, experiment, name, tags=tags)
+
+
+def log_config(run: RunLogger, cfg: C.Config, params: dict | None = None) -> None:
+    """The config every child starts from, on the parent: as params (with `params`) and as YAML."""
+    run.log_params({**C.flatten(C.to_dict(cfg)), **(params or {})})
+    run.log_text(C.to_yaml(cfg), "config.yaml")
+
+
+def child_runner(
+    client,
+    experiment: str,
+    parent: RunLogger,
+    cfg: C.Config,
+    children: list[ChildResult],
+    total: int,
+    tags: dict,
+    progress: bool = True,
+    run_when_failed: bool = False,
+) -> Callable[..., ChildResult]:
+    """`run_child` for the children of `parent`: `tags` on each, each result appended to `children`
+    and, with progress, reported in a line (`child_line`) as it ends."""
+
+    def run(name: str, mode: str, frozen: int, ds: Dataset, build: Callable[[], tuple], more: dict) -> ChildResult:
+        c = run_child(
+            client, experiment, parent.run_id, name, mode, frozen, cfg, ds, build, {**tags, **more}, progress=progress
+        )
+        children.append(c)
+        if progress:
+            print(child_line(len(children), total, c, run_when_failed), flush=True)
+        return c
+
+    return run
+
+
+def child_line(i: int, n: int, c: ChildResult, run_when_failed: bool = False) -> str:
+    """`[i/n] name: ...`: the child's test accuracy (and coarse accuracy) and run, or why it failed."""
+    if c.status != "FINISHED":
+        return f"[{i}/{n}] {c.name}: FAILED ({c.error})" + (f"  (run {c.run_id})" if run_when_failed else "")
+    coarse = c.metrics.get("test_coarse_accuracy")
+    extra = f", coarse {coarse:.4f}" if coarse is not None else ""
+    return f"[{i}/{n}] {c.name}: test accuracy {c.metrics['test_accuracy']:.4f}{extra}  (run {c.run_id})"
+
+
 # ----------------------------------------------------------------------------
 # Summary
 
@@ -447,29 +494,16 @@ def run_transfer(
     if not children_spec:
         raise TransferError("no transfer mode chosen: pass e.g. --modes probe,finetune,freeze,scratch")
     ds = load_target(cfg)
-    num_classes = len(ds.classes)
-
     study = study or src.data.tags.get("study")  # a study's trial run knows its study
-    source_tags = {
-        "source_run_id": source_run_id,
-        "source_study": study or "",
-        "source_run_name": src.info.run_name,
-        "source_dataset": source_cfg.data.dataset,
-        "source_label_smoothing": source_cfg.label_smoothing,
-        "source_dropout": source_cfg.model.dropout,
-        "source_test_accuracy": src.data.metrics.get("test_accuracy"),
-    }
-    source_tags = {k: v for k, v in source_tags.items() if v not in (None, "")}
-    if "trial_number" in src.data.tags:
-        source_tags["source_trial_number"] = src.data.tags["trial_number"]
+    tags = _source_tags(src, source_run_id, source_cfg, study)
     experiment = experiment or f"transfer-{target}"
-    experiment_id(client, experiment, description=transfer_description(experiment, target))
-    parent = RunLogger.start(
+    parent = start_parent(
         client,
         experiment,
+        transfer_description(experiment, target),
         f"{study or src.info.run_name or source_run_id[:8]}->{target}",
-        tags={
-            **source_tags,
+        {
+            **tags,
             "target_dataset": target,
             "dataset_digest": ds.digest,
             "transfer_modes": ",".join(n for n, _, _ in children_spec),
@@ -478,49 +512,56 @@ def run_transfer(
     )
     children: list[ChildResult] = []
     with parent_run(parent, children):
-        parent.log_params(
-            {**C.flatten(C.to_dict(cfg)), "backbone_lr_scale": backbone_lr_scale, "source_run_id": source_run_id}
-        )
-        parent.log_text(C.to_yaml(cfg), "config.yaml")
-        for i, (name, mode, frozen) in enumerate(children_spec, 1):
-            child = run_child(
-                client,
-                experiment,
-                parent.run_id,
-                name,
-                mode,
-                frozen,
-                cfg,
-                ds,
-                lambda: build_child(source_model, mode, frozen, num_classes, backbone_lr_scale, cfg.seed),
-                {**source_tags, "backbone_lr_scale": backbone_lr_scale if mode == "finetune" else 1.0},
-                progress=progress,
-            )
-            children.append(child)
-            if progress:
-                print(_child_line(i, len(children_spec), child), flush=True)
+        log_config(parent, cfg, {"backbone_lr_scale": backbone_lr_scale, "source_run_id": source_run_id})
+        child = child_runner(client, experiment, parent, cfg, children, len(children_spec), tags, progress)
+        _train_modes(child, children_spec, source_model, ds, backbone_lr_scale, cfg.seed)
         table = children_table(children, ("source_label_smoothing", "source_dropout"))
-        title = (
-            f"{source_cfg.data.dataset} run {source_run_id[:8]} -> {target} "
-            f"(source label smoothing {source_cfg.label_smoothing:g}, dropout {source_cfg.model.dropout:g})"
-        )
-        _log_summary(
-            parent,
-            table,
-            children,
-            depth_figure(table, title, num_classes, len(ds.coarse_classes or []) or None)
-            if (table["status"] == "FINISHED").any()
-            else None,
-        )
+        _log_summary(parent, table, children, _summary_figure(table, source_cfg, source_run_id, target, ds))
     return TransferResult(parent.run_id, experiment, source_run_id, study, target, children, table)
 
 
-def _child_line(i: int, n: int, c: ChildResult) -> str:
-    if c.status != "FINISHED":
-        return f"[{i}/{n}] {c.name}: FAILED ({c.error})"
-    coarse = c.metrics.get("test_coarse_accuracy")
-    extra = f", coarse {coarse:.4f}" if coarse is not None else ""
-    return f"[{i}/{n}] {c.name}: test accuracy {c.metrics['test_accuracy']:.4f}{extra}  (run {c.run_id})"
+def _source_tags(src, source_run_id: str, source_cfg: C.Config, study: str | None) -> dict:
+    """What every run of a transfer records of its source, so that runs of different sources compare
+    (empty ones left out)."""
+    tags = {
+        "source_run_id": source_run_id,
+        "source_study": study or "",
+        "source_run_name": src.info.run_name,
+        "source_dataset": source_cfg.data.dataset,
+        "source_label_smoothing": source_cfg.label_smoothing,
+        "source_dropout": source_cfg.model.dropout,
+        "source_test_accuracy": src.data.metrics.get("test_accuracy"),
+    }
+    tags = {k: v for k, v in tags.items() if v not in (None, "")}
+    if "trial_number" in src.data.tags:
+        tags["source_trial_number"] = src.data.tags["trial_number"]
+    return tags
+
+
+def _train_modes(child, children_spec, source_model: CNN, ds: Dataset, backbone_lr_scale: float, seed: int) -> None:
+    """One child per mode, in order; only fine-tuning scales the backbone's learning rate."""
+    for name, mode, frozen in children_spec:
+        child(
+            name,
+            mode,
+            frozen,
+            ds,
+            lambda: build_child(source_model, mode, frozen, len(ds.classes), backbone_lr_scale, seed),
+            {"backbone_lr_scale": backbone_lr_scale if mode == "finetune" else 1.0},
+        )
+
+
+def _summary_figure(
+    table: pd.DataFrame, source_cfg: C.Config, source_run_id: str, target: str, ds: Dataset
+) -> Figure | None:
+    """Accuracy by frozen depth, titled with what the source was trained with (None: no child finished)."""
+    if not (table["status"] == "FINISHED").any():
+        return None
+    title = (
+        f"{source_cfg.data.dataset} run {source_run_id[:8]} -> {target} "
+        f"(source label smoothing {source_cfg.label_smoothing:g}, dropout {source_cfg.model.dropout:g})"
+    )
+    return depth_figure(table, title, len(ds.classes), len(ds.coarse_classes or []) or None)
 
 
 def _log_summary(parent: RunLogger, table: pd.DataFrame, children: list[ChildResult], figure: Figure | None) -> None:

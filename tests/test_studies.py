@@ -226,28 +226,13 @@ def test_best_prints_the_best_trial_its_params_and_run(env, built, capsys):
     assert code == 2 and len(lines) == 1 and "study 'nope' not found" in lines[0] and STUDY in lines[0]
 
 
-@pytest.mark.slow
-def test_compare_writes_csv_and_markdown(env, built, capsys):
-    csv, md = env.tmp / "trials.csv", env.tmp / "trials.md"
-    code, out, err = env.cli(
-        capsys,
-        "compare",
-        "--study",
-        STUDY,
-        "--storage",
-        env.storage,
-        "--tracking-uri",
-        env.tracking,
-        "--csv",
-        str(csv),
-        "--markdown",
-        str(md),
-        "--show",
-    )
-    assert code == 0, err
-    assert f"wrote {csv}" in out and f"wrote {md}" in out and "run_id" in out
-    table = pd.read_csv(csv)
-    study = env.study()
+def _compare(env: Env, capsys, *args: str) -> tuple[int, str, str]:
+    """`harness compare` on the module's study, with `args`."""
+    return env.cli(capsys, "compare", "--study", STUDY, "--storage", env.storage, "--tracking-uri", env.tracking, *args)
+
+
+def _assert_one_row_per_trial_best_first(table: pd.DataFrame, study: optuna.Study) -> None:
+    """The table agrees with the study's storage, trial by trial, and ranks by validation accuracy."""
     assert sorted(table["trial"]) == list(range(6))
     assert {"trial", "state", "val_accuracy", "test_accuracy", "run_id", "lr", "optimizer"} <= set(table.columns)
     by_trial = table.set_index("trial")
@@ -259,39 +244,24 @@ def test_compare_writes_csv_and_markdown(env, built, capsys):
     ranked = table["val_accuracy"].dropna().tolist()
     assert ranked == sorted(ranked, reverse=True)  # best first
     assert table["val_accuracy"].iloc[0] == pytest.approx(study.best_value)
+
+
+@pytest.mark.slow
+def test_compare_writes_csv_and_markdown(env, built, capsys):
+    csv, md = env.tmp / "trials.csv", env.tmp / "trials.md"
+    code, out, err = _compare(env, capsys, "--csv", str(csv), "--markdown", str(md), "--show")
+    assert code == 0, err
+    assert f"wrote {csv}" in out and f"wrote {md}" in out and "run_id" in out
+    _assert_one_row_per_trial_best_first(pd.read_csv(csv), env.study())
     text = md.read_text().splitlines()
     assert text[0].startswith("|") and "trial" in text[0] and "val_accuracy" in text[0]
     assert len(text) == 2 + 6  # header, rule, one line per trial
     # another sort key, fewer rows, and a bad key
-    code, out, err = env.cli(
-        capsys,
-        "compare",
-        "--study",
-        STUDY,
-        "--storage",
-        env.storage,
-        "--tracking-uri",
-        env.tracking,
-        "--sort",
-        "trial",
-        "--top",
-        "3",
-    )
+    code, out, err = _compare(env, capsys, "--sort", "trial", "--top", "3")
     assert code == 0
     rows = [line.split() for line in out.strip().splitlines()[1:]]
     assert [r[0] for r in rows] == ["0", "1", "2"]
-    code, out, err = env.cli(
-        capsys,
-        "compare",
-        "--study",
-        STUDY,
-        "--storage",
-        env.storage,
-        "--tracking-uri",
-        env.tracking,
-        "--sort",
-        "nonsense",
-    )
+    code, out, err = _compare(env, capsys, "--sort", "nonsense")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "bad --sort 'nonsense'" in err
 
 

@@ -212,49 +212,77 @@ def model_files(client: MlflowClient, run) -> set[str]:
     return {a.path for a in client.list_logged_model_artifacts(outputs[0].model_id)}
 
 
-@pytest.mark.slow
-def test_a_run_outlasts_a_30_s_outage_of_its_tracking_server(server, cifar10_root, tmp_path):
-    server.ensure_up()
-    env = harness_env(server)  # the harness's own retry settings: the point of this test
-    train_log, uploads_log = tmp_path / "train.log", tmp_path / "uploads.log"
-    epochs = 8
-    train = harness(
-        [
-            "train",
-            "--experiment",
-            "outage",
-            "--data-dir",
-            str(cifar10_root),
-            "--quiet",
-            "--set",
-            f"epochs={epochs}",
-            "--set",
-            "eval.log_model=true",
-            *(a for f in FIXED for a in ("--set", f)),
-        ],
-        env,
-        train_log,
-    )
-    ready, go = tmp_path / "ready", tmp_path / "go"
-    with open(uploads_log, "w") as out:
-        uploads = subprocess.Popen(
+def start_training(env: dict, data: Path, epochs: int, log: Path) -> subprocess.Popen:
+    """`harness train` of a tiny network for `epochs`, logging its MLflow model too."""
+    args = ["train", "--experiment", "outage", "--data-dir", str(data), "--quiet", "--set", f"epochs={epochs}"]
+    return harness([*args, "--set", "eval.log_model=true", *(a for f in FIXED for a in ("--set", f))], env, log)
+
+
+def start_uploads(server: Server, env: dict, ready: Path, go: Path, log: Path) -> subprocess.Popen:
+    """The UPLOADS script: its run started once `ready` exists, its figure and model sent once `go` does."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
             [sys.executable, "-c", UPLOADS, server.url, str(ready), str(go)],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
+
+
+def training_run_past_epoch_1(client: MlflowClient):
+    """The training run once it has logged its first epoch (None before)."""
+    exp = client.get_experiment_by_name("outage")
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    return runs and client.get_metric_history(runs[0].info.run_id, "val_accuracy") and runs[0]
+
+
+def assert_the_run_logged_everything(client: MlflowClient, run_id: str, epochs: int, out: str) -> None:
+    """The run waited for the server, and everything it logged arrived."""
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED", run.data.tags.get("error")
+    assert run.data.metrics["tracking_seconds"] >= OUTAGE  # time spent in MLflow calls: the outage
+    for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
+        history = client.get_metric_history(run_id, key)
+        assert sorted(m.step for m in history) == list(range(1, epochs + 1)), key
+    assert {"test_accuracy", "test_loss", "best_val_accuracy", "tracking_seconds"} <= set(run.data.metrics)
+    figures = {a.path for a in client.list_artifacts(run_id, "eval")}
+    assert {
+        "eval/confusion_counts.png",
+        "eval/confusion_normalized.png",
+        "eval/per_class.png",
+        "eval/misclassified.png",
+        "eval/per_class.csv",
+    } <= figures
+    assert [a.path for a in client.list_artifacts(run_id, "checkpoint")] == ["checkpoint/model.pt"]
+    assert "MLmodel" in model_files(client, run)
+    assert "Traceback" not in out, out[-5000:]
+
+
+def assert_the_uploads_arrived(client: MlflowClient, up: str) -> None:
+    """A figure and a model sent while the server was away waited for it, then arrived."""
+    result = json.loads(up.strip().splitlines()[-1])
+    assert result["errors"] == []
+    assert min(result["seconds"].values()) >= OUTAGE - 2, result  # they were sent just after the stop
+    uploaded = client.get_run(result["run_id"])
+    assert uploaded.info.status == "FINISHED"
+    assert [a.path for a in client.list_artifacts(result["run_id"], "eval")] == ["eval/during_outage.png"]
+    assert "MLmodel" in model_files(client, uploaded)
+
+
+@pytest.mark.slow
+def test_a_run_outlasts_a_30_s_outage_of_its_tracking_server(server, cifar10_root, tmp_path):
+    server.ensure_up()
+    env = harness_env(server)  # the harness's own retry settings: the point of this test
+    train_log, uploads_log = tmp_path / "train.log", tmp_path / "uploads.log"
+    epochs = 8
+    train = start_training(env, cifar10_root, epochs, train_log)
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    uploads = start_uploads(server, env, ready, go, uploads_log)
     client = MlflowClient(server.url)
-
-    def training_run_past_epoch_1():
-        exp = client.get_experiment_by_name("outage")
-        runs = client.search_runs([exp.experiment_id]) if exp else []
-        return runs and client.get_metric_history(runs[0].info.run_id, "val_accuracy") and runs[0]
-
-    run = wait_until(
-        training_run_past_epoch_1, "a training run past its first epoch", [train, uploads], [train_log, uploads_log]
-    )
-    wait_until(ready.exists, "the uploads' run", [train, uploads], [train_log, uploads_log])
+    procs, logs = [train, uploads], [train_log, uploads_log]
+    run = wait_until(lambda: training_run_past_epoch_1(client), "a training run past its first epoch", procs, logs)
+    wait_until(ready.exists, "the uploads' run", procs, logs)
 
     server.stop()
     assert train.poll() is None, "the run ended before the server was stopped: give it more epochs"
@@ -266,35 +294,36 @@ def test_a_run_outlasts_a_30_s_outage_of_its_tracking_server(server, cifar10_roo
     assert train.returncode == 0, out[-5000:]
     up = finish(uploads, uploads_log)
     assert uploads.returncode == 0, up[-5000:]
+    assert_the_run_logged_everything(client, run.info.run_id, epochs, out)
+    assert_the_uploads_arrived(client, up)
 
-    # the run waited for the server, and everything it logged arrived
-    run = client.get_run(run.info.run_id)
-    assert run.info.status == "FINISHED", run.data.tags.get("error")
-    assert run.data.metrics["tracking_seconds"] >= OUTAGE  # time spent in MLflow calls: the outage
-    for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
-        history = client.get_metric_history(run.info.run_id, key)
-        assert sorted(m.step for m in history) == list(range(1, epochs + 1)), key
-    assert {"test_accuracy", "test_loss", "best_val_accuracy", "tracking_seconds"} <= set(run.data.metrics)
-    figures = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
-    assert {
-        "eval/confusion_counts.png",
-        "eval/confusion_normalized.png",
-        "eval/per_class.png",
-        "eval/misclassified.png",
-        "eval/per_class.csv",
-    } <= figures
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/model.pt"]
-    assert "MLmodel" in model_files(client, run)
-    assert "Traceback" not in out, out[-5000:]
 
-    # a figure and a model sent while the server was away waited for it, then arrived
-    result = json.loads(up.strip().splitlines()[-1])
-    assert result["errors"] == []
-    assert min(result["seconds"].values()) >= OUTAGE - 2, result  # they were sent just after the stop
-    uploaded = client.get_run(result["run_id"])
-    assert uploaded.info.status == "FINISHED"
-    assert [a.path for a in client.list_artifacts(result["run_id"], "eval")] == ["eval/during_outage.png"]
-    assert "MLmodel" in model_files(client, uploaded)
+def start_tune(env: dict, space: Path, storage: str, data: Path, log: Path) -> subprocess.Popen:
+    """`harness tune` of study "dead": three random trials of 100 epochs, far longer than the server lasts."""
+    args = ["tune", "--study", "dead", "--space", str(space), "--trials", "3", "--storage", storage]
+    args += ["--data-dir", str(data), "--sampler", "random", "--pruner", "none", "--quiet", "--set", "epochs=100"]
+    return harness([*args, *(a for f in FIXED for a in ("--set", f))], env, log)
+
+
+def trial_with_a_run(storage: str):
+    """The study's running trial once it has its MLflow run (None before)."""
+    try:
+        study = optuna.load_study(study_name="dead", storage=storage)
+    except Exception:  # the worker is still creating the storage or the study
+        return None
+    return next((t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs), None)
+
+
+def assert_one_line_naming_the_server(out: str, url: str) -> None:
+    """One line, the last of the process: which server, for how long, after how many retries."""
+    lines = out.strip().splitlines()
+    prefix = f"harness: error: tracking server {url} unreachable for "
+    assert lines[-1].startswith(prefix), out[-5000:]
+    assert "(MLflow gave up after 2 retries): [Errno 111] Connection refused;" in lines[-1]
+    assert "run the same command to resume" in lines[-1]
+    # never the requests error (MLflow's system-metrics thread may log it in a warning of its own)
+    ours = "\n".join(line for line in lines if "mlflow.system_metrics" not in line)
+    assert not any(s in ours for s in ("Max retries exceeded", "HTTPConnectionPool", "NewConnectionError")), out
 
 
 @pytest.mark.slow
@@ -306,57 +335,15 @@ def test_a_tracking_server_that_never_comes_back_fails_the_trial_with_one_line(s
     # short retries: 2, after 0 and 2 s (MLflow's back-off with factor 1), so about 2 s a call
     env = harness_env(server, MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
     log = tmp_path / "tune.log"
-    tune = harness(
-        [
-            "tune",
-            "--study",
-            "dead",
-            "--space",
-            str(space),
-            "--trials",
-            "3",
-            "--storage",
-            storage,
-            "--data-dir",
-            str(cifar10_root),
-            "--sampler",
-            "random",
-            "--pruner",
-            "none",
-            "--quiet",
-            "--set",
-            "epochs=100",
-            *(a for f in FIXED for a in ("--set", f)),
-        ],
-        env,
-        log,
-    )
-
-    def trial_with_a_run():
-        try:
-            study = optuna.load_study(study_name="dead", storage=storage)
-        except Exception:  # the worker is still creating the storage or the study
-            return None
-        return next(
-            (t for t in study.get_trials(states=(TrialState.RUNNING,)) if "mlflow_run_id" in t.user_attrs), None
-        )
-
-    trial = wait_until(trial_with_a_run, "a running trial with its run", [tune], [log])
+    tune = start_tune(env, space, storage, cifar10_root, log)
+    trial = wait_until(lambda: trial_with_a_run(storage), "a running trial with its run", [tune], [log])
     server.stop()  # for good
     stopped = time.monotonic()
     out = finish(tune, log)
     took = time.monotonic() - stopped
 
-    # one line, the last of the process: which server, for how long, after how many retries
-    lines = out.strip().splitlines()
     assert tune.returncode == 2, out[-5000:]
-    prefix = f"harness: error: tracking server {server.url} unreachable for "
-    assert lines[-1].startswith(prefix), out[-5000:]
-    assert "(MLflow gave up after 2 retries): [Errno 111] Connection refused;" in lines[-1]
-    assert "run the same command to resume" in lines[-1]
-    # never the requests error (MLflow's system-metrics thread may log it in a warning of its own)
-    ours = "\n".join(line for line in lines if "mlflow.system_metrics" not in line)
-    assert not any(s in ours for s in ("Max retries exceeded", "HTTPConnectionPool", "NewConnectionError")), out
+    assert_one_line_naming_the_server(out, server.url)
     # the trial failed with the one line in the study's storage, and the worker stopped in bounded time:
     # three calls of ~2 s (the trial's, the study run's update, the next trial's start) and the worker's
     # shut-down (its finisher process may still be starting: up to a minute on a busy 2-core machine)

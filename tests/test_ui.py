@@ -157,12 +157,8 @@ def read_lines(stream, lines: queue.Queue) -> None:
     lines.put(None)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_ui_opens_the_study_runs_in_a_real_browser(study_store, chromium, tmp_path):
-    client = MlflowClient(study_store)
-    exp = client.get_experiment_by_name(STUDY)
-    # (b) the experiment says what it holds and how to browse it
+def assert_the_note_says_how_to_browse(exp) -> None:
+    """(b) The experiment says what it holds and how to browse it."""
     note = exp.tags[NOTE_TAG]
     for words in (
         f"study-{STUDY}",
@@ -174,9 +170,10 @@ def test_ui_opens_the_study_runs_in_a_real_browser(study_store, chromium, tmp_pa
     ):
         assert words in note, note
 
-    port = free_port()
-    started = time.monotonic()
-    ui = subprocess.Popen(
+
+def start_ui(port: int, store: str, tmp_path: Path) -> subprocess.Popen:
+    """`harness ui --study` as a process of its own, its output a pipe to read, its errors in ui.err."""
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -188,29 +185,43 @@ def test_ui_opens_the_study_runs_in_a_real_browser(study_store, chromium, tmp_pa
             "--port",
             str(port),
             "--tracking-uri",
-            study_store,
+            store,
         ],
         stdout=subprocess.PIPE,
         stderr=open(tmp_path / "ui.err", "w"),
         text=True,
         cwd=tmp_path,
     )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=read_lines, args=(ui.stdout, lines), daemon=True).start()
-    out: list[str] = []
-    browser = None
-    try:
-        url = None
-        while url is None:
-            line = lines.get(timeout=300)
-            assert line is not None, f"harness ui ended early: {''.join(out)}{(tmp_path / 'ui.err').read_text()}"
-            out.append(line)
-            m = re.search(r"(http://\S+#/experiments/\S+)", line)
-            url = m and m.group(1)
-        ready = time.monotonic()
-        assert url == f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
 
-        browser = Chrome(chromium, url)
+
+def printed_url(lines: queue.Queue, err: Path) -> str:
+    """The experiment's URL, from the first line of `harness ui` that prints one."""
+    out: list[str] = []
+    url = None
+    while url is None:
+        line = lines.get(timeout=300)
+        assert line is not None, f"harness ui ended early: {''.join(out)}{err.read_text()}"
+        out.append(line)
+        m = re.search(r"(http://\S+#/experiments/\S+)", line)
+        url = m and m.group(1)
+    return url
+
+
+def expand_the_study_run(browser: Chrome) -> None:
+    """Click the expander on the study run's row, as a person would, to show its nested trials."""
+    clicked = browser.js(f"""(() => {{
+        const name = [...document.querySelectorAll('a')].find(a => a.innerText.trim() === 'study-{STUDY}');
+        const button = name && name.closest('[role=gridcell]').querySelector('button');
+        if (button) button.click();
+        return Boolean(button);
+    }})()""")
+    assert clicked, "no expander on the study run's row"
+
+
+def browse_to_the_trials(chromium: str, url: str, client: MlflowClient, exp) -> float:
+    """Open `url` in Chromium and see the study run, then its trials; returns when they showed."""
+    browser = Chrome(chromium, url)
+    try:
         runs = client.search_runs([exp.experiment_id])
         trials = sorted(r.info.run_name for r in runs if r.data.tags.get("run_kind") == "trial")
         assert trials == [f"trial-{n}" for n in range(TRIALS)]
@@ -219,30 +230,48 @@ def test_ui_opens_the_study_runs_in_a_real_browser(study_store, chromium, tmp_pa
         # Model-training mode: its side bar (Runs, Models, Model registry), not the GenAI one (Overview, ...)
         assert "Model registry" in page and "Overview" not in page, page[:1000]
         assert f"Optuna study {STUDY}" in page  # the experiment's description, rendered from its Markdown
-        if not all(t in page for t in trials):  # nested: shown once the study run is expanded, as a person would
-            clicked = browser.js(f"""(() => {{
-                const name = [...document.querySelectorAll('a')].find(a => a.innerText.trim() === 'study-{STUDY}');
-                const button = name && name.closest('[role=gridcell]').querySelector('button');
-                if (button) button.click();
-                return Boolean(button);
-            }})()""")
-            assert clicked, "no expander on the study run's row"
-        page = browser.wait_for_text(*trials)
-        rendered = time.monotonic()
+        if not all(t in page for t in trials):  # nested: shown once the study run is expanded
+            expand_the_study_run(browser)
+        browser.wait_for_text(*trials)
+        return time.monotonic()
+    finally:
+        browser.close()
+
+
+def stop_ui(ui: subprocess.Popen) -> int:
+    """Ctrl-C to `harness ui` (if it still runs); its exit code."""
+    if ui.poll() is None:
+        ui.send_signal(signal.SIGINT)  # Ctrl-C
+    try:
+        return ui.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        ui.kill()
+        raise
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ui_opens_the_study_runs_in_a_real_browser(study_store, chromium, tmp_path):
+    client = MlflowClient(study_store)
+    exp = client.get_experiment_by_name(STUDY)
+    assert_the_note_says_how_to_browse(exp)
+
+    port = free_port()
+    started = time.monotonic()
+    ui = start_ui(port, study_store, tmp_path)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=read_lines, args=(ui.stdout, lines), daemon=True).start()
+    try:
+        url = printed_url(lines, tmp_path / "ui.err")
+        ready = time.monotonic()
+        assert url == f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+        rendered = browse_to_the_trials(chromium, url, client, exp)
         print(
             f"harness ui answered in {ready - started:.1f} s; the browser showed the trials "
             f"{rendered - ready:.1f} s later"
         )
     finally:
-        if browser is not None:
-            browser.close()
-        if ui.poll() is None:
-            ui.send_signal(signal.SIGINT)  # Ctrl-C
-        try:
-            code = ui.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            ui.kill()
-            raise
+        code = stop_ui(ui)
     rest = []
     while (line := lines.get(timeout=10)) is not None:
         rest.append(line)
