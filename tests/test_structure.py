@@ -185,3 +185,19 @@ def test_the_architecture_page_names_every_module():
     files += [p for p in (ROOT / "scripts").rglob("*") if p.is_file()] + list((ROOT / ".ci").glob("*"))
     unnamed = [str(p.relative_to(ROOT)) for p in files if f"({'../' + str(p.relative_to(ROOT))})" not in page]
     assert not unnamed, f"add a line for each to docs/architecture.md: {sorted(unnamed)}"
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_longer_than_a_screen():
+    """Every function of the project (the benchmarks aside: each is one script's story) fits in 60 lines."""
+    long = []
+    for folder in ("harness", "studies", "analysis", "tests", "scripts"):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > MAX_FUNCTION_LINES:
+                        long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "split into named steps: " + ", ".join(long)

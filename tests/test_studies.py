@@ -226,7 +226,7 @@ def test_best_prints_the_best_trial_its_params_and_run(env, built, capsys):
     assert code == 2 and len(lines) == 1 and "study 'nope' not found" in lines[0] and STUDY in lines[0]
 
 
-def _compare(env: Env, capsys, *args: str) -> tuple[int, str, str]:
+def _compare(env: StudyEnv, capsys, *args: str) -> tuple[int, str, str]:
     """`harness compare` on the module's study, with `args`."""
     return env.cli(capsys, "compare", "--study", STUDY, "--storage", env.storage, "--tracking-uri", env.tracking, *args)
 
