@@ -207,6 +207,24 @@ class Worker:
             values.append(latency)
         return values if len(values) > 1 else values[0]
 
+    def own_trial(self) -> optuna.trial.FrozenTrial:
+        return next(t for t in self.study.get_trials(deepcopy=False) if t.number == self.trial_number)
+
+    def taken_for_lost(self) -> None:
+        """This worker's heartbeat came late (a stalled or overloaded machine): another worker failed
+        its trial as lost and queued the retry that trains it again. Its run ends FAILED saying so
+        (the retry's run is the trial's), and this worker goes on with the next trial."""
+        reason = (
+            f"trial {self.trial_number} was failed as lost by another worker (this worker's heartbeat came "
+            "late); its retry trains it again"
+        )
+        print(f"harness: worker {os.getpid()}: {reason}", file=sys.stderr, flush=True)
+        run_id = self.own_trial().user_attrs.get("mlflow_run_id")
+        if run_id:
+            logger = RunLogger(self.client, run_id)
+            logger.set_tags({"trial_state": "FAIL"})
+            logger.end("FAILED", reason)
+
     def lineage_checkpoint(self, trial: optuna.Trial, retry_of: str) -> str:
         """The run to resume from: the one this trial retries, or, where that one was stopped before it
         took its predecessor's checkpoint over, the latest earlier run of the lineage that left one."""
@@ -246,9 +264,13 @@ class Worker:
                 )
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trial is FAIL; queue it again to resume
                 if self.trial_number is not None:
-                    stopped = [t for t in self.study.get_trials(deepcopy=False) if t.number == self.trial_number]
-                    requeue(self.study, stopped[0])
+                    requeue(self.study, self.own_trial())
                 raise
+            except (optuna.exceptions.UpdateFinishedTrialError, ValueError):  # "Cannot tell a FAIL trial"
+                if self.trial_number is None or self.own_trial().state == TrialState.RUNNING:
+                    raise
+                self.taken_for_lost()  # failed under us by another worker
+                continue
             finally:
                 release()  # a stop held while Optuna told the trial's end is raised here
             trial = last["trial"]

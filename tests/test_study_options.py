@@ -195,6 +195,49 @@ def test_a_stop_a_library_turned_into_an_error_still_requeues_its_trial(env, cap
     assert optuna.storages.RetryFailedTrialCallback.retried_trial_number(retry) == failed.number
 
 
+class LosesItsFirstTrial:
+    """A plan under which another worker fails the first trial as lost (as its stale-trial check does
+    when this worker's heartbeat comes late) while this worker is about to train it."""
+
+    def __init__(self, plan, storage: str):
+        self.plan, self.run_kind, self.storage = plan, plan.run_kind, storage
+
+    def __getattr__(self, name):
+        return getattr(self.plan, name)
+
+    def config(self, trial):
+        cfg = self.plan.config(trial)  # (sampled first: a lost trial takes no more parameters)
+        if trial.number == 0:
+            other = optuna.load_study(study_name=trial.study.study_name, storage=self.storage)
+            other.tell(trial.number, state=TrialState.FAIL)
+        return cfg
+
+
+def test_a_worker_whose_trial_was_taken_for_lost_ends_its_run_and_goes_on(env, capsys):
+    code, out, err = env.tune_output(capsys, "lost", 0)
+    assert code == 0, err
+    opts = TuneOptions(
+        study="lost",
+        space=str(env.space),
+        config=str(env.config),
+        trials=1,
+        storage=env.storage,
+        tracking_uri=env.tracking,
+        data_dir=str(env.data),
+        overrides=list(FIXED),
+        evaluate="inline",
+        progress=False,
+    )
+    plan, _, study, parent, client = prepare_plan(opts)
+    Worker(opts, LosesItsFirstTrial(plan, env.storage), study, parent, client).run()  # no crash
+    assert "trial 0 was failed as lost by another worker" in capsys.readouterr().err
+    lost, then = env.study("lost").trials
+    assert lost.state == TrialState.FAIL and then.state == TrialState.COMPLETE  # it went on with the next
+    experiment = env.client().get_experiment_by_name("lost").experiment_id
+    runs = env.client().search_runs([experiment], "tags.trial_number = '0'")
+    assert [r.info.status for r in runs] == ["FAILED"]  # (at its first write to the lost trial)
+
+
 def test_a_study_resumed_with_another_search_space_is_refused_before_any_trial(env, capsys):
     """The same study, its space file edited (same name, other parameters): one line naming the
     study's space and the fix, and no trial; the same space again goes on."""
