@@ -36,8 +36,8 @@ import torch
 from harness import config as C
 from harness.data import load_dataset, make_splits
 from harness.models import build_model
+from harness.recipes import config_path
 from harness.training import fit, select_device
-from studies.library import config_path
 
 PEERS = Path(__file__).resolve().parent.parent.parent / "shared" / "peers"
 

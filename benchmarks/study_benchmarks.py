@@ -181,8 +181,8 @@ def extras(args) -> None:
     from harness import config as C
     from harness.data import load_dataset
     from harness.experiment import train_run
+    from harness.recipes import DEFAULT_CONFIG
     from harness.tracking import RunLogger, client_for
-    from studies.library import DEFAULT_CONFIG
     from studies.report import settle_champion, update_study_run
 
     budget = [

@@ -23,8 +23,8 @@ from torchvision import transforms
 from harness import config as C
 from harness.data import MEAN, STD, load_dataset, make_splits
 from harness.models import build_model
+from harness.recipes import DEFAULT_CONFIG
 from harness.training import build_optimizer, fit, select_device
-from studies.library import DEFAULT_CONFIG
 
 
 class PILDataset(torch.utils.data.Dataset):

@@ -43,9 +43,9 @@ def train(
     experiment: str | None = None,
     progress: bool = True,
 ) -> RunResult:
-    """Train and track one run, as `harness train`. `config`: a config's name in studies/configs/
+    """Train and track one run, as `harness train`. `config`: a config's name in harness/configs/
     ("fast"), a YAML file, or a Config, taken as it is but for `data_dir` and `overrides` (default:
-    studies/configs/default.yaml); `profile`: a file's quick (CPU) or full (GPU) budget, auto by device.
+    harness/configs/default.yaml); `profile`: a file's quick (CPU) or full (GPU) budget, auto by device.
     The run lands in `experiment` (default: <dataset>-train)."""
     from harness import config as C
     from harness.experiment import run_experiment
@@ -54,7 +54,7 @@ def train(
         cfg = C.replace(config, {"data": {"root": data_dir}}) if data_dir else config
         cfg = C.replace(cfg, C.parse_overrides(_sets(overrides))) if overrides else cfg
     else:
-        from studies.library import config_path
+        from harness.recipes import config_path
 
         cfg = C.load(config_path(config), _sets(overrides), data_dir, profile)
     return run_experiment(cfg, tracking_uri, experiment, progress=progress)

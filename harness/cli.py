@@ -28,7 +28,7 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         metavar="FILE",
-        help="YAML config, or the name of one in studies/configs/ (default, fast; default: default)",
+        help="YAML config, or the name of one in harness/configs/ (default, fast; default: default)",
     )
     p.add_argument(
         "--data-dir",

@@ -16,7 +16,9 @@ import yaml
 
 from harness import config as C
 from harness.errors import HarnessError
-from studies import library
+from harness.recipes import CONFIGS_DIR, find, known
+
+SPACES_DIR = Path(__file__).resolve().parent / "spaces"  # the shipped spaces: `harness tune --space cnn`
 
 WIDTH_KEYS = {"model.stages": 3, "model.base_width": 32, "model.width_multiplier": 2.0}
 SCALE_PREFIX = "model.width_scale."
@@ -70,11 +72,9 @@ class Space:
 
 def resolve_path(space: str) -> Path:
     """A path to a YAML file, or the name of one in studies/spaces/."""
-    path = library.find(space, library.SPACES_DIR)
+    path = find(space, SPACES_DIR)
     if path is None:
-        raise SpaceError(
-            f"search space {space!r} not found: pass a YAML file or one of: {library.known(library.SPACES_DIR)}"
-        )
+        raise SpaceError(f"search space {space!r} not found: pass a YAML file or one of: {known(SPACES_DIR)}")
     return path
 
 
@@ -114,14 +114,14 @@ def _read_space(path: Path) -> dict:
 
 
 def _space_config(path: Path, config) -> str | None:
-    """The run config the space names, as a path: one of studies/configs/ or a YAML file beside the space."""
+    """The run config the space names, as a path: one of harness/configs/ or a YAML file beside the space."""
     if config is None:
         return None
-    found = library.find(config, library.CONFIGS_DIR) or library.find(path.parent / str(config), path.parent)
+    found = find(config, CONFIGS_DIR) or find(path.parent / str(config), path.parent)
     if found is None:
         raise SpaceError(
             f"search space {path}: config {config!r} not found: name one of "
-            f"{library.known(library.CONFIGS_DIR)} or a YAML file beside the space"
+            f"{known(CONFIGS_DIR)} or a YAML file beside the space"
         )
     return str(found)
 

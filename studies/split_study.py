@@ -20,9 +20,9 @@ from matplotlib.figure import Figure
 from harness import config as C
 from harness.data import Dataset, digest, load_dataset
 from harness.models import CNN, build_model
+from harness.recipes import config_path
 from harness.tracking import RunLogger, client_for
 from harness.training import select_device
-from studies import library
 from studies.transfer import (
     CHILD_EVAL,
     ChildResult,
@@ -116,7 +116,7 @@ def split_config(
 ) -> C.Config:
     """The config every split-study run shares: defaults < YAML (the default config, and its
     profile) < the split study's budget for the profile < overrides."""
-    cfg = C.load(library.config_path(config), None, data_dir, profile)
+    cfg = C.load(config_path(config), None, data_dir, profile)
     extra = (C.parse_overrides(list(overrides)) if not isinstance(overrides, dict) else overrides) if overrides else {}
     device = extra.get("device", cfg.device)
     select_device(device)  # a device this machine lacks: one line, here

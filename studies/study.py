@@ -21,8 +21,9 @@ import numpy as np
 import optuna
 
 from harness import config as C
+from harness.recipes import config_path
 from harness.tracking import RunLogger, experiment_id, open_client, redact, store_lock
-from studies import journal, library
+from studies import journal
 from studies.options import DEFAULT_STORAGE, OBJECTIVES, StudyError, TuneOptions
 from studies.slurm import slurm_tags
 from studies.space import Space, check_stages, load_space, profile_settings, starting_point
@@ -182,7 +183,7 @@ def make_pruner(name: str, epochs: int, multi: bool) -> optuna.pruners.BasePrune
 
 def base_config(opts: TuneOptions, space: Space) -> C.Config:
     """Defaults < --config (or the space's config) < the space's profile < --set: what every trial shares."""
-    path = library.config_path(opts.config or space.config)
+    path = config_path(opts.config or space.config)
     cfg = C.load(path, None, opts.data_dir, opts.profile)
     profile = C.pick_profile(opts.profile, opts.device or cfg.device)
     d = C.to_dict(cfg)

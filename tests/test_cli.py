@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from harness import config as C
 from harness.cli import main
 
-# on top of studies/configs/default.yaml: a run of a few seconds, figures and all
+# on top of harness/configs/default.yaml: a run of a few seconds, figures and all
 TINY_SETS = tiny_trial(
     "epochs=1", "model.head_width=16", "eval.figures=true", "eval.embedding_samples=50", "eval.misclassified=4"
 )
@@ -58,7 +58,7 @@ def test_train_succeeds_and_prints_the_run_id(cifar10_root, tracking_uri, capsys
     assert run.info.status == "FINISHED" and run.info.run_name == "cli-run"
     assert run.data.params["data.root"] == str(cifar10_root)
     assert run.data.params["epochs"] == "1" and run.data.params["model.widths"] == "[8, 16]"
-    assert run.data.params["optimizer"] == "sgd"  # the rest comes from studies/configs/default.yaml
+    assert run.data.params["optimizer"] == "sgd"  # the rest comes from harness/configs/default.yaml
     assert "test_accuracy" in run.data.metrics
 
 

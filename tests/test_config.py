@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from harness import config as C
-from studies.library import DEFAULT_CONFIG
+from harness.recipes import DEFAULT_CONFIG
 
 
 def one_line_error(excinfo) -> str:

@@ -57,7 +57,7 @@ def test_a_fast_recipe_run_trains_and_logs_on_the_gpu(cifar10_root, tracking_uri
 
     from harness import config as C
     from harness.experiment import run_experiment
-    from studies.library import config_path
+    from harness.recipes import config_path
 
     cfg = C.load(
         config_path("fast"),

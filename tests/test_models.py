@@ -11,7 +11,7 @@ from torch import nn
 from harness import config as C
 from harness.config import ModelConfig
 from harness.models import CNN, build_model, count_macs, count_parameters
-from studies.library import DEFAULT_CONFIG
+from harness.recipes import DEFAULT_CONFIG
 
 # A seeded sample of the family (every value of every option appears), plus the default network.
 OPTIONS = {
@@ -204,7 +204,7 @@ def test_extreme_depths_and_identity_shortcuts(stages, residual):
 
 
 def fast_model_config(**kw) -> ModelConfig:
-    from studies.library import config_path
+    from harness.recipes import config_path
 
     return C.replace(C.load(config_path("fast"), profile="quick"), {"model": kw}).model
 

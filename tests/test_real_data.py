@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from harness import config as C
 from harness.data import load_dataset
 from harness.experiment import run_experiment
-from studies.library import DEFAULT_CONFIG
+from harness.recipes import DEFAULT_CONFIG
 
 pytestmark = [pytest.mark.real_data, pytest.mark.slow]  # a minute and a half on 2 busy cores
 

@@ -13,9 +13,10 @@ import optuna
 import pytest
 
 from harness import config as C
-from studies.library import SPACES_DIR, config_path
+from harness.recipes import config_path
 from studies.space import (
     SCALE_KEYS,
+    SPACES_DIR,
     WIDTH_KEYS,
     SpaceError,
     builds_widths,

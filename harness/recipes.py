@@ -1,15 +1,11 @@
-"""The configs and search spaces shipped with the project, found by name or by path.
-
-studies/configs/<name>.yaml   run configs: `harness train --config fast`
-studies/spaces/<name>.yaml    search spaces: `harness tune --space cnn`
-"""
+"""The run configs shipped with the project (harness/configs/<name>.yaml), found by name or by path:
+`harness train --config fast`. Search spaces are the studies' (studies/spaces/, studies/space.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
-SPACES_DIR = Path(__file__).resolve().parent / "spaces"
 DEFAULT_CONFIG = CONFIGS_DIR / "default.yaml"
 
 
@@ -27,7 +23,7 @@ def known(folder: Path) -> str:
 
 
 def config_path(name_or_path: str | Path | None) -> Path:
-    """--config: a YAML file or the name of one in studies/configs/ (None: the default config)."""
+    """--config: a YAML file or the name of one in harness/configs/ (None: the default config)."""
     from harness.config import ConfigError
 
     if name_or_path is None:
