@@ -14,6 +14,7 @@ import sys
 from harness import api
 from harness import config as C
 from harness.errors import HarnessError
+from harness.tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_ID
 from harness.tracking import DEFAULT_TRACKING_URI, tracking_uri
 
 
@@ -249,7 +250,7 @@ def cmd_best(args) -> int:
             f"[{lo:.4f}, {hi:.4f}] and test {confirmed['test_mean']:.4f} over n={confirmed['n']} seeds "
             f"(run {confirmed['run_id']}; `harness confirm --study {args.study}` prints the table)"
         )
-    run_id = best.user_attrs.get("mlflow_run_id")
+    run_id = best.user_attrs.get(MLFLOW_RUN_ID)
     if run_id:
         from harness.checkpoints import get_run
         from studies.report import champion_uri, champion_version
@@ -290,7 +291,7 @@ def cmd_report(args) -> int:
     from studies.results import load
 
     study = load(args.study, args.storage)
-    parent = study.user_attrs.get("mlflow_parent_run_id")
+    parent = study.user_attrs.get(MLFLOW_PARENT_RUN_ID)
     if not parent:
         raise StudyError(f"study {args.study} has no MLflow study run: it was not made by `harness tune`")
     if done := drain(args.tracking_uri):  # evaluations a killed worker or finisher left behind

@@ -19,6 +19,7 @@ from harness.data import Dataset, Splits, load_dataset, make_normalize, make_spl
 from harness.eval_logging import log_evaluation
 from harness.evaluation import EvalResult
 from harness.models import CNN, build_model, count_macs, count_parameters, whiten_stem
+from harness.tags import RUN_KIND
 from harness.tracking import RunLogger, client_for, experiment_id, git_commit
 from harness.training import Callback, FitResult, fit, seed_everything, select_device
 from harness.uncertainty import interval_metrics
@@ -246,7 +247,7 @@ def reproduce(
     if original.data.tags.get("dataset_digest") not in (None, ds.digest):
         tags["dataset_digest_differs"] = "true"  # another copy of the data: expect different figures
     exp_name = client.get_experiment(original.info.experiment_id).name
-    if "run_kind" not in original.data.tags and "mlflow.parentRunId" not in original.data.tags:  # a train run
+    if RUN_KIND not in original.data.tags and "mlflow.parentRunId" not in original.data.tags:  # a train run
         experiment_id(client, exp_name, description=train_description(exp_name))
     name = f"reproduce-{original.info.run_name}" + (f"-seed{seed}" if seed is not None else "")
     run = RunLogger.start(client, exp_name, name, tags=tags)
@@ -293,7 +294,7 @@ def resume_run(
     client = client_for(tracking_uri)
     original = get_run(client, run_id)
     refuse_transfer_child(original, "resumed")
-    if original.data.tags.get("run_kind") == "trial":
+    if original.data.tags.get(RUN_KIND) == "trial":
         raise RunNotFound(
             f"run {run_id} is a trial of study {original.data.tags.get('study')}: run the study's "
             "`harness tune` command again, which resumes its stopped trials"

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+from harness.tags import RUN_KIND
 from harness.tracking import open_client, redact, tracking_uri
 
 UI_MODE = "workflowType=machine_learning"  # MLflow 3 opens experiments on its GenAI overview: the training view
@@ -131,7 +132,7 @@ def _ui_target(client, study: str | None, experiment: str | None, store: str) ->
 
     if study:
         ids = [e.experiment_id for e in client.search_experiments()]
-        runs = client.search_runs(ids, "tags.run_kind = 'study'", max_results=1000) if ids else []
+        runs = client.search_runs(ids, f"tags.{RUN_KIND} = 'study'", max_results=1000) if ids else []
         found = {r.data.tags.get("study"): r.info.experiment_id for r in runs}
         if study not in found:
             raise missing(

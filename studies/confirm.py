@@ -20,6 +20,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from harness.finisher import drain
+from harness.tags import CONFIRMS_TRIAL, MLFLOW_RUN_ID, TRIAL_NUMBER
 from harness.tracking import MODEL_URI_TAG, RunLogger
 from harness.uncertainty import ALPHA, distinguishable, mean_interval, welch_p
 from studies.driver import run_workers
@@ -98,11 +99,11 @@ def confirmation_runs(study: optuna.Study, client) -> pd.DataFrame:
     """One row per complete confirmation trial: the trial it confirms, its seed, val and test accuracy."""
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        run_id = t.user_attrs.get("mlflow_run_id")
+        run_id = t.user_attrs.get(MLFLOW_RUN_ID)
         metrics = client.get_run(run_id).data.metrics if run_id else {}
         rows.append(
             {
-                "trial": t.user_attrs["confirms_trial"],
+                "trial": t.user_attrs[CONFIRMS_TRIAL],
                 "seed": t.user_attrs["seed"],
                 "val_accuracy": t.value,
                 "test_accuracy": metrics.get("test_accuracy", math.nan),
@@ -214,7 +215,7 @@ def settle_confirmed_champion(client, tuning: optuna.Study, runs: pd.DataFrame, 
         return champion_uri(tuning.study_name), chosen["run_id"]
     tags = {
         "study": tuning.study_name,
-        "trial_number": str(int(best["trial"])),
+        TRIAL_NUMBER: str(int(best["trial"])),
         "seed": str(int(chosen["seed"])),
         "confirmed": "true",
         "n": str(int(best["n"])),

@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from harness import config as C
 from harness.reproduction import new_seeds
+from harness.tags import CONFIRMS_RUN, CONFIRMS_TRIAL, MLFLOW_EXPERIMENT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_ID, RUN_KIND
 from harness.tracking import open_client
 from studies.options import StudyError, TuneOptions
 from studies.report import update_study_run
@@ -54,7 +55,7 @@ class SearchPlan:
         return sample(self.space, trial, self.base)
 
     def tags(self, trial) -> dict:
-        return {"study": self.study, "run_kind": self.run_kind}
+        return {"study": self.study, RUN_KIND: self.run_kind}
 
     def run_name(self, trial) -> str:
         return f"trial-{trial.number}"
@@ -73,18 +74,18 @@ class ConfirmationPlan:
     run_kind: str = "confirmation"
 
     def has_work(self, trial) -> bool:  # (a trial Optuna made fresh once the queue was empty has none)
-        return trial.user_attrs.get("confirms_trial") in self.configs
+        return trial.user_attrs.get(CONFIRMS_TRIAL) in self.configs
 
     def config(self, trial) -> C.Config:
-        return C.replace(self.configs[trial.user_attrs["confirms_trial"]], {"seed": trial.user_attrs["seed"]})
+        return C.replace(self.configs[trial.user_attrs[CONFIRMS_TRIAL]], {"seed": trial.user_attrs["seed"]})
 
     def tags(self, trial) -> dict:
         a = trial.user_attrs
         return {
             "study": self.study,
-            "run_kind": self.run_kind,
-            "confirms_trial": a["confirms_trial"],
-            "confirms_run": a["confirms_run"],
+            RUN_KIND: self.run_kind,
+            CONFIRMS_TRIAL: a[CONFIRMS_TRIAL],
+            CONFIRMS_RUN: a[CONFIRMS_RUN],
             "seed": a["seed"],
         }
 
@@ -125,7 +126,7 @@ def prepare_confirmation(opts: TuneOptions):
 
     os.environ.pop("MLFLOW_RUN_ID", None)
     tuning = load(opts.confirms, opts.storage)
-    parent = tuning.user_attrs.get("mlflow_parent_run_id")
+    parent = tuning.user_attrs.get(MLFLOW_PARENT_RUN_ID)
     if not parent:
         raise StudyError(f"study {opts.confirms} has no MLflow study run: it was not made by `harness tune`")
     top = top_trials(tuning, opts.confirm_top)
@@ -138,18 +139,16 @@ def prepare_confirmation(opts: TuneOptions):
     if created:
         for key, value in {
             "confirms": opts.confirms,
-            "run_kind": "confirmation",
+            RUN_KIND: "confirmation",
             "plan": plan,
-            "mlflow_experiment": tuning.user_attrs.get("mlflow_experiment", opts.confirms),
-            "mlflow_parent_run_id": parent,
+            MLFLOW_EXPERIMENT: tuning.user_attrs.get(MLFLOW_EXPERIMENT, opts.confirms),
+            MLFLOW_PARENT_RUN_ID: parent,
             "original_values": {str(t.number): t.values[0] for t in top},
         }.items():
             study.set_user_attr(key, value)
         for t in top:
             for seed in new_seeds(configs[t.number].seed, opts.confirm_seeds):
-                study.enqueue_trial(
-                    {}, user_attrs={"confirms_trial": t.number, "confirms_run": _run_id(t), "seed": seed}
-                )
+                study.enqueue_trial({}, user_attrs={CONFIRMS_TRIAL: t.number, CONFIRMS_RUN: _run_id(t), "seed": seed})
     elif study.user_attrs.get("plan") != plan:
         stored = study.user_attrs.get("plan") or {}
         was = f"--top {len(stored.get('trials') or [])} --seeds {stored.get('seeds')}"
@@ -165,7 +164,7 @@ def prepare_confirmation(opts: TuneOptions):
 
 
 def _run_id(trial: optuna.trial.FrozenTrial) -> str:
-    run_id = trial.user_attrs.get("mlflow_run_id")
+    run_id = trial.user_attrs.get(MLFLOW_RUN_ID)
     if not run_id:
         raise StudyError(f"trial {trial.number} has no MLflow run to confirm")
     return run_id

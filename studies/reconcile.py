@@ -14,6 +14,7 @@ from typing import Callable
 import optuna
 from optuna.trial import TrialState
 
+from harness.tags import FAIL_REASON, MLFLOW_EXPERIMENT, RUN_KIND, TRIAL_NUMBER, TRIAL_STATE
 from harness.tracking import RunLogger
 from studies.optuna_access import beating_trial_ids, heartbeat, study_storage, trial_id
 
@@ -26,20 +27,20 @@ def reconcile_runs(study: optuna.Study, client, run_kind: str = "trial") -> int:
     """
     optuna.storages.fail_stale_trials(study)
     fail_silent_trials(study)
-    exp = client.get_experiment_by_name(study.user_attrs.get("mlflow_experiment", study.study_name))
+    exp = client.get_experiment_by_name(study.user_attrs.get(MLFLOW_EXPERIMENT, study.study_name))
     if exp is None:
         return 0
     states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
-    reasons = {t.number: t.user_attrs.get("fail_reason") for t in study.get_trials(deepcopy=False)}
+    reasons = {t.number: t.user_attrs.get(FAIL_REASON) for t in study.get_trials(deepcopy=False)}
     running = client.search_runs(
-        [exp.experiment_id], f"attributes.status = 'RUNNING' and tags.run_kind = '{run_kind}'", max_results=1000
+        [exp.experiment_id], f"attributes.status = 'RUNNING' and tags.{RUN_KIND} = '{run_kind}'", max_results=1000
     )
     ended = 0
     for run in running:
-        number = int(run.data.tags.get("trial_number", -1))
+        number = int(run.data.tags.get(TRIAL_NUMBER, -1))
         if states.get(number, TrialState.RUNNING) != TrialState.RUNNING:
             logger = RunLogger(client, run.info.run_id)
-            logger.set_tags({"trial_state": states[number].name})
+            logger.set_tags({TRIAL_STATE: states[number].name})
             # a trial with a reason failed while its tracking server was away: its run could not be ended then
             logger.end(
                 "FAILED",
@@ -73,7 +74,7 @@ def fail_silent_trials(study: optuna.Study, now: Callable[[], datetime] = dateti
         try:
             storage.set_trial_user_attr(
                 trial_id(trial),
-                "fail_reason",
+                FAIL_REASON,
                 "its worker died as the trial started (no heartbeat was ever recorded); re-queued",
             )
             if not storage.set_trial_state_values(trial_id(trial), TrialState.FAIL):

@@ -21,6 +21,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
+from harness.tags import MLFLOW_EXPERIMENT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_ID, RUN_KIND, TRIAL_NUMBER, TRIAL_STATE
 from harness.tracking import MODEL_URI_TAG, RunLogger, error_line
 from studies.results import best_trial, not_told_apart
 from studies.space import builds_widths
@@ -102,7 +103,7 @@ def update_study_run(
     best = best_trial(study) if counts["complete"] else None
     run_id, tags = None, []
     if best is not None:
-        run_id = best.user_attrs.get("mlflow_run_id")
+        run_id = best.user_attrs.get(MLFLOW_RUN_ID)
         summary.update(best_trial=best.number, best_run_id=run_id, best_value=best.values[0])
         metrics.append(Metric("best_val_accuracy", best.values[0], now, step))
         tags = [RunTag("best_trial", str(best.number)), RunTag("best_run_id", str(run_id))]
@@ -131,7 +132,7 @@ def settle_champion(client, study: optuna.Study, best: optuna.trial.FrozenTrial,
     version (None: none yet) and whether this best trial is settled: not while its model may still
     come (a background finisher logs it after the trial), so the next update looks again.
     """
-    run_id = best.user_attrs["mlflow_run_id"]
+    run_id = best.user_attrs[MLFLOW_RUN_ID]
     current = champion_version(client, study.study_name)
     if study.user_attrs.get("confirmed_champion") or (current is not None and current.run_id == run_id):
         return current, True  # (a confirmed champion is moved by the next confirmation only)
@@ -139,7 +140,7 @@ def settle_champion(client, study: optuna.Study, best: optuna.trial.FrozenTrial,
     uri = run.data.tags.get(MODEL_URI_TAG)
     if not uri:
         return current, run.data.params.get("eval.log_model") == "False"
-    tags = {"study": study.study_name, "trial_number": str(best.number), "val_accuracy": f"{best.values[0]:.6g}"}
+    tags = {"study": study.study_name, TRIAL_NUMBER: str(best.number), "val_accuracy": f"{best.values[0]:.6g}"}
     version = register_champion(
         client,
         study.study_name,
@@ -218,7 +219,7 @@ def write_summary(study: optuna.Study, client, parent_run_id: str) -> dict:
                     "number": t.number,
                     **dict(zip(names, t.values)),
                     **t.params,
-                    "mlflow_run_id": t.user_attrs.get("mlflow_run_id"),
+                    MLFLOW_RUN_ID: t.user_attrs.get(MLFLOW_RUN_ID),
                 }
                 for t in study.best_trials
             ]
@@ -260,20 +261,20 @@ def compare_table(
     """One row per trial run from `mlflow.search_runs`, newest metrics, sorted best first."""
     import mlflow
 
-    parent = study.user_attrs.get("mlflow_parent_run_id")
-    exp = client.get_experiment_by_name(study.user_attrs.get("mlflow_experiment", study.study_name))
+    parent = study.user_attrs.get(MLFLOW_PARENT_RUN_ID)
+    exp = client.get_experiment_by_name(study.user_attrs.get(MLFLOW_EXPERIMENT, study.study_name))
     if not parent or exp is None:
         return pd.DataFrame()
     mlflow.set_tracking_uri(client.tracking_uri)
     runs = mlflow.search_runs(
-        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.run_kind = 'trial'"
+        [exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.{RUN_KIND} = 'trial'"
     )
-    if runs.empty or "tags.trial_number" not in runs:  # (no run a harness worker made)
+    if runs.empty or f"tags.{TRIAL_NUMBER}" not in runs:  # (no run a harness worker made)
         return pd.DataFrame()
     table = pd.DataFrame(
         {
-            "trial": runs["tags.trial_number"].astype(int),
-            "state": runs["tags.trial_state"],
+            "trial": runs[f"tags.{TRIAL_NUMBER}"].astype(int),
+            "state": runs[f"tags.{TRIAL_STATE}"],
             # pruned trials never reach best_val_accuracy: show their last validation accuracy
             "val_accuracy": runs["metrics.best_val_accuracy"].fillna(runs["metrics.val_accuracy"])
             if "metrics.best_val_accuracy" in runs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
+from harness.tags import MLFLOW_RUN_ID
 from harness.tracking import redact
 from harness.uncertainty import overlaps
 from studies.options import StudyError
@@ -49,7 +50,7 @@ def not_told_apart(study: optuna.Study, best: optuna.trial.FrozenTrial) -> list[
 
 def best_run_id(study_name: str, storage: str | None = None, tracking_uri: str | None = None) -> str:
     trial = best_trial(load(study_name, storage))
-    run_id = trial.user_attrs.get("mlflow_run_id")
+    run_id = trial.user_attrs.get(MLFLOW_RUN_ID)
     if not run_id:
         raise StudyError(f"best trial {trial.number} of study {study_name} has no MLflow run id")
     return run_id

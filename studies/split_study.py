@@ -21,6 +21,7 @@ from harness import config as C
 from harness.data import Dataset, digest, load_dataset
 from harness.models import CNN, build_model
 from harness.recipes import config_path
+from harness.tags import RUN_KIND
 from harness.tracking import RunLogger, client_for
 from harness.training import select_device
 from studies.transfer import (
@@ -198,7 +199,7 @@ def run_split_study(
         f"split-{'given' if classes_a else f'seed{class_seed}'}",
         {
             **halves,
-            "run_kind": "split_study",
+            RUN_KIND: "split_study",
             "dataset": ds.name,
             "dataset_digest": ds.digest,
             "depths": ",".join(map(str, depths)),

@@ -22,6 +22,7 @@ import optuna
 
 from harness import config as C
 from harness.recipes import config_path
+from harness.tags import MLFLOW_EXPERIMENT, MLFLOW_PARENT_RUN_ID, RUN_KIND
 from harness.tracking import RunLogger, experiment_id, open_client, redact, store_lock
 from studies import journal
 from studies.options import DEFAULT_STORAGE, OBJECTIVES, StudyError, TuneOptions
@@ -297,7 +298,7 @@ def start_study_run(
         f"study-{opts.study}",
         tags={
             "study": opts.study,
-            "run_kind": "study",
+            RUN_KIND: "study",
             "sampler": opts.sampler,
             "pruner": opts.pruner,
             "objectives": opts.objectives,
@@ -321,10 +322,10 @@ def start_study_run(
     if space is not None:
         study.set_user_attr("space_params", space_definition(space))
     study.set_user_attr("objectives", opts.objectives)
-    study.set_user_attr("mlflow_experiment", opts.study)
+    study.set_user_attr(MLFLOW_EXPERIMENT, opts.study)
     if first_trial:
         study.enqueue_trial(first_trial, user_attrs={"first_trial": "the base config"})
-    study.set_user_attr("mlflow_parent_run_id", run.run_id)
+    study.set_user_attr(MLFLOW_PARENT_RUN_ID, run.run_id)
     return run.run_id
 
 
@@ -357,8 +358,8 @@ def _wait_for_parent(study: optuna.Study, timeout: float = 120.0) -> str:
     deadline = time.time() + timeout
     while True:
         attrs = study.user_attrs  # (read from the storage each time, not cached)
-        if "mlflow_parent_run_id" in attrs:
-            return attrs["mlflow_parent_run_id"]
+        if MLFLOW_PARENT_RUN_ID in attrs:
+            return attrs[MLFLOW_PARENT_RUN_ID]
         if time.time() > deadline:
             raise StudyError(
                 f"study {study.study_name} has no MLflow study run after {timeout:.0f} s: the worker "

@@ -27,6 +27,7 @@ from harness.checkpoints import get_run, load_run_model
 from harness.data import Dataset, load_dataset
 from harness.errors import HarnessError
 from harness.models import CNN
+from harness.tags import TRIAL_NUMBER
 from harness.tracking import RunLogger, client_for, error_line, experiment_id
 from harness.training import select_device
 
@@ -533,8 +534,8 @@ def _source_tags(src, source_run_id: str, source_cfg: C.Config, study: str | Non
         "source_test_accuracy": src.data.metrics.get("test_accuracy"),
     }
     tags = {k: v for k, v in tags.items() if v not in (None, "")}
-    if "trial_number" in src.data.tags:
-        tags["source_trial_number"] = src.data.tags["trial_number"]
+    if TRIAL_NUMBER in src.data.tags:
+        tags["source_trial_number"] = src.data.tags[TRIAL_NUMBER]
     return tags
 
 

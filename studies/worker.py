@@ -25,6 +25,7 @@ from harness.errors import HarnessError
 from harness.experiment import train_run
 from harness.interrupts import check, exit_code, hold, release, stop_cleanly
 from harness.models import count_parameters
+from harness.tags import FAIL_REASON, MLFLOW_EXPERIMENT, MLFLOW_RUN_ID, RETRY_OF_RUN, TRIAL_NUMBER, TRIAL_STATE
 from harness.tracking import RunLogger, error_line, last_try, server_unreachable
 from harness.uncertainty import accuracy_interval
 from studies.options import StudyError, TuneOptions
@@ -115,7 +116,7 @@ class Worker:
         run.finished_by = (optuna.TrialPruned,)
         try:
             with run:  # however the trial ends, so does its run (train_run ends it first once it runs)
-                trial.set_user_attr("mlflow_run_id", run.run_id)
+                trial.set_user_attr(MLFLOW_RUN_ID, run.run_id)
                 from studies.dashboard import (
                     note_run_link,  # here: the CLI does not load it at start-up
                 )
@@ -132,14 +133,14 @@ class Worker:
                     resume_from=resume_from,
                 )
         except optuna.TrialPruned:
-            run.set_tags({"trial_state": "PRUNED"})
+            run.set_tags({TRIAL_STATE: "PRUNED"})
             raise
         except BaseException as e:
-            trial.set_user_attr("fail_reason", error_line(e)[:1000])
+            trial.set_user_attr(FAIL_REASON, error_line(e)[:1000])
             with last_try(run.server_gone):  # its server away past the retries: the run stays RUNNING
-                run.set_tags({"trial_state": "FAIL"})
+                run.set_tags({TRIAL_STATE: "FAIL"})
             raise
-        run.set_tags({"trial_state": "COMPLETE"})
+        run.set_tags({TRIAL_STATE: "COMPLETE"})
         return self.values(trial, run, result)
 
     def refuse_surplus(self, trial: optuna.Trial) -> None:
@@ -149,7 +150,7 @@ class Worker:
             _QuietTrials.numbers.add(trial.number)
             trial.set_user_attr("surplus", True)
             trial.set_user_attr(
-                "fail_reason",
+                FAIL_REASON,
                 f"surplus: the study reached its {self.opts.trials} trials "
                 "while this worker was starting one; given up without a run",
             )
@@ -162,21 +163,21 @@ class Worker:
             cfg = self.plan.config(trial)
             if self.dataset is None or self.dataset.name != cfg.data.dataset:
                 self.dataset = load_dataset(cfg.data)
-            tags = {**self.plan.tags(trial), "trial_number": trial.number, "trial_state": "RUNNING", **slurm_tags()}
-            retry_of = trial.user_attrs.get("mlflow_run_id")  # a re-queued trial inherits the dead one's attrs
+            tags = {**self.plan.tags(trial), TRIAL_NUMBER: trial.number, TRIAL_STATE: "RUNNING", **slurm_tags()}
+            retry_of = trial.user_attrs.get(MLFLOW_RUN_ID)  # a re-queued trial inherits the dead one's attrs
             resume_from = None
             if retry_of:
-                tags["retry_of_run"] = retry_of
+                tags[RETRY_OF_RUN] = retry_of
                 resume_from = self.lineage_checkpoint(trial, retry_of)
             run = RunLogger.start(
                 self.client,
-                self.study.user_attrs.get("mlflow_experiment", self.opts.study),
+                self.study.user_attrs.get(MLFLOW_EXPERIMENT, self.opts.study),
                 self.plan.run_name(trial),
                 tags=tags,
                 parent_run_id=self.parent_run_id,
             )
         except BaseException as e:
-            trial.set_user_attr("fail_reason", error_line(e)[:1000])
+            trial.set_user_attr(FAIL_REASON, error_line(e)[:1000])
             raise
         return cfg, run, resume_from
 
@@ -219,10 +220,10 @@ class Worker:
             "late); its retry trains it again"
         )
         print(f"harness: worker {os.getpid()}: {reason}", file=sys.stderr, flush=True)
-        run_id = self.own_trial().user_attrs.get("mlflow_run_id")
+        run_id = self.own_trial().user_attrs.get(MLFLOW_RUN_ID)
         if run_id:
             logger = RunLogger(self.client, run_id)
-            logger.set_tags({"trial_state": "FAIL"})
+            logger.set_tags({TRIAL_STATE: "FAIL"})
             logger.end("FAILED", reason)
 
     def lineage_checkpoint(self, trial: optuna.Trial, retry_of: str) -> str:
@@ -233,7 +234,7 @@ class Worker:
         trials = {t.number: t for t in self.study.get_trials(deepcopy=False)}
         history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(trials[trial.number])
         numbers = list(reversed(history))[1:]  # (the latest is retry_of's own trial)
-        runs = {n: t.user_attrs.get("mlflow_run_id") for n, t in trials.items()}
+        runs = {n: t.user_attrs.get(MLFLOW_RUN_ID) for n, t in trials.items()}
         for run_id in [retry_of] + [runs.get(n) for n in numbers]:
             if run_id and resume.path_for(self.client.tracking_uri, run_id).is_file():
                 return run_id
@@ -286,7 +287,7 @@ class Worker:
                 break
             failures = failures + 1 if trial.state == TrialState.FAIL else 0
             if failures >= MAX_CONSECUTIVE_FAILURES:
-                reason = trial.user_attrs.get("fail_reason", "see the trial runs")
+                reason = trial.user_attrs.get(FAIL_REASON, "see the trial runs")
                 raise StudyError(
                     f"{failures} trials in a row failed, the last with {reason}: "
                     "fix the cause and run the same command to resume"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import urllib.request
 
 import numpy as np
 import pytest
@@ -267,8 +268,11 @@ def test_missing_data_offline_download_fails_with_one_line(tmp_path, monkeypatch
         monkeypatch.delenv(var, raising=False)
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
-    with pytest.raises(DatasetError) as e:
-        load_dataset(DataConfig(root=str(tmp_path / "root"), download=True))
+    try:
+        with pytest.raises(DatasetError) as e:
+            load_dataset(DataConfig(root=str(tmp_path / "root"), download=True))
+    finally:  # urllib's default opener keeps the proxies it was built with: the next test builds its own
+        urllib.request.install_opener(None)
     msg = one_line_error(e)
     assert "download failed" in msg
     assert "--data-dir" in msg and DATA_DIR_ENV in msg and LAYOUTS["cifar10"]["url"] in msg
