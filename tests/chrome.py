@@ -80,7 +80,11 @@ class Chrome:
                 if reply.get("id") == self._id:
                     assert "error" not in reply, reply
                     return reply["result"]
-            ready, _, _ = select.select([self._in], [], [], max(0.0, deadline - time.monotonic()))
+            poller = (
+                select.poll()
+            )  # (not select(): a process with over 1,024 descriptors open has this one past its range)
+            poller.register(self._in, select.POLLIN)
+            ready = poller.poll(max(0.0, deadline - time.monotonic()) * 1000)
             if not ready:
                 raise TimeoutError(f"Chromium did not answer {method} in {timeout} s")
             chunk = os.read(self._in, 1 << 20)

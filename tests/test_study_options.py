@@ -257,15 +257,18 @@ def test_a_study_resumed_with_another_search_space_is_refused_before_any_trial(e
 
 
 def test_timeout_stops_the_worker_starting_trials(env, capsys):
-    """--timeout 1 with a target of 50: the first trial starts within the second and takes longer; no
-    trial starts after it (one more at most, on a machine where a trial takes under a second)."""
+    """--timeout 1 with a target of 50: the trials start within that second (give or take the time
+    between the worker's check and Optuna creating the trial), then the worker stops starting them."""
     code, out, err = env.tune_output(capsys, "timed", 50, "--timeout", "1", "--pruner", "none", fixed=ONE_EPOCH)
     assert code == 0, err
     trials = env.study("timed").trials
-    assert 1 <= len(trials) <= 2, [(t.number, t.state.name) for t in trials]
+    assert 1 <= len(trials) < 50, [(t.number, t.state.name) for t in trials]
+    started = [(t.datetime_start - trials[0].datetime_start).total_seconds() for t in trials]
+    assert max(started) < 1 + 5, started  # none began long after the timeout (5 s: a slow machine's slack)
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert env.study_run("timed").info.status == "FINISHED"
-    assert f"best trial 0: objective {trials[0].value:.4f}" in out  # it ended as a study does, with its summary
+    best = env.study("timed").best_trial
+    assert f"best trial {best.number}: objective {best.value:.4f}" in out  # it ended as a study does: its summary
     assert "trials.csv" in {
         a.path.split("/")[-1]
         for a in env.client().list_artifacts(env.study("timed").user_attrs["mlflow_parent_run_id"], "summary")
