@@ -149,6 +149,24 @@ def test_three_failures_in_a_row_stop_the_worker_with_the_last_reason_and_the_st
     assert env.study_run("failing").info.status == "FINISHED"
 
 
+def one_trial_worker(env, study: str, wrap) -> Worker:
+    """A worker in this process on `study` (made already) for one trial, its plan wrapped by `wrap`."""
+    opts = TuneOptions(
+        study=study,
+        space=str(env.space),
+        config=str(env.config),
+        trials=1,
+        storage=env.storage,
+        tracking_uri=env.tracking,
+        data_dir=str(env.data),
+        overrides=list(FIXED),
+        evaluate="inline",
+        progress=False,
+    )
+    plan, _, optuna_study, parent, client = prepare_plan(opts)
+    return Worker(opts, wrap(plan), optuna_study, parent, client)
+
+
 class ConvertsTheStop:
     """A trial's plan whose config step is a library that catches a stop and raises its own error
     (the chaos benchmark's FAIL without a retry, within 0.1 s of a SIGTERM)."""
@@ -169,23 +187,11 @@ class ConvertsTheStop:
 def test_a_stop_a_library_turned_into_an_error_still_requeues_its_trial(env, capsys):
     code, out, err = env.tune_output(capsys, "converted", 0)
     assert code == 0, err
-    opts = TuneOptions(
-        study="converted",
-        space=str(env.space),
-        config=str(env.config),
-        trials=1,
-        storage=env.storage,
-        tracking_uri=env.tracking,
-        data_dir=str(env.data),
-        overrides=list(FIXED),
-        evaluate="inline",
-        progress=False,
-    )
-    plan, _, study, parent, client = prepare_plan(opts)
+    worker = one_trial_worker(env, "converted", ConvertsTheStop)
     restore = stop_cleanly()
     try:
         with pytest.raises(Stopped):
-            Worker(opts, ConvertsTheStop(plan), study, parent, client).run()
+            worker.run()
     finally:
         release()
         restore()
@@ -216,20 +222,8 @@ class LosesItsFirstTrial:
 def test_a_worker_whose_trial_was_taken_for_lost_ends_its_run_and_goes_on(env, capsys):
     code, out, err = env.tune_output(capsys, "lost", 0)
     assert code == 0, err
-    opts = TuneOptions(
-        study="lost",
-        space=str(env.space),
-        config=str(env.config),
-        trials=1,
-        storage=env.storage,
-        tracking_uri=env.tracking,
-        data_dir=str(env.data),
-        overrides=list(FIXED),
-        evaluate="inline",
-        progress=False,
-    )
-    plan, _, study, parent, client = prepare_plan(opts)
-    Worker(opts, LosesItsFirstTrial(plan, env.storage), study, parent, client).run()  # no crash
+    worker = one_trial_worker(env, "lost", lambda plan: LosesItsFirstTrial(plan, env.storage))
+    worker.run()  # no crash
     assert "trial 0 was failed as lost by another worker" in capsys.readouterr().err
     lost, then = env.study("lost").trials
     assert lost.state == TrialState.FAIL and then.state == TrialState.COMPLETE  # it went on with the next
