@@ -48,9 +48,11 @@ def note_run_link(trial, run) -> None:
         except ImportError:  # another optuna-dashboard layout: its public call
             save_note(trial, body)
             return
-        attrs = {note_ver_key(trial._trial_id): 1, **split_body(body, trial._trial_id)}
+        from studies.optuna_access import study_id, study_storage, trial_id
+
+        attrs = {note_ver_key(trial_id(trial)): 1, **split_body(body, trial_id(trial))}
         for key, value in attrs.items():
-            trial.storage.set_study_system_attr(trial.study._study_id, key, value)
+            study_storage(trial.study).set_study_system_attr(study_id(trial.study), key, value)
     except Exception as e:  # a missing package, a busy storage: the trial goes on without its note
         logging.getLogger(__name__).warning("trial %s: no dashboard note (%s)", trial.number, error_line(e))
 
