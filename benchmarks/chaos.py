@@ -2,6 +2,7 @@
 
     python benchmarks/chaos.py                          # SQLite study storage, 3 workers, 20 kills
     python benchmarks/chaos.py --storage postgresql     # a fresh PostgreSQL database, dropped afterwards
+    python benchmarks/chaos.py --storage journal        # Optuna's JournalStorage on one file (journal:PATH)
     python benchmarks/chaos.py --workers 4 --kills 40 --trials 30 --seed 3 --keep
 
 N workers, each a separate `harness tune` process as a user on a cluster would start them, run
@@ -17,7 +18,7 @@ stale yet, a re-queued trial nobody took), one more plain worker starts after th
 grace period, up to three times. Then it checks both stores and the workers' output, and prints
 a table of checks and one of figures. Exit status 0 when every check passes, 1 otherwise.
 
-The study storage is SQLite (WAL) or PostgreSQL (--storage); the MLflow store is an SQLite file
+The study storage is SQLite (WAL), PostgreSQL or a journal file (--storage); the MLflow store is an SQLite file
 in the temporary folder either way (as `harness tune --tracking-uri sqlite:///...`). A worker is
 signalled alone (`kill PID`, as in tests/test_distributed.py); --group signals its process group
 (its finisher too), as a batch system or a lost machine would. Kills start only once the study
@@ -175,11 +176,20 @@ def phase_of(pid: int) -> str:
         return "starting"
 
 
-def storage_url(url: str) -> str:
-    """The study storage's URL as the workers open it (postgresql:// with the driver installed)."""
+def storage_url(url: str):
+    """The study storage as Optuna's functions take it: the URL the workers open (postgresql:// with
+    the driver installed), or the journal file's storage."""
+    from studies.study import storage_for
     from studies.study import storage_url as url_of
 
-    return url_of(url)
+    return storage_for(url_of(url))
+
+
+def grace_seconds(url: str) -> float:
+    """How long a SIGKILLed trial's heartbeat takes to read as stale (heartbeat 1 s), and 2 s more."""
+    from studies import journal
+
+    return 3 * 1 + (journal.LOCK_GRACE if journal.journal_path(url) is not None else 0) + 2
 
 
 def study_exists(chaos: Chaos) -> bool:
@@ -269,7 +279,7 @@ def run_chaos(chaos: Chaos) -> dict:
         time.sleep(0.5)
     finals = 0
     while needs_worker(chaos) and finals < 3:
-        time.sleep(3 * 1 + 2)  # past the heartbeat's grace period: a SIGKILLed trial reads as stale
+        time.sleep(grace_seconds(chaos.storage))  # past the grace period: a SIGKILLed trial reads as stale
         before = snapshot(chaos)
         finals += 1
         print(
@@ -737,7 +747,7 @@ def make_postgres(admin_url: str) -> tuple[str, callable]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--storage", choices=("sqlite", "postgresql"), default="sqlite")
+    p.add_argument("--storage", choices=("sqlite", "postgresql", "journal"), default="sqlite")
     p.add_argument(
         "--postgres-url",
         default=os.environ.get("HARNESS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
@@ -779,6 +789,8 @@ def main(argv: list[str] | None = None) -> int:
         MlflowClient(tracking).search_experiments()  # the MLflow store made once (a tracking server's part)
         if a.storage == "postgresql":
             storage, drop = make_postgres(a.postgres_url)
+        elif a.storage == "journal":
+            storage = f"journal:{tmp / 'optuna.journal'}"
         else:
             storage = f"sqlite:///{tmp / 'optuna.db'}"
         env = {

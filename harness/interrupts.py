@@ -9,6 +9,7 @@ stop does to runs and trials: docs/stopping-and-outages.md.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -19,7 +20,7 @@ EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138}
 DUPLICATE_SECONDS = 1.0
 # per process, like the signal handlers themselves: a hold in force, the stop it holds back, and
 # the stop asked for (raised once more by `check` if it never reached the code)
-_held: dict = {"on": False, "pending": None, "asked": None}
+_held: dict = {"on": False, "pending": None, "asked": None, "finishing": False}
 
 
 class Stopped(KeyboardInterrupt):
@@ -61,6 +62,9 @@ def stop_cleanly(on_signal=None):
         now = time.monotonic()
         if first and now - first["at"] < DUPLICATE_SECONDS:
             return
+        if signum == signal.SIGUSR1 and _held["finishing"]:  # nothing left to stop or requeue
+            print("harness: SIGUSR1 (time limit near) after the last trial: finishing the summary", file=sys.stderr)
+            return
         if on_signal is not None:
             on_signal(signum)
         if first:
@@ -86,9 +90,21 @@ def stop_cleanly(on_signal=None):
         for sig, old in before.items():
             signal.signal(sig, old)
         sys.unraisablehook = hook
-        _held.update(on=False, pending=None, asked=None)
+        _held.update(on=False, pending=None, asked=None, finishing=False)
 
     return restore
+
+
+@contextlib.contextmanager
+def finishing():
+    """Past a study's last trial: a SIGUSR1 (a Slurm job near its time limit) is let pass, since
+    there is no trial to stop or job to requeue, and the summary being written is seconds of work.
+    SIGTERM and Ctrl-C still stop."""
+    _held["finishing"] = True
+    try:
+        yield
+    finally:
+        _held["finishing"] = False
 
 
 def hold() -> None:

@@ -20,7 +20,7 @@ from dataclasses import replace
 import optuna
 
 from harness.finisher import drain
-from harness.interrupts import TimeUp, stop_cleanly
+from harness.interrupts import TimeUp, finishing, stop_cleanly
 from studies.options import StudyError, TuneOptions
 from studies.plans import prepare_plan
 from studies.report import write_summary
@@ -57,8 +57,9 @@ def tune(opts: TuneOptions) -> optuna.Study:
     load_space(opts.space)  # a bad space fails here, before any worker or trial starts
     directions(opts.objectives)
     study, client, parent = run_workers(opts)
-    drain(opts.tracking_uri)  # evaluations a killed worker or finisher left behind
-    write_summary(study, client, parent)
+    with finishing():  # a time-limit SIGUSR1 from here on has nothing to stop
+        drain(opts.tracking_uri)  # evaluations a killed worker or finisher left behind
+        write_summary(study, client, parent)
     return study
 
 

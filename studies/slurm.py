@@ -19,6 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from harness.errors import HarnessError
 
@@ -165,6 +166,28 @@ def _tracking(opts: SlurmOptions) -> str:
     return opts.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def without_password(url: str) -> tuple[str, bool]:
+    """`url` without the password of its user:password@ part, and whether it had one: a script
+    file is kept on disk, printed by --dry-run and copied into Slurm's spool, so no secret goes in."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url, False
+    user, host = parts.netloc.rsplit("@", 1)
+    return urlunsplit(parts._replace(netloc=f"{user.split(':', 1)[0]}@{host}")), True
+
+
+PASSWORD_NOTES = {
+    "HARNESS_STORAGE": "# its password is not written here: libpq reads it on the node from ~/.pgpass (or $PGPASSWORD)",
+    "MLFLOW_TRACKING_URI": "# its password is not written here: MLflow reads $MLFLOW_TRACKING_PASSWORD (sbatch passes"
+    " the submitting shell's environment on)",
+}
+
+
+def _export(var: str, url: str) -> list[str]:
+    url, had_password = without_password(url)
+    return [PASSWORD_NOTES[var]] * had_password + [f"export {var}={shlex.quote(url)}"]
+
+
 def render(opts: SlurmOptions) -> str:
     """The sbatch script: one `harness tune` worker of the study per array task."""
     q = shlex.quote
@@ -193,8 +216,8 @@ def render(opts: SlurmOptions) -> str:
         f"#SBATCH --output={opts.log_path}",
         f"#SBATCH --chdir={opts.workdir}",
         "",
-        f"export HARNESS_STORAGE={q(_storage(opts))}",
-        f"export MLFLOW_TRACKING_URI={q(_tracking(opts))}",
+        *_export("HARNESS_STORAGE", _storage(opts)),
+        *_export("MLFLOW_TRACKING_URI", _tracking(opts)),
         'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}" PYTHONUNBUFFERED=1',
         (
             'echo "harness: task ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID} (job $SLURM_JOB_ID) on $(hostname),'

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from harness.interrupts import Stopped, TimeUp, check, exit_code, hold, release, stop_cleanly
+from harness.interrupts import Stopped, TimeUp, check, exit_code, finishing, hold, release, stop_cleanly
 
 
 @pytest.fixture
@@ -34,6 +34,16 @@ def test_sigusr1_raises_time_up_a_stop_with_exit_code_138(handlers):
         signal_self(signal.SIGUSR1)
     assert isinstance(e.value, Stopped) and exit_code(e.value) == 138
     assert str(e.value) == "stopped by SIGUSR1 (the Slurm job nears its time limit)"
+
+
+def test_sigusr1_after_the_last_trial_lets_the_summary_finish(handlers, capsys):
+    """Past the last trial (`finishing`) the time-limit warning has nothing to stop: it is let pass
+    with a line instead of ending the job with 138 and no summary; SIGTERM still stops."""
+    with finishing():
+        signal_self(signal.SIGUSR1)  # nothing raised
+        assert "after the last trial: finishing the summary" in capsys.readouterr().err
+        with pytest.raises(Stopped):
+            signal_self(signal.SIGTERM)
 
 
 def test_a_held_signal_is_raised_at_release(handlers):

@@ -102,6 +102,21 @@ def test_dry_run_prints_an_array_that_requeues_appends_and_signals_the_exec_d_wo
     assert lines[-1].startswith(f"exec {sys.executable} -m harness.cli tune --study s --quiet --space cnn --trials 12")
 
 
+def test_no_password_goes_into_the_script(capsys, tmp_path, monkeypatch):
+    """The script is kept on disk, printed and copied into Slurm's spool: the URIs go in without
+    their passwords, which libpq (~/.pgpass) and MLflow ($MLFLOW_TRACKING_PASSWORD) read on the node."""
+    monkeypatch.chdir(tmp_path)
+    args = ["slurm", "--study", "s", "--storage", "postgresql://me:s3cret@db:5432/optuna", "--dry-run"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://me:pw2@mlflow.example:5000")
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "s3cret" not in text and "pw2" not in text, text
+    lines = text.splitlines()
+    assert "export HARNESS_STORAGE=postgresql://me@db:5432/optuna" in lines, text
+    assert "export MLFLOW_TRACKING_URI=https://me@mlflow.example:5000" in lines, text
+    assert "~/.pgpass" in text and "$MLFLOW_TRACKING_PASSWORD" in text
+
+
 @pytest.mark.parametrize(
     "args, says",
     [
