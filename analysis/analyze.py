@@ -24,15 +24,15 @@ from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from analysis.cka import cka_matrix, plot_cka_heatmap
-from analysis.figures import (
+from harness.analysis.cka import cka_matrix, plot_cka_heatmap
+from harness.analysis.figures import (
     feature_maps_figure,
     filters_figure,
     nearest_neighbours,
     neighbour_grid,
     stage_metrics_figure,
 )
-from analysis.metrics import cluster_scores, flatten_features, knn_accuracy_loo, linear_probe_accuracy
+from harness.analysis.metrics import cluster_scores, flatten_features, knn_accuracy_loo, linear_probe_accuracy
 from harness.embeddings import DegenerateEmbeddings, plot_embedding_2d, project_tsne, project_umap, sample_indices
 from harness.errors import HarnessError
 

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 
-from analysis.metrics import neighbour_indices
+from harness.analysis.metrics import neighbour_indices
 
 
 def _to_numpy(a) -> np.ndarray:

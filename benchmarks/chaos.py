@@ -68,7 +68,7 @@ LOCK_ERRORS = ("database is locked", "database table is locked")
 # error_line of SIGTERM and Ctrl-C, and studies/reconcile.py's reason for a trial killed as it started
 STOP_REASONS = ("Stopped", "KeyboardInterrupt", "its worker died as the trial started")
 STOP_HUNG = 90  # seconds a SIGTERMed worker gets before it counts as hung (and is SIGKILLed)
-MAX_RETRY = 3  # studies.study.requeue's max_retry
+MAX_RETRY = 3  # harness.studies.study.requeue's max_retry
 
 
 @dataclass
@@ -179,15 +179,15 @@ def phase_of(pid: int) -> str:
 def storage_url(url: str):
     """The study storage as Optuna's functions take it: the URL the workers open (postgresql:// with
     the driver installed), or the journal file's storage."""
-    from studies.study import storage_for
-    from studies.study import storage_url as url_of
+    from harness.studies.study import storage_for
+    from harness.studies.study import storage_url as url_of
 
     return storage_for(url_of(url))
 
 
 def grace_seconds(url: str) -> float:
     """How long a SIGKILLed trial's heartbeat takes to read as stale (heartbeat 1 s), and 2 s more."""
-    from studies import journal
+    from harness.studies import journal
 
     return 3 * 1 + (journal.LOCK_GRACE if journal.journal_path(url) is not None else 0) + 2
 
@@ -609,7 +609,7 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
 
 def no_heartbeat(chaos: Chaos, study) -> list[int]:
     """RUNNING trials with no heartbeat recorded: Optuna never finds them stale (its check skips them)."""
-    from studies.reconcile import silent_trials
+    from harness.studies.reconcile import silent_trials
 
     return sorted(t.number for t in silent_trials(study))
 

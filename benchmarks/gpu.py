@@ -202,8 +202,8 @@ def accuracy(args) -> None:
 def overhead(args) -> None:
     from mlflow import MlflowClient
 
-    from studies.driver import tune
-    from studies.options import TuneOptions
+    from harness.studies.driver import tune
+    from harness.studies.options import TuneOptions
 
     print(
         f"\n## Per-trial overhead (`training` space, {args.trials} one-epoch trials on 2,000 images, "

@@ -151,8 +151,8 @@ def open_study(url: str):
     """The study as the harness opens it (studies/study.py `open_storage`: RDB, or journal once supported)."""
     import optuna
 
-    from studies.options import TuneOptions
-    from studies.study import open_storage, quiet_experimental
+    from harness.studies.options import TuneOptions
+    from harness.studies.study import open_storage, quiet_experimental
 
     quiet_experimental()
     return optuna.load_study(study_name=STUDY, storage=open_storage(TuneOptions(study=STUDY, storage=url)))
@@ -160,8 +160,8 @@ def open_study(url: str):
 
 def journal_supported(url: str) -> str | None:
     """None where this checkout's `open_storage` takes a `journal:` URL; else why not, in one line."""
-    from studies.options import TuneOptions
-    from studies.study import open_storage
+    from harness.studies.options import TuneOptions
+    from harness.studies.study import open_storage
 
     try:
         open_storage(TuneOptions(study=STUDY, storage=url))
@@ -363,9 +363,9 @@ def ui_page_seconds(tmp: Path, tracking: str, timeout: float = 600) -> tuple[flo
 
 def probe(study, client, target: int, repeats: int = 5) -> dict[str, float]:
     """Median seconds of each function a worker calls between trials, on the stores as they are."""
-    from studies.reconcile import reconcile_runs
-    from studies.report import update_study_run
-    from studies.worker import is_surplus, remaining
+    from harness.studies.reconcile import reconcile_runs
+    from harness.studies.report import update_study_run
+    from harness.studies.worker import is_surplus, remaining
 
     study.get_trials(deepcopy=False)  # the cache warm, as in a worker
     parent = study.user_attrs["mlflow_parent_run_id"]

@@ -13,7 +13,7 @@ import argparse
 import tempfile
 import time
 
-from studies.split_study import curves_markdown, run_split_study
+from harness.studies.split_study import curves_markdown, run_split_study
 
 
 def main() -> None:

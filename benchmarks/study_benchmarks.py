@@ -20,8 +20,8 @@ from pathlib import Path
 import optuna
 from mlflow import MlflowClient
 
-from studies.driver import tune
-from studies.options import TuneOptions
+from harness.studies.driver import tune
+from harness.studies.options import TuneOptions
 
 
 def options(tmp: Path, study: str, data_dir: str, **kw) -> TuneOptions:
@@ -182,8 +182,8 @@ def extras(args) -> None:
     from harness.data import load_dataset
     from harness.experiment import train_run
     from harness.recipes import DEFAULT_CONFIG
+    from harness.studies.report import settle_champion, update_study_run
     from harness.tracking import RunLogger, client_for
-    from studies.report import settle_champion, update_study_run
 
     budget = [
         "epochs=1",

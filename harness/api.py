@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # (annotations only)
     from harness.config import Config
     from harness.experiment import RunResult
     from harness.reproduction import SeedReport
-    from studies.confirm import ConfirmResult
+    from harness.studies.confirm import ConfirmResult
 
 __all__ = ["train", "tune", "trials", "best", "compare", "reproduce", "confirm"]
 
@@ -75,10 +75,10 @@ def tune(
 ) -> optuna.Study:
     """Run, resume or extend an Optuna study to `trials` complete and pruned trials, as `harness tune`;
     its trials are MLflow runs nested under its study run. `space`: a name in studies/spaces/ or a YAML
-    file. `options`: the rest of studies.options.TuneOptions (sampler="tpe", pruner="hyperband", seed=0,
+    file. `options`: the rest of harness.studies.options.TuneOptions (sampler="tpe", pruner="hyperband", seed=0,
     objectives="accuracy", profile="auto", workers=1, evaluate="background" or "inline", timeout=None)."""
-    from studies.driver import tune as run_study
-    from studies.options import TuneOptions
+    from harness.studies.driver import tune as run_study
+    from harness.studies.options import TuneOptions
 
     with _keeping_plots():
         return run_study(
@@ -100,8 +100,8 @@ def tune(
 def trials(study: str, storage: str | None = None) -> pd.DataFrame:
     """A study's trials as Optuna keeps them, one row each: number, value(s), state, duration,
     params_<name>, and what the workers recorded (mlflow_run_id, val_ci, ...)."""
-    from studies.report import trials_table
-    from studies.results import load
+    from harness.studies.report import trials_table
+    from harness.studies.results import load
 
     return trials_table(load(study, storage))
 
@@ -109,7 +109,7 @@ def trials(study: str, storage: str | None = None) -> pd.DataFrame:
 def best(study: str, storage: str | None = None) -> optuna.trial.FrozenTrial:
     """A study's best complete trial (two objectives: the most accurate on the Pareto front), as
     `harness best`; its run is `.user_attrs["mlflow_run_id"]`."""
-    from studies.results import best_trial, load
+    from harness.studies.results import best_trial, load
 
     return best_trial(load(study, storage))
 
@@ -127,9 +127,9 @@ def compare(
     tell a trial from it), epochs, parameters, run_id and the searched parameters. `columns`: more
     metrics, params or tags by name; `top`: only the first rows."""
     from harness import config as C
+    from harness.studies.report import compare_table
+    from harness.studies.results import load
     from harness.tracking import client_for
-    from studies.report import compare_table
-    from studies.results import load
 
     found = load(study, storage)  # first: a study that is not there creates no MLflow store
     try:
@@ -174,8 +174,8 @@ def confirm(
     """Retrain a study's `top` trials with `seeds` new seeds each, as `harness confirm` (run again to
     resume): which configuration is best, with what confidence; the study's champion moves to it.
     `epochs`: each run's budget (0: its trial's). `options`: workers, heartbeat, evaluate, timeout, as for `tune`."""
-    from studies.confirm import confirm as run_confirmation
-    from studies.options import TuneOptions
+    from harness.studies.confirm import confirm as run_confirmation
+    from harness.studies.options import TuneOptions
 
     with _keeping_plots():
         return run_confirmation(

@@ -8,6 +8,7 @@ Errors a user can cause (HarnessError) print as one line and exit 2; Ctrl-C exit
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import sys
 
@@ -118,8 +119,8 @@ def cmd_ui(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from studies.driver import tune
-    from studies.options import TuneOptions
+    from harness.studies.driver import tune
+    from harness.studies.options import TuneOptions
 
     opts = TuneOptions(
         study=args.study,
@@ -148,13 +149,13 @@ def cmd_tune(args) -> int:
     _print_best(study)
     source = f"best:{args.study}"
     if args.confirm_top:
-        from studies.confirm import confirm
+        from harness.studies.confirm import confirm
 
         confirmed = confirm(opts)
         _print_confirmation(confirmed, args.study)
         source = confirmed.champion_run_id or source
     if args.transfer:
-        from studies.transfer import run_transfer
+        from harness.studies.transfer import run_transfer
 
         try:
             result = run_transfer(
@@ -176,8 +177,8 @@ def cmd_tune(args) -> int:
 
 
 def _print_best(study) -> None:
-    from studies.options import StudyError
-    from studies.results import best_trial
+    from harness.studies.options import StudyError
+    from harness.studies.results import best_trial
 
     try:
         best = best_trial(study)
@@ -195,7 +196,7 @@ def _print_trial(best, study=None) -> None:
     for k, v in best.params.items():
         print(f"  {k} = {v}")
     if study is not None:
-        from studies.results import not_told_apart
+        from harness.studies.results import not_told_apart
 
         if tied := not_told_apart(study, best):
             print(
@@ -236,8 +237,8 @@ def cmd_confirm(args) -> int:
 
 
 def cmd_best(args) -> int:
+    from harness.studies.results import best_trial, load
     from harness.tracking import client_for
-    from studies.results import best_trial, load
 
     study = load(args.study, args.storage)
     best = best_trial(study)  # none complete yet: one line and exit 2
@@ -253,7 +254,7 @@ def cmd_best(args) -> int:
     run_id = best.user_attrs.get(MLFLOW_RUN_ID)
     if run_id:
         from harness.checkpoints import get_run
-        from studies.report import champion_uri, champion_version
+        from harness.studies.report import champion_uri, champion_version
 
         client = client_for(args.tracking_uri)
         run = get_run(client, run_id)  # another store: one line naming --tracking-uri
@@ -285,10 +286,10 @@ def cmd_compare(args) -> int:
 
 def cmd_report(args) -> int:
     from harness.finisher import drain
+    from harness.studies.options import StudyError
+    from harness.studies.report import write_summary
+    from harness.studies.results import load
     from harness.tracking import client_for
-    from studies.options import StudyError
-    from studies.report import write_summary
-    from studies.results import load
 
     study = load(args.study, args.storage)
     parent = study.user_attrs.get(MLFLOW_PARENT_RUN_ID)
@@ -324,7 +325,7 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_transfer(args) -> int:
-    from studies.transfer import run_transfer
+    from harness.studies.transfer import run_transfer
 
     modes = tuple(args.modes.split(",")) if args.modes else ("probe", "finetune", "freeze", "scratch")
     result = run_transfer(
@@ -343,7 +344,7 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_split_study(args) -> int:
-    from studies.split_study import curves_markdown, run_split_study
+    from harness.studies.split_study import curves_markdown, run_split_study
 
     result = run_split_study(
         data_dir=args.data_dir,
@@ -363,7 +364,7 @@ def cmd_split_study(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from analysis.analyze import analyze_run
+    from harness.analysis.analyze import analyze_run
 
     result = analyze_run(
         args.run_id,
@@ -382,7 +383,7 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_slurm(args) -> int:
-    from studies.slurm import SlurmOptions, script, submit
+    from harness.studies.slurm import SlurmOptions, script, submit
 
     tune_args = args.tune_args[1:] if args.tune_args[:1] == ["--"] else args.tune_args
     opts = SlurmOptions(
@@ -411,7 +412,7 @@ def cmd_slurm(args) -> int:
 
 
 def cmd_dashboard(args) -> int:
-    from studies.dashboard import serve
+    from harness.studies.dashboard import serve
 
     serve(args.study, args.storage, args.host, args.port)
     return 0
@@ -421,8 +422,7 @@ def cmd_dashboard(args) -> int:
 # Parsers, one function a command
 
 
-def add_train(sub) -> None:
-    p = sub.add_parser("train", help="train and track one run")
+def add_train(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     add_tracking_arg(p)
     p.add_argument("--experiment", help="MLflow experiment name (default: <dataset>-train)")
@@ -435,10 +435,9 @@ def add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
-def add_tune(sub) -> None:
-    from studies.options import OBJECTIVES, PRUNERS, SAMPLERS  # (no Optuna in there)
+def add_tune(p: argparse.ArgumentParser) -> None:
+    from harness.studies.options import OBJECTIVES, PRUNERS, SAMPLERS  # (no Optuna in there)
 
-    p = sub.add_parser("tune", help="run (or resume, or join) an Optuna study; trials nest under the study run")
     p.add_argument("--study", required=True, help="study name (also its MLflow experiment)")
     p.add_argument("--space", default="cnn", help="search space: a name in studies/spaces/ or a YAML file")
     p.add_argument(
@@ -485,20 +484,14 @@ def add_tune(sub) -> None:
     p.set_defaults(func=cmd_tune)
 
 
-def add_study_lookups(sub) -> None:
-    for name, func, text in (
-        ("best", cmd_best, "print a study's best trial, its run and its champion model"),
-        ("report", cmd_report, "refresh a study's summary on its MLflow run"),
-    ):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--study", required=True)
-        add_storage_arg(p)
-        add_tracking_arg(p)
-        p.set_defaults(func=func)
+def add_study_lookup(p: argparse.ArgumentParser, func) -> None:
+    p.add_argument("--study", required=True)
+    add_storage_arg(p)
+    add_tracking_arg(p)
+    p.set_defaults(func=func)
 
 
-def add_confirm(sub) -> None:
-    p = sub.add_parser("confirm", help="retrain a study's top trials with new seeds; means, intervals, tests")
+def add_confirm(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", required=True)
     p.add_argument("--top", type=int, default=3, metavar="K", help="the K best trials (by validation accuracy)")
     p.add_argument("--seeds", type=int, default=3, metavar="N", help="new seeds for each (model init, data order)")
@@ -515,8 +508,7 @@ def add_confirm(sub) -> None:
     p.set_defaults(func=cmd_confirm)
 
 
-def add_compare(sub) -> None:
-    p = sub.add_parser("compare", help="table of a study's trial runs")
+def add_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", required=True)
     add_storage_arg(p)
     add_tracking_arg(p)
@@ -529,8 +521,7 @@ def add_compare(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
 
-def add_reproduce(sub) -> None:
-    p = sub.add_parser("reproduce", help="retrain a run from its logged config and compare")
+def add_reproduce(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_id")
     p.add_argument(
         "--seeds",
@@ -544,8 +535,7 @@ def add_reproduce(sub) -> None:
     p.set_defaults(func=cmd_reproduce)
 
 
-def add_transfer(sub) -> None:
-    p = sub.add_parser("transfer", help="transfer study from a run, best:STUDY or models:/STUDY@champion")
+def add_transfer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="source", required=True, help="RUN_ID, best:STUDY or models:/NAME@ALIAS")
     p.add_argument("--target", default="cifar100", choices=("cifar100", "cifar10"))
     p.add_argument("--modes", help="comma list of probe,finetune,freeze,freeze_K,scratch")
@@ -557,8 +547,7 @@ def add_transfer(sub) -> None:
     p.set_defaults(func=cmd_transfer)
 
 
-def add_split_study(sub) -> None:
-    p = sub.add_parser("split-study", help="Yosinski et al. transfer by depth between two halves of CIFAR-10")
+def add_split_study(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes-a", metavar="A,B,...", help="half A's classes, names or indices (default: seeded)")
     p.add_argument("--class-seed", type=int, default=0, help="seed of the default split into halves")
     p.add_argument("--depths", metavar="1,2,...", help="transfer depths (default: every stage)")
@@ -568,8 +557,7 @@ def add_split_study(sub) -> None:
     p.set_defaults(func=cmd_split_study)
 
 
-def add_analyze(sub) -> None:
-    p = sub.add_parser("analyze", help="feature-space analysis of a run's model, stage by stage")
+def add_analyze(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_id")
     p.add_argument("--data-dir", metavar="DIR")
     p.add_argument("--samples", type=int, help="seeded sample of N test images (default: all)")
@@ -579,13 +567,11 @@ def add_analyze(sub) -> None:
     p.set_defaults(func=cmd_analyze)
 
 
-def add_slurm(sub) -> None:
-    p = sub.add_parser(
-        "slurm",
-        help="submit a study's workers as a Slurm job array (one `harness tune` a task)",
-        description="Everything after `--` goes to each worker's `harness tune`: "
+def add_slurm(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Everything after `--` goes to each worker's `harness tune`: "
         "harness slurm --study big --array-size 8 --partition gpu --time 1-00:00:00 "
-        "--gpus-per-task 1 -- --space cnn --trials 200",
+        "--gpus-per-task 1 -- --space cnn --trials 200"
     )
     p.add_argument("--study", required=True, help="study name (also its MLflow experiment)")
     p.add_argument(
@@ -615,8 +601,7 @@ def add_slurm(sub) -> None:
     p.set_defaults(func=cmd_slurm)
 
 
-def add_dashboard(sub) -> None:
-    p = sub.add_parser("dashboard", help="optuna-dashboard on a study, read-only (safe while workers run it)")
+def add_dashboard(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", required=True)
     add_storage_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to serve on (default: this machine only)")
@@ -624,8 +609,7 @@ def add_dashboard(sub) -> None:
     p.set_defaults(func=cmd_dashboard)
 
 
-def add_ui(sub) -> None:
-    p = sub.add_parser("ui", help="start the MLflow UI on the tracking store and open a study's runs")
+def add_ui(p: argparse.ArgumentParser) -> None:
     target = p.add_mutually_exclusive_group()
     target.add_argument("--study", metavar="NAME", help="open this study's experiment: its study run and trials")
     target.add_argument("--experiment", metavar="NAME", help="open this experiment's runs")
@@ -636,36 +620,45 @@ def add_ui(sub) -> None:
     p.set_defaults(func=cmd_ui)
 
 
-COMMANDS = (
-    add_train,
-    add_tune,
-    add_confirm,
-    add_slurm,
-    add_study_lookups,
-    add_compare,
-    add_reproduce,
-    add_transfer,
-    add_split_study,
-    add_analyze,
-    add_dashboard,
-    add_ui,
-)
+COMMANDS = {  # name: (help, the function that adds its arguments)
+    "train": ("train and track one run", add_train),
+    "tune": ("run (or resume, or join) an Optuna study; trials nest under the study run", add_tune),
+    "confirm": ("retrain a study's top trials with new seeds; means, intervals, tests", add_confirm),
+    "slurm": ("submit a study's workers as a Slurm job array (one `harness tune` a task)", add_slurm),
+    "best": (
+        "print a study's best trial, its run and its champion model",
+        functools.partial(add_study_lookup, func=cmd_best),
+    ),
+    "report": ("refresh a study's summary on its MLflow run", functools.partial(add_study_lookup, func=cmd_report)),
+    "compare": ("table of a study's trial runs", add_compare),
+    "reproduce": ("retrain a run from its logged config and compare", add_reproduce),
+    "transfer": ("transfer study from a run, best:STUDY or models:/STUDY@champion", add_transfer),
+    "split-study": ("Yosinski et al. transfer by depth between two halves of CIFAR-10", add_split_study),
+    "analyze": ("feature-space analysis of a run's model, stage by stage", add_analyze),
+    "dashboard": ("optuna-dashboard on a study, read-only (safe while workers run it)", add_dashboard),
+    "ui": ("start the MLflow UI on the tracking store and open a study's runs", add_ui),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every subcommand, with its arguments only where it is `command` (or `command` is None): the
+    parser of `harness train` is built without `tune`'s, so it imports nothing of harness.studies."""
     parser = Parser(
         prog="harness", description="Train, tune, transfer and analyse CNNs on CIFAR, every run tracked in MLflow."
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for add in COMMANDS:
-        add(sub)
+    for name, (text, add_arguments) in COMMANDS.items():
+        p = sub.add_parser(name, help=text)
+        if command in (None, name):
+            add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from harness.interrupts import exit_code, stop_cleanly
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv and argv[0] in COMMANDS else None).parse_args(argv)
     restore = stop_cleanly()  # SIGTERM stops as cleanly as Ctrl-C; a second signal at once
     try:
         return args.func(args)

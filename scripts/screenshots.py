@@ -114,7 +114,7 @@ def artifacts(client, study_run: str, best_run: str, chromium: str, out: Path) -
 
 
 def dashboard(chromium: str, study: str, storage: str, out: Path) -> None:
-    from studies.dashboard import open_dashboard
+    from harness.studies.dashboard import open_dashboard
 
     server, page, _ = open_dashboard(study, storage, port=free_port())
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -20,14 +20,14 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from harness.finisher import drain
+from harness.studies.driver import run_workers
+from harness.studies.options import StudyError, TuneOptions
+from harness.studies.plans import confirmation_name
+from harness.studies.report import champion_uri, champion_version, register_champion
+from harness.studies.results import load
 from harness.tags import CONFIRMS_TRIAL, MLFLOW_RUN_ID, TRIAL_NUMBER
 from harness.tracking import MODEL_URI_TAG, RunLogger
 from harness.uncertainty import ALPHA, distinguishable, mean_interval, welch_p
-from studies.driver import run_workers
-from studies.options import StudyError, TuneOptions
-from studies.plans import confirmation_name
-from studies.report import champion_uri, champion_version, register_champion
-from studies.results import load
 
 
 @dataclass

@@ -48,7 +48,7 @@ def note_run_link(trial, run) -> None:
         except ImportError:  # another optuna-dashboard layout: its public call
             save_note(trial, body)
             return
-        from studies.optuna_access import study_id, study_storage, trial_id
+        from harness.studies.optuna_access import study_id, study_storage, trial_id
 
         attrs = {note_ver_key(trial_id(trial)): 1, **split_body(body, trial_id(trial))}
         for key, value in attrs.items():
@@ -62,7 +62,7 @@ def read_only_storage(url: str):
     a journal file's that refuses every write (no lock taken: readers never hold the workers up)."""
     import optuna
 
-    from studies.journal import journal_path, read_journal
+    from harness.studies.journal import journal_path, read_journal
 
     if journal_path(url) is not None:
         return read_journal(url, writable=False)
@@ -114,10 +114,10 @@ class _QuietHandler(WSGIRequestHandler):
 
 def open_dashboard(study: str, storage: str | None = None, host: str = "127.0.0.1", port: int = 8080):
     """(server, URL of the study's page, storage URL), not serving yet; a user's error is a StudyError."""
+    from harness.studies.options import StudyError
+    from harness.studies.optuna_access import study_id
+    from harness.studies.study import existing_storage
     from harness.tracking import redact
-    from studies.options import StudyError
-    from studies.optuna_access import study_id
-    from studies.study import existing_storage
 
     try:
         import optuna_dashboard

@@ -21,12 +21,12 @@ import optuna
 
 from harness.finisher import drain
 from harness.interrupts import TimeUp, finishing, stop_cleanly
-from studies.options import StudyError, TuneOptions
-from studies.plans import prepare_plan
-from studies.report import write_summary
-from studies.space import load_space
-from studies.study import directions, open_storage
-from studies.worker import remaining, run_worker, worker_process
+from harness.studies.options import StudyError, TuneOptions
+from harness.studies.plans import prepare_plan
+from harness.studies.report import write_summary
+from harness.studies.space import load_space
+from harness.studies.study import directions, open_storage
+from harness.studies.worker import remaining, run_worker, worker_process
 
 STOP_SECONDS = 30  # how long stopped workers get to end their runs before they are killed
 
@@ -76,7 +76,7 @@ def run_workers(opts: TuneOptions) -> tuple[optuna.Study, object, str]:
 def continue_in_slurm(opts: TuneOptions) -> None:
     """Requeue this Slurm job while the study has trials to run (its stopped ones were re-queued).
     Done here, by the top process, once everything is stopped: Slurm ends the attempt at once."""
-    from studies.slurm import requeue_self
+    from harness.studies.slurm import requeue_self
 
     study = optuna.load_study(study_name=opts.study, storage=open_storage(opts))
     if remaining(study, opts.trials) > 0:

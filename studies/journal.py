@@ -15,7 +15,7 @@ from pathlib import Path
 
 import optuna
 
-from studies.options import StudyError
+from harness.studies.options import StudyError
 
 PREFIX = "journal:"
 # Seconds before Optuna breaks a journal lock left behind (by a worker killed while writing): how long a
@@ -65,7 +65,7 @@ def open_journal(url: str, heartbeat: int, callback):
     """The journal storage the workers write to, beating every `heartbeat` s; a trial is lost after three
     beats and `LOCK_GRACE` (a beat is stamped before it waits for the lock: measured, four workers writing
     hard on two busy cores, a beat landed in the file 8 s after its stamp)."""
-    from studies.optuna_access import HeartbeatJournalStorage
+    from harness.studies.optuna_access import HeartbeatJournalStorage
 
     path = str(check_writable(url))
     try:

@@ -19,11 +19,11 @@ from optuna.trial import TrialState
 
 from harness import config as C
 from harness.reproduction import new_seeds
+from harness.studies.options import StudyError, TuneOptions
+from harness.studies.report import update_study_run
+from harness.studies.space import Space, sample
 from harness.tags import CONFIRMS_RUN, CONFIRMS_TRIAL, MLFLOW_EXPERIMENT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_ID, RUN_KIND
 from harness.tracking import open_client
-from studies.options import StudyError, TuneOptions
-from studies.report import update_study_run
-from studies.space import Space, sample
 
 CONFIRM_SUFFIX = ":confirm"
 
@@ -112,7 +112,7 @@ def prepare_plan(opts: TuneOptions):
     """(plan, base config, study, study run id, MLflow client) for a tuning or a confirmation worker."""
     if opts.confirms:
         return prepare_confirmation(opts)
-    from studies.study import prepare
+    from harness.studies.study import prepare
 
     space, base, study, parent, client = prepare(opts)
     return SearchPlan(space, base, opts.study), base, study, parent, client
@@ -121,8 +121,8 @@ def prepare_plan(opts: TuneOptions):
 def prepare_confirmation(opts: TuneOptions):
     """Create or join `opts.study` (= `<tuning study>:confirm`), queueing its runs when creating it."""
     from harness.checkpoints import load_run_config
-    from studies.results import load
-    from studies.study import create_or_join, open_storage
+    from harness.studies.results import load
+    from harness.studies.study import create_or_join, open_storage
 
     os.environ.pop("MLFLOW_RUN_ID", None)
     tuning = load(opts.confirms, opts.storage)

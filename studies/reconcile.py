@@ -14,9 +14,9 @@ from typing import Callable
 import optuna
 from optuna.trial import TrialState
 
+from harness.studies.optuna_access import beating_trial_ids, heartbeat, study_storage, trial_id
 from harness.tags import FAIL_REASON, MLFLOW_EXPERIMENT, RUN_KIND, TRIAL_NUMBER, TRIAL_STATE
 from harness.tracking import RunLogger
-from studies.optuna_access import beating_trial_ids, heartbeat, study_storage, trial_id
 
 
 def reconcile_runs(study: optuna.Study, client, run_kind: str = "trial") -> int:

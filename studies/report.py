@@ -21,10 +21,10 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
+from harness.studies.results import best_trial, not_told_apart
+from harness.studies.space import builds_widths
 from harness.tags import MLFLOW_EXPERIMENT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_ID, RUN_KIND, TRIAL_NUMBER, TRIAL_STATE
 from harness.tracking import MODEL_URI_TAG, RunLogger, error_line
-from studies.results import best_trial, not_told_apart
-from studies.space import builds_widths
 
 PLOTS = {
     "optimization_history": optuna.visualization.matplotlib.plot_optimization_history,

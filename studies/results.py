@@ -5,11 +5,11 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState
 
+from harness.studies.options import StudyError
+from harness.studies.study import existing_storage, storage_for
 from harness.tags import MLFLOW_RUN_ID
 from harness.tracking import redact
 from harness.uncertainty import overlaps
-from studies.options import StudyError
-from studies.study import existing_storage, storage_for
 
 
 def load(study_name: str, storage: str | None = None) -> optuna.Study:

@@ -155,7 +155,7 @@ def check_partition(name: str) -> None:
 
 
 def _storage(opts: SlurmOptions) -> str:
-    from studies.options import DEFAULT_STORAGE
+    from harness.studies.options import DEFAULT_STORAGE
 
     return opts.storage or os.environ.get("HARNESS_STORAGE") or DEFAULT_STORAGE
 
@@ -293,13 +293,13 @@ def template() -> str:
     """scripts/slurm/harness-array.sbatch: `render(EXAMPLE)` with a note on what to edit."""
     shebang, rest = render(EXAMPLE).split("\n", 1)
     note = (
-        "# TEMPLATE (python -m studies.slurm regenerates it): edit the partition, resources, URIs, paths\n"
+        "# TEMPLATE (python -m harness.studies.slurm regenerates it): edit the partition, resources, URIs, paths\n"
         "# and the options after `tune`, or let `harness slurm --dry-run` write one for you.\n"
     )
     return f"{shebang}\n{note}{rest}"
 
 
-if __name__ == "__main__":  # regenerate the template: python -m studies.slurm
+if __name__ == "__main__":  # regenerate the template: python -m harness.studies.slurm
     TEMPLATE.parent.mkdir(parents=True, exist_ok=True)
     TEMPLATE.write_text(template())
     print(f"wrote {TEMPLATE}")

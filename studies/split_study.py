@@ -21,10 +21,7 @@ from harness import config as C
 from harness.data import Dataset, digest, load_dataset
 from harness.models import CNN, build_model
 from harness.recipes import config_path
-from harness.tags import RUN_KIND
-from harness.tracking import RunLogger, client_for
-from harness.training import select_device
-from studies.transfer import (
+from harness.studies.transfer import (
     CHILD_EVAL,
     ChildResult,
     TransferError,
@@ -35,6 +32,9 @@ from studies.transfer import (
     parent_run,
     start_parent,
 )
+from harness.tags import RUN_KIND
+from harness.tracking import RunLogger, client_for
+from harness.training import select_device
 
 VARIANTS = ("AnB", "BnB", "AnB+", "BnB+")
 # By profile: on a CPU a small budget, 14 runs of the default 3-stage net in about 15 minutes on

@@ -22,12 +22,12 @@ import optuna
 
 from harness import config as C
 from harness.recipes import config_path
+from harness.studies import journal
+from harness.studies.options import DEFAULT_STORAGE, OBJECTIVES, StudyError, TuneOptions
+from harness.studies.slurm import slurm_tags
+from harness.studies.space import Space, check_stages, load_space, profile_settings, starting_point
 from harness.tags import MLFLOW_EXPERIMENT, MLFLOW_PARENT_RUN_ID, RUN_KIND
 from harness.tracking import RunLogger, experiment_id, open_client, redact, store_lock
-from studies import journal
-from studies.options import DEFAULT_STORAGE, OBJECTIVES, StudyError, TuneOptions
-from studies.slurm import slurm_tags
-from studies.space import Space, check_stages, load_space, profile_settings, starting_point
 
 
 def quiet_experimental() -> None:

@@ -98,10 +98,10 @@ def resolve_source(source: str, tracking_uri: str | None = None, storage: str | 
     if not study:
         raise TransferError("bad source 'best:': name the study, e.g. --from best:cifar10-cnn")
     try:
-        from studies.results import best_run_id
+        from harness.studies.results import best_run_id
     except ImportError:
         raise TransferError(
-            f"cannot resolve best:{study}: studies.results.best_run_id is not available "
+            f"cannot resolve best:{study}: harness.studies.results.best_run_id is not available "
             "in this install; pass the run id instead (--from RUN_ID)"
         ) from None
     return best_run_id(study, storage=storage, tracking_uri=tracking_uri), study

@@ -25,15 +25,15 @@ from harness.errors import HarnessError
 from harness.experiment import train_run
 from harness.interrupts import check, exit_code, hold, release, stop_cleanly
 from harness.models import count_parameters
+from harness.studies.options import StudyError, TuneOptions
+from harness.studies.optuna_access import OPTIMIZE_LOGGER
+from harness.studies.plans import Plan, prepare_plan
+from harness.studies.reconcile import finish_study_run, reconcile_runs
+from harness.studies.slurm import slurm_tags
+from harness.studies.study import requeue
 from harness.tags import FAIL_REASON, MLFLOW_EXPERIMENT, MLFLOW_RUN_ID, RETRY_OF_RUN, TRIAL_NUMBER, TRIAL_STATE
 from harness.tracking import RunLogger, error_line, last_try, server_unreachable
 from harness.uncertainty import accuracy_interval
-from studies.options import StudyError, TuneOptions
-from studies.optuna_access import OPTIMIZE_LOGGER
-from studies.plans import Plan, prepare_plan
-from studies.reconcile import finish_study_run, reconcile_runs
-from studies.slurm import slurm_tags
-from studies.study import requeue
 
 MAX_CONSECUTIVE_FAILURES = 3
 
@@ -117,7 +117,7 @@ class Worker:
         try:
             with run:  # however the trial ends, so does its run (train_run ends it first once it runs)
                 trial.set_user_attr(MLFLOW_RUN_ID, run.run_id)
-                from studies.dashboard import (
+                from harness.studies.dashboard import (
                     note_run_link,  # here: the CLI does not load it at start-up
                 )
 

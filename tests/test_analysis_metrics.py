@@ -9,8 +9,8 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from analysis.cka import cka_matrix, linear_cka, plot_cka_heatmap
-from analysis.figures import (
+from harness.analysis.cka import cka_matrix, linear_cka, plot_cka_heatmap
+from harness.analysis.figures import (
     feature_maps_figure,
     filters_figure,
     image_grid,
@@ -18,7 +18,7 @@ from analysis.figures import (
     neighbour_grid,
     stage_metrics_figure,
 )
-from analysis.metrics import (
+from harness.analysis.metrics import (
     cluster_scores,
     flatten_features,
     knn_accuracy,

@@ -9,7 +9,7 @@ import torch
 from helpers import make_tiny_config  # the tiny_config fixture's helper, usable at module scope
 from mlflow import MlflowClient
 
-from analysis.analyze import METRICS, analyze_run, grid_queries, neighbours_excluding_self, probe_split
+from harness.analysis.analyze import METRICS, analyze_run, grid_queries, neighbours_excluding_self, probe_split
 from harness.checkpoints import RunNotFound
 from harness.data import DatasetError
 
@@ -180,7 +180,7 @@ def test_missing_dataset_fails_with_one_line(store, tmp_path):
 
 @pytest.mark.slow
 def test_bad_options_fail_with_one_line(store):
-    from analysis.analyze import AnalysisError
+    from harness.analysis.analyze import AnalysisError
 
     with pytest.raises(AnalysisError) as e:
         analyze_run(store["run_id"], store["uri"], samples=5, progress=False)
@@ -236,7 +236,7 @@ def test_a_dead_network_is_analysed_with_its_projections_skipped(store):
 def test_the_stage_table_is_computed_without_a_run_or_a_store():
     """Pure: features in, one row of scores per stage out. A stage whose features are the class
     (one-hot, a little noise) scores near 1 everywhere; one of pure noise near chance."""
-    from analysis.analyze import METRICS, cka_tables, stage_table
+    from harness.analysis.analyze import METRICS, cka_tables, stage_table
 
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(4), 30)

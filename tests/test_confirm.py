@@ -24,8 +24,8 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from harness.cli import main
-from studies.plans import confirmation_name
-from studies.report import champion_version
+from harness.studies.plans import confirmation_name
+from harness.studies.report import champion_version
 
 SPACE = """\
 params:

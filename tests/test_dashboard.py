@@ -29,8 +29,8 @@ from optuna.trial import TrialState
 from optuna_dashboard import get_note
 
 from harness.cli import main
-from studies.dashboard import mlflow_run_url, read_only_storage
-from studies.study import storage_url, writable_storage
+from harness.studies.dashboard import mlflow_run_url, read_only_storage
+from harness.studies.study import storage_url, writable_storage
 
 STUDY = "live"
 TRIALS = 3
@@ -271,8 +271,8 @@ def test_mlflow_run_url():
 
 
 def test_a_note_that_cannot_be_written_does_not_fail_the_trial(tmp_path, tracking_uri, caplog):
+    from harness.studies.dashboard import note_run_link
     from harness.tracking import RunLogger
-    from studies.dashboard import note_run_link
 
     url = storage_url(f"sqlite:///{tmp_path / 'o.db'}")
     study = optuna.create_study(study_name=STUDY, storage=url)

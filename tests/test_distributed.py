@@ -108,7 +108,7 @@ class Setup:
         return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in self.logs)
 
     def study(self, name: str) -> optuna.Study:
-        from studies.study import (
+        from harness.studies.study import (
             storage_for,  # a journal file's storage
             storage_url,  # postgresql:// with the driver we install
         )
@@ -195,7 +195,7 @@ def test_four_workers_on_a_fresh_journal_file(tmp_path, shared):
     heartbeats (the harness's: Optuna's journal has none) written through the journal. Four trials
     of one epoch, evaluated inline: the storage is what is under test, in a fraction of SQLite's time.
     """
-    from studies.optuna_access import HEARTBEAT_ATTR, trial_id
+    from harness.studies.optuna_access import HEARTBEAT_ATTR, trial_id
 
     journal = tmp_path / "optuna.journal"
     setup = Setup(tmp_path, shared, storage=f"journal:{journal}")
@@ -295,8 +295,8 @@ def _running_trial_with_run(setup: Setup, name: str, proc: subprocess.Popen) -> 
 def _wait_until_stale(setup: Setup, name: str, trial: optuna.trial.FrozenTrial) -> None:
     """Until Optuna reads the dead worker's trial as stale (its heartbeat older than the workers' grace
     period of 3 heartbeats, by the database's clock), as the next worker will."""
-    from studies.optuna_access import stale_trial_ids, trial_id
-    from studies.study import storage_url
+    from harness.studies.optuna_access import stale_trial_ids, trial_id
+    from harness.studies.study import storage_url
 
     storage = optuna.storages.RDBStorage(storage_url(setup.storage), heartbeat_interval=1, grace_period=3)
     study = optuna.load_study(study_name=name, storage=storage)

@@ -15,8 +15,8 @@ import optuna
 import pytest
 
 from harness.cli import main
-from studies.journal import open_journal
-from studies.study import requeue
+from harness.studies.journal import open_journal
+from harness.studies.study import requeue
 
 
 def error_line(capsys) -> str:
@@ -92,15 +92,15 @@ def journal(tmp_path):
 
 
 def test_a_journal_trial_is_lost_after_three_beats_and_the_time_a_beat_may_wait_for_the_lock(journal):
-    from studies.journal import LOCK_GRACE
-    from studies.optuna_access import heartbeat
+    from harness.studies.journal import LOCK_GRACE
+    from harness.studies.optuna_access import heartbeat
 
     study = optuna.load_study(study_name="s", storage=open_journal(journal, 30, requeue))
     assert heartbeat(study).grace == 3 * 30 + LOCK_GRACE
 
 
 def test_reading_commands_open_a_journal_study(journal, capsys):
-    from studies.results import best_run_id, load
+    from harness.studies.results import best_run_id, load
 
     assert [t.params for t in load("s", journal).trials] == [{"x": 0.5}]
     assert best_run_id("s", journal) == "abc"
@@ -109,7 +109,7 @@ def test_reading_commands_open_a_journal_study(journal, capsys):
 
 
 def test_the_dashboard_reads_a_journal_and_never_writes_it(journal, tmp_path):
-    from studies.dashboard import open_dashboard, read_only_storage
+    from harness.studies.dashboard import open_dashboard, read_only_storage
 
     before = (tmp_path / "optuna.journal").read_bytes()
     server, page, _ = open_dashboard("s", journal, port=0)

@@ -16,9 +16,9 @@ from helpers import wait_until
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.trial import TrialState
 
-from studies import optuna_access as access
-from studies.reconcile import silent_trials
-from studies.study import requeue
+from harness.studies import optuna_access as access
+from harness.studies.reconcile import silent_trials
+from harness.studies.study import requeue
 
 X = {"x": optuna.distributions.FloatDistribution(0, 1)}
 

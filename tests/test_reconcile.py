@@ -9,9 +9,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from studies.journal import open_journal
-from studies.reconcile import fail_silent_trials
-from studies.study import requeue
+from harness.studies.journal import open_journal
+from harness.studies.reconcile import fail_silent_trials
+from harness.studies.study import requeue
 
 
 def heartbeat_storage(kind: str, tmp_path):

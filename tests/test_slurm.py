@@ -30,7 +30,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
 from harness.cli import main
-from studies import slurm
+from harness.studies import slurm
 
 SLURM_ENV = "HARNESS_TEST_SLURM"
 REPO = Path(__file__).resolve().parent.parent
@@ -52,7 +52,7 @@ MANY = 3, tiny_trial("epochs=80", "data.train_subset=600")
 
 
 def test_the_template_in_the_repo_is_what_harness_slurm_writes():
-    assert slurm.TEMPLATE.read_text() == slurm.template(), "run `python -m studies.slurm` to regenerate it"
+    assert slurm.TEMPLATE.read_text() == slurm.template(), "run `python -m harness.studies.slurm` to regenerate it"
 
 
 def test_dry_run_prints_an_array_that_requeues_appends_and_signals_the_exec_d_worker(capsys, tmp_path, monkeypatch):

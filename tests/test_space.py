@@ -14,7 +14,7 @@ import pytest
 
 from harness import config as C
 from harness.recipes import config_path
-from studies.space import (
+from harness.studies.space import (
     SCALE_KEYS,
     SPACES_DIR,
     WIDTH_KEYS,

@@ -2,13 +2,15 @@
 subcommand's modules only when that subcommand runs, and docs that point only at what exists
 (docs/architecture.md naming every module).
 
-    harness/  the core (config, data, models, training, evaluation, tracking, ...)
-    studies/  Optuna studies, transfer and split studies     -> may import harness
-    analysis/ feature-space analysis                         -> may import harness
-    harness/api.py  the Python API, and harness/cli.py, the command line over it: the composition roots
+    harness/   the core (config, data, models, training, evaluation, tracking, ...)   layer 0
+    studies/   harness.studies: Optuna studies, transfer and split studies             layer 1
+    analysis/  harness.analysis: feature-space analysis                                layer 1
+    harness/api.py (the Python API, `import harness`) and harness/cli.py over it      layer 2
 
-The graph counts every import, at the top of a module or inside a function. `from harness import
-config` is an arrow to harness.config; only a name defined in the package's __init__ is one to it.
+An import points only to a lower layer (or within one); studies and analysis know nothing of each
+other. The graph counts every import, at the top of a module or inside a function. `from harness
+import config` is an arrow to harness.config; only a name defined in the package's __init__ is one
+to it (the API).
 """
 
 from __future__ import annotations
@@ -22,13 +24,24 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("harness", "studies", "analysis")
-COMPOSITION_ROOTS = ("harness.cli", "harness.api")
+FOLDERS = {"harness": "harness", "studies": "harness.studies", "analysis": "harness.analysis"}  # installed as
+SIBLINGS = ("harness.studies", "harness.analysis")  # layer 1
+TOP = ("harness", "harness.api", "harness.cli")  # layer 2
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    folder, *parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join([FOLDERS[folder], *(parts[:-1] if parts[-1] == "__init__" else parts)])
+
+
+def layer(module: str) -> int:
+    if module in TOP:
+        return 2
+    return 1 if module.startswith(tuple(f"{p}." for p in SIBLINGS)) or module in SIBLINGS else 0
+
+
+def sibling(module: str) -> str | None:
+    return next((p for p in SIBLINGS if module == p or module.startswith(p + ".")), None)
 
 
 def imports_of(path: Path, modules=()) -> set[str]:
@@ -43,33 +56,35 @@ def imports_of(path: Path, modules=()) -> set[str]:
             names = submodules + ([node.module] if not all(m in modules for m in submodules) else [])
         else:
             continue
-        out |= {n for n in names if n.split(".")[0] in PACKAGES}
+        out |= {n for n in names if n.split(".")[0] in ("harness", *FOLDERS)}
     return out
 
 
 def graph() -> dict[str, set[str]]:
-    files = {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    files = {module_name(p): p for folder in FOLDERS for p in (ROOT / folder).rglob("*.py")}
     return {name: {m for m in imports_of(path, files) if m in files and m != name} for name, path in files.items()}
 
 
-def test_the_core_imports_neither_studies_nor_analysis():
-    upward = [
-        (a, b)
-        for a, deps in graph().items()
-        for b in deps
-        if a.startswith("harness") and a not in COMPOSITION_ROOTS and not b.startswith("harness")
+def test_every_import_uses_the_installed_names():
+    """`harness.studies`, never `studies`: installed, there is no top-level `studies` or `analysis`."""
+    bare = [
+        f"{p.relative_to(ROOT)}: {m}"
+        for folder in (*FOLDERS, "tests", "benchmarks", "scripts")
+        for p in (ROOT / folder).rglob("*.py")
+        for m in imports_of(p)
+        if m.split(".")[0] in ("studies", "analysis")
     ]
-    assert not upward, f"arrows from the core up to studies/analysis: {upward}"
+    assert not bare, bare
+
+
+def test_arrows_point_only_downward():
+    upward = [(a, b) for a, deps in graph().items() for b in deps if layer(b) > layer(a)]
+    assert not upward, f"arrows up a layer (core 0, studies/analysis 1, API and CLI 2): {upward}"
 
 
 def test_analysis_and_studies_do_not_import_each_other():
     across = [
-        (a, b)
-        for a, deps in graph().items()
-        for b in deps
-        if a.split(".")[0] in ("studies", "analysis")
-        and b.split(".")[0] in ("studies", "analysis")
-        and a.split(".")[0] != b.split(".")[0]
+        (a, b) for a, deps in graph().items() for b in deps if sibling(a) and sibling(b) and sibling(a) != sibling(b)
     ]
     assert not across, across
 
@@ -103,29 +118,27 @@ def imported_by(*argv: str) -> str:
 
 @pytest.mark.slow
 def test_train_help_does_not_import_optuna_or_the_studies():
+    """`harness train` builds only its own subcommand's arguments (the others' come with their command)."""
     modules = imported_by("train", "--help").split("\n")
-    # (the parser's choices for `tune` come from studies/options.py, which imports nothing heavy)
-    loaded = {m for m in modules if m.split(".")[0] in ("optuna", "studies", "analysis")} - {
-        "studies",
-        "studies.options",
-    }
+    loaded = {m for m in modules if m.startswith(("optuna", "harness.studies", "harness.analysis"))}
     assert not loaded, sorted(loaded)[:10]
 
 
 IMPORT_LEAVES_NO_TRACE = """
 import logging, warnings
-import studies.driver, studies.optuna_access, studies.report, studies.study, studies.worker
+import harness.studies.driver, harness.studies.optuna_access, harness.studies.report, harness.studies.study
+import harness.studies.worker
 from optuna.exceptions import ExperimentalWarning
 
 def quiet_filters():
     return [f for f in warnings.filters if f[2] is ExperimentalWarning and f[0] == "ignore"]
 
-optimize = logging.getLogger(studies.optuna_access.OPTIMIZE_LOGGER)
+optimize = logging.getLogger(harness.studies.optuna_access.OPTIMIZE_LOGGER)
 assert not quiet_filters() and not optimize.filters, "set on import"
-assert not hasattr(studies.report, "_settled"), "a module-global cache"
+assert not hasattr(harness.studies.report, "_settled"), "a module-global cache"
 for _ in range(2):  # what a worker and its study install when they start, once however often
-    studies.study.quiet_experimental()
-    studies.worker.quiet_trial_logs()
+    harness.studies.study.quiet_experimental()
+    harness.studies.worker.quiet_trial_logs()
 assert len(quiet_filters()) == 1 and len(optimize.filters) == 1
 """
 
@@ -181,7 +194,7 @@ def test_the_docs_link_only_to_what_exists(doc):
 
 def test_the_architecture_page_names_every_module():
     page = (ROOT / "docs" / "architecture.md").read_text()
-    files = [p for pkg in (*PACKAGES, "benchmarks") for p in (ROOT / pkg).glob("*.py") if p.name != "__init__.py"]
+    files = [p for pkg in (*FOLDERS, "benchmarks") for p in (ROOT / pkg).glob("*.py") if p.name != "__init__.py"]
     files += [p for p in (ROOT / "scripts").rglob("*") if p.is_file()] + list((ROOT / ".ci").glob("*"))
     unnamed = [str(p.relative_to(ROOT)) for p in files if f"({'../' + str(p.relative_to(ROOT))})" not in page]
     assert not unnamed, f"add a line for each to docs/architecture.md: {sorted(unnamed)}"

@@ -25,7 +25,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
 from harness.cli import main
-from studies.optuna_access import study_id
+from harness.studies.optuna_access import study_id
 
 STUDY = "tiny"
 # the budget of every trial: a few hundred generated images, two small stages, two epochs
@@ -352,7 +352,7 @@ def test_multi_objective_study_plots_the_pareto_front(env, capsys):
 
 def test_a_trial_beyond_the_target_is_given_up():
     """Two workers that both see one trial left both ask for one; trial numbers decide which goes on."""
-    from studies.worker import is_surplus
+    from harness.studies.worker import is_surplus
 
     study = optuna.create_study()
     first, second = study.ask(), study.ask()  # RUNNING, as two workers' trials
@@ -368,8 +368,8 @@ def test_a_trial_beyond_the_target_is_given_up():
 
 def test_a_study_that_stores_no_space_parameters_is_compared_by_space_name():
     """Studies made before the space's parameters were stored: the name decides."""
-    from studies.options import StudyError
-    from studies.study import _check_space
+    from harness.studies.options import StudyError
+    from harness.studies.study import _check_space
 
     study = optuna.create_study()
     study.set_user_attr("space", "training")
@@ -392,8 +392,8 @@ def test_tune_with_transfer_skips_it_with_one_line_when_the_target_is_missing(en
 
 def test_sampler_and_pruner_tables_are_the_command_lines_choices_and_refuse_other_names():
     from harness.config import ConfigError
-    from studies.options import PRUNERS, SAMPLERS
-    from studies.study import PRUNER_FACTORIES, SAMPLER_FACTORIES, make_pruner, make_sampler
+    from harness.studies.options import PRUNERS, SAMPLERS
+    from harness.studies.study import PRUNER_FACTORIES, SAMPLER_FACTORIES, make_pruner, make_sampler
 
     assert tuple(SAMPLER_FACTORIES) == SAMPLERS and tuple(PRUNER_FACTORIES) == PRUNERS
     with pytest.raises(ConfigError, match=r"^unknown sampler 'grid': choose one of tpe, random, qmc, cmaes, nsga2$"):
@@ -410,7 +410,7 @@ def test_sampler_and_pruner_tables_are_the_command_lines_choices_and_refuse_othe
 def test_workers_with_one_seed_draw_their_own_values(sampler):
     """Two workers of one study, both given --seed 0, ask at once: different values; a new study
     with the same seed draws the first trial's values again (reproducible on one worker)."""
-    from studies.study import make_sampler
+    from harness.studies.study import make_sampler
 
     multi = sampler == "nsga2"
     dirs = ["maximize", "minimize"] if multi else ["maximize"]
@@ -425,7 +425,7 @@ def test_workers_with_one_seed_draw_their_own_values(sampler):
 
 
 def test_workers_spread_over_the_gpus():
-    from studies.driver import worker_device
+    from harness.studies.driver import worker_device
 
     assert [worker_device(i, "auto", 2) for i in range(5)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
     assert worker_device(3, "cuda", 4) == "cuda:3"

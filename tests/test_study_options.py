@@ -23,9 +23,9 @@ from optuna.trial import TrialState
 
 from harness.cli import main
 from harness.interrupts import Stopped, release, stop_cleanly
-from studies.options import TuneOptions
-from studies.plans import prepare_plan
-from studies.worker import Worker
+from harness.studies.options import TuneOptions
+from harness.studies.plans import prepare_plan
+from harness.studies.worker import Worker
 
 # every test here runs whole studies (20-90 s each on 2 busy cores): out of the fast subset
 pytestmark = pytest.mark.slow

@@ -29,11 +29,11 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from harness.checkpoints import load_run_model
+from harness.studies.options import TuneOptions
+from harness.studies.report import champion_version, model_name, update_study_run, write_summary
+from harness.studies.results import best_trial
+from harness.studies.study import prepare
 from harness.tracking import MODEL_URI_TAG, RunLogger, client_for
-from studies.options import TuneOptions
-from studies.report import champion_version, model_name, update_study_run, write_summary
-from studies.results import best_trial
-from studies.study import prepare
 
 STUDY = "live"
 FIXED = tiny_trial("eval.log_model=true", "deterministic=true", "optimizer=adamw")

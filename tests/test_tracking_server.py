@@ -416,8 +416,8 @@ def test_mlflow_giving_up_on_a_server_reads_as_one_line_and_ending_the_run_does_
 def test_the_next_worker_ends_a_run_its_server_left_running_with_the_trials_reason(tracking_uri, tmp_path):
     """A trial that failed on an unreachable server could not end its run; reconciling ends it
     FAILED with the trial's reason (not as a lost heartbeat)."""
+    from harness.studies.reconcile import reconcile_runs
     from harness.tracking import RunLogger
-    from studies.reconcile import reconcile_runs
 
     client = MlflowClient(tracking_uri)
     study = optuna.create_study(study_name="away", storage=f"sqlite:///{tmp_path / 'optuna.db'}")

@@ -24,8 +24,8 @@ from harness import config as C
 from harness.checkpoints import RunNotFound, load_run_model
 from harness.data import DatasetError, load_dataset
 from harness.experiment import run_experiment
-from studies.split_study import run_split_study, select_classes, split_classes
-from studies.transfer import TransferError, expand_modes, run_transfer
+from harness.studies.split_study import run_split_study, select_classes, split_classes
+from harness.studies.transfer import TransferError, expand_modes, run_transfer
 
 # nearly every test reads the module's transfer study (a source run and six children, ~50 s on 2 busy
 # cores): the whole module is out of the fast subset
@@ -108,7 +108,7 @@ def test_parent_and_children_tags_nesting_and_metrics(env):
 def test_depth_figure_plots_each_childs_accuracy(env):
     """The summary figure shows the children's numbers: the freeze curve through freeze_k's accuracy at k,
     probe, fine-tune and scratch as horizontal lines at theirs; fine and coarse accuracy side by side."""
-    from studies.transfer import depth_figure
+    from harness.studies.transfer import depth_figure
 
     table = env["result"].table
     fig = depth_figure(table, "the title", num_classes=15, num_coarse=5)
@@ -135,7 +135,7 @@ def test_depth_figure_plots_each_childs_accuracy(env):
 
 
 def test_split_figure_draws_the_four_curves_and_base_b():
-    from studies.split_study import split_figure
+    from harness.studies.split_study import split_figure
 
     curves = pd.DataFrame(
         {"AnB": [0.5, 0.25], "BnB": [0.75, 0.5], "AnB+": [0.625, 0.5], "BnB+": [0.75, 0.875], "baseB": [0.8, 0.8]},
@@ -197,7 +197,7 @@ def test_new_head_has_target_classes(env):
 
 
 def test_a_childs_new_head_comes_from_the_seed_not_from_the_children_before_it(env):
-    from studies.transfer import build_child
+    from harness.studies.transfer import build_child
 
     source = env["source"].model
     first, _ = build_child(source, "probe", 0, 15, seed=0)
@@ -297,7 +297,7 @@ def test_missing_target_data_fails_with_one_line_before_any_run(env, tmp_path):
 def test_best_of_unknown_study_fails_with_one_line(env, tmp_path):
     import optuna
 
-    from studies.options import StudyError
+    from harness.studies.options import StudyError
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     with pytest.raises(StudyError) as e:  # no storage there at all
@@ -327,7 +327,7 @@ def test_best_of_unknown_study_fails_with_one_line(env, tmp_path):
 
 
 def test_failing_child_is_recorded_and_the_study_goes_on(env, monkeypatch):
-    import studies.transfer as T
+    import harness.studies.transfer as T
 
     build = T.build_child
 
