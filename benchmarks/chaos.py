@@ -3,6 +3,7 @@
     python benchmarks/chaos.py                          # SQLite study storage, 3 workers, 20 kills
     python benchmarks/chaos.py --storage postgresql     # a fresh PostgreSQL database, dropped afterwards
     python benchmarks/chaos.py --storage journal        # Optuna's JournalStorage on one file (journal:PATH)
+    python benchmarks/chaos.py --faults slurm --workers 2 --kills 6   # Slurm preemptions of a job array
     python benchmarks/chaos.py --workers 4 --kills 40 --trials 30 --seed 3 --keep
 
 N workers, each a separate `harness tune` process as a user on a cluster would start them, run
@@ -15,7 +16,12 @@ and a moment with none passes: on 2 busy cores a worker takes 15-25 s to start, 
 workers that have not opened the study yet. Then the workers finish; if the
 study is not complete and clean when the last exits (a SIGKILLed trial nobody has declared
 stale yet, a re-queued trial nobody took), one more plain worker starts after the heartbeat's
-grace period, up to three times. Then it checks both stores and the workers' output, and prints
+grace period, up to three times.
+
+With --faults slurm the workers are the tasks of a `harness slurm` job array in partition low, and
+each fault is a job in partition high that preempts one (SIGTERM, Slurm's KillWait, requeue; the
+requeued task is started at once instead of after Slurm's two-minute hold). Then it checks both
+stores and the workers' output (and the tasks' logs and end states), and prints
 a table of checks and one of figures. Exit status 0 when every check passes, 1 otherwise.
 
 The study storage is SQLite (WAL), PostgreSQL or a journal file (--storage); the MLflow store is an SQLite file
@@ -90,6 +96,18 @@ class Worker:
 
 
 @dataclass
+class Kill:
+    """One fault: the signal, whom it hit, its moment (time.time()), what the target was doing, and
+    the seconds from a SIGTERM to the target's exit (None: not known)."""
+
+    signal: str
+    target: str
+    clock: float
+    phase: str
+    stop_s: float | None = None
+
+
+@dataclass
 class Chaos:
     args: argparse.Namespace
     tmp: Path
@@ -99,22 +117,29 @@ class Chaos:
     env: dict = field(default_factory=dict)
 
     def command(self) -> list[str]:
-        a = self.args
-        cmd = [
+        return [
             sys.executable,
             "-m",
             "harness.cli",
             "tune",
             "--study",
             STUDY,
-            "--space",
-            str(self.tmp / "space.yaml"),
-            "--trials",
-            str(a.trials),
             "--storage",
             self.storage,
             "--tracking-uri",
             self.tracking,
+            "--quiet",
+            *self.tune_args(),
+        ]
+
+    def tune_args(self) -> list[str]:
+        """A worker's `harness tune` options besides the study, its stores and --quiet."""
+        a = self.args
+        cmd = [
+            "--space",
+            str(self.tmp / "space.yaml"),
+            "--trials",
+            str(a.trials),
             "--data-dir",
             str(self.tmp / "data"),
             "--sampler",
@@ -125,7 +150,6 @@ class Chaos:
             str(a.seed),
             "--heartbeat",
             "1",
-            "--quiet",
             "--set",
             f"epochs={a.epochs}",
         ]
@@ -163,6 +187,39 @@ class Chaos:
     def alive(self) -> list[Worker]:
         self.poll()
         return [w for w in self.workers if w.exited_at is None]
+
+    # what the checks read of the faults and of the processes that ran the study
+    def kills(self) -> list[Kill]:
+        return [
+            Kill(
+                w.signal,
+                f"worker {w.index}",
+                w.signalled_clock,
+                w.phase,
+                w.exited_at - w.signalled_at if w.signal == "SIGTERM" and w.exited_at else None,
+            )
+            for w in self.workers
+            if w.signal
+        ]
+
+    def exits(self) -> list[tuple[str, object, bool]]:
+        """(process, its exit status, whether that is the status expected of it)."""
+        expected = {None: (0,), "SIGKILL": (-9,), "SIGTERM": (143, -15)}
+        return [
+            (f"worker {w.index} ({w.signal or 'not killed'})", code, code in expected[w.signal])
+            for w in self.workers
+            for code in [w.proc.returncode]
+        ]
+
+    def outputs(self) -> list[tuple[str, str, bool]]:
+        """(process, its output, whether it was signalled)."""
+        return [(f"worker {w.index}", w.log.read_text(), w.signal is not None) for w in self.workers]
+
+    def cleanup(self) -> None:
+        """Stopped early (Ctrl-C, a timeout): no strays."""
+        for w in self.alive():
+            os.killpg(w.pid, signal.SIGKILL)
+            w.proc.wait()
 
 
 def phase_of(pid: int) -> str:
@@ -277,6 +334,20 @@ def run_chaos(chaos: Chaos) -> dict:
                 os.killpg(w.pid, signal.SIGKILL)
             raise SystemExit(f"chaos: workers still running {a.wait} s after the kills:\n{tail(chaos)}")
         time.sleep(0.5)
+    finals = final_workers(chaos, t0)
+    return {
+        "kills": kills,
+        "skipped": skipped,
+        "created_s": created,
+        "chaos_s": chaos_end,
+        "final_workers": finals,
+        "wall_s": time.monotonic() - t0,
+    }
+
+
+def final_workers(chaos: Chaos, t0: float) -> int:
+    """If the study is not complete and clean once the faults are over (a SIGKILLed trial nobody has
+    declared stale yet, a re-queued trial nobody took), plain workers here, one at a time, up to 3."""
     finals = 0
     while needs_worker(chaos) and finals < 3:
         time.sleep(grace_seconds(chaos.storage))  # past the grace period: a SIGKILLed trial reads as stale
@@ -292,14 +363,7 @@ def run_chaos(chaos: Chaos) -> dict:
         if snapshot(chaos) == before:
             print(f"  {time.monotonic() - t0:6.1f} s  the final worker changed no trial: no more", flush=True)
             break
-    return {
-        "kills": kills,
-        "skipped": skipped,
-        "created_s": created,
-        "chaos_s": chaos_end,
-        "final_workers": finals,
-        "wall_s": time.monotonic() - t0,
-    }
+    return finals
 
 
 def tail(chaos: Chaos, chars: int = 4000) -> str:
@@ -477,8 +541,9 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
         0,
         detail="; ".join(f"{t.number}: {own_reason(t)[:120]}" for t in other_fail[:3]),
     )
-    sigkills = sum(w.signal == "SIGKILL" for w in chaos.workers)
-    sigterms = sum(w.signal == "SIGTERM" for w in chaos.workers)
+    kills = chaos.kills()
+    sigkills = sum(k.signal == "SIGKILL" for k in kills)
+    sigterms = sum(k.signal == "SIGTERM" for k in kills)
     row("trials stopped (run KILLED) <= SIGTERMs", len(stopped), f"<= {sigterms}", ok=len(stopped) <= sigterms)
     row("trials failed by the heartbeat <= SIGKILLs", len(stale), f"<= {sigkills}", ok=len(stale) <= sigkills)
     row(
@@ -547,17 +612,11 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
     )
 
     # the workers: their exits and their output
-    bad_exit = []
-    for w in chaos.workers:
-        code = w.proc.returncode
-        expected = {None: (0,), "SIGKILL": (-9,), "SIGTERM": (143, -15)}[w.signal]
-        if code not in expected:
-            bad_exit.append(f"worker {w.index} ({w.signal or 'not killed'}): {code}")
+    bad_exit = [f"{who}: {code}" for who, code, ok in chaos.exits() if not ok]
     row("workers with an unexpected exit status", len(bad_exit), 0, detail="; ".join(bad_exit[:4]))
     killed_numbers = {t.number for t in stopped + stale + before_run + surplus}
     errors = []
-    for w in chaos.workers:
-        text = w.log.read_text()
+    for who, text, signalled in chaos.outputs():
         for line in text.splitlines():
             m = re.search(r"Trial (\d+) failed", line)
             if (
@@ -565,12 +624,12 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
                 or any(e in line for e in LOCK_ERRORS)
                 or "harness: error" in line
                 or (m and int(m.group(1)) not in killed_numbers)
-                or (w.signal is None and "stopped by SIGTERM" in line)
+                or (not signalled and "stopped by SIGTERM" in line)
             ):
-                errors.append(f"worker {w.index}: {line.strip()[:200]}")
+                errors.append(f"{who}: {line.strip()[:200]}")
     row("error lines in the workers' output", len(errors), 0, detail="; ".join(errors[:3]))
 
-    stops = [w.exited_at - w.signalled_at for w in chaos.workers if w.signal == "SIGTERM" and w.exited_at]
+    stops = [k.stop_s for k in kills if k.stop_s is not None]
     more = {
         "trials": len(trials),
         "complete": sum(t.state == TrialState.COMPLETE for t in done),
@@ -594,7 +653,7 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
         "run_status": Counter(r.info.status for r in trial_runs),
         "sigkill": sigkills,
         "sigterm": sigterms,
-        "phases": Counter((w.signal, w.phase) for w in chaos.workers if w.signal),
+        "phases": Counter((k.signal, k.phase) for k in kills),
         "stop_s": stops,
         "workers_started": len(chaos.workers),
         "lost": max(0, a.trials - len(done)),
@@ -619,12 +678,11 @@ def near_kills(chaos: Chaos, moment, label: str) -> str:
     if moment is None:
         return f"{label}: -"
     at = moment.timestamp()
-    kills = sorted((w.signalled_clock - at, w) for w in chaos.workers if w.signalled_clock)
-    near = sorted(kills, key=lambda kw: abs(kw[0]))[:2]
+    near = sorted(chaos.kills(), key=lambda k: abs(k.clock - at))[:2]
     return (
         f"{label} {moment:%H:%M:%S.%f}"[:-3]
         + "; nearest kills: "
-        + ", ".join(f"{w.signal} worker {w.index} {d:+.2f} s" for d, w in near)
+        + ", ".join(f"{k.signal} {k.target} {k.clock - at:+.2f} s" for k in near)
     )
 
 
@@ -659,7 +717,7 @@ def report(chaos: Chaos, figures: dict, rows, more) -> bool:
     a = chaos.args
     ok = all(r[3] for r in rows)
     print(
-        f"\nchecks ({a.storage} storage, {a.workers} workers, {figures['kills']} kills, {a.trials} trials "
+        f"\nchecks ({a.storage} storage, {a.workers} workers, {figures['kills']} kills ({a.faults}), {a.trials} trials "
         f"of {a.epochs} epochs, pruner {a.pruner}, seed {a.seed}, target {a.target}"
         f"{', process groups' if a.group else ''})"
     )
@@ -719,6 +777,147 @@ def report(chaos: Chaos, figures: dict, rows, more) -> bool:
 
 
 # ----------------------------------------------------------------------------
+# Slurm preemptions as the faults (--faults slurm)
+
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}  # (a preempted task requeues)
+
+
+def scontrol_jobs(job: str) -> dict[str, dict]:
+    """`scontrol show job` of a job (each array task of an array), by array task id ("" for a plain job)."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=30)
+    jobs = {}
+    for line in out.stdout.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        task = fields.get("ArrayTaskId", "")
+        if task.isdigit() or "ArrayTaskId" not in fields:  # (an array's pending remainder reads 0-1)
+            jobs[task] = fields
+    return jobs
+
+
+@dataclass
+class SlurmChaos(Chaos):
+    """The study's workers are the tasks of a `harness slurm` job array in partition low; each fault
+    is a job in partition high that preempts one of them (Slurm: SIGTERM, KillWait, requeue)."""
+
+    job: str | None = None
+    high_jobs: list[str] = field(default_factory=list)
+    preemptions: list[Kill] = field(default_factory=list)
+    restarts: dict[str, int] = field(default_factory=dict)
+
+    def submit(self) -> None:
+        out = subprocess.run(
+            [sys.executable, "-m", "harness.cli", "slurm", "--study", STUDY, "--storage", self.storage]
+            + ["--tracking-uri", self.tracking, "--partition", "low", "--array-size", str(self.args.workers)]
+            + ["--cpus-per-task", "1", "--", *self.tune_args()],
+            cwd=self.tmp,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        m = re.match(r"submitted job array (\d+)", out.stdout)
+        if out.returncode != 0 or not m:
+            raise SystemExit(f"chaos: harness slurm failed: {out.stderr.strip() or out.stdout.strip()}")
+        self.job = m.group(1)
+
+    def tasks(self) -> dict[str, dict]:
+        return scontrol_jobs(self.job) if self.job else {}
+
+    def preempt(self) -> None:
+        """A one-CPU job in partition high: Slurm preempts one running task of the array for it."""
+        out = subprocess.run(
+            ["sbatch", "--parsable", "--partition", "high", "--ntasks", "1", "--cpus-per-task", "1"]
+            + ["--output", "/dev/null", "--wrap", "true"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if out.returncode != 0:
+            raise SystemExit(f"chaos: sbatch in partition high failed: {out.stderr.strip()}")
+        self.high_jobs.append(out.stdout.strip().split(";")[0])
+        self.preemptions.append(Kill("SIGTERM", "a task", time.time(), "in study"))
+
+    def preempting(self) -> bool:
+        """A job in high not yet ended: its preemption is still under way."""
+        return any(t.get("JobState") not in ENDED for job in self.high_jobs[-1:] for t in scontrol_jobs(job).values())
+
+    def release_requeued(self, tasks: dict[str, dict]) -> None:
+        """Name the task each preemption hit, and start a requeued task now (Slurm holds it 2 minutes)."""
+        for task, t in tasks.items():
+            restarts = int(t.get("Restarts", 0))
+            for _ in range(restarts - self.restarts.get(task, 0)):
+                hit = next((k for k in self.preemptions if k.target == "a task"), None)
+                if hit is not None:
+                    hit.target = f"task {task}"
+            self.restarts[task] = restarts
+            if t["JobState"] == "PENDING" and restarts > 0 and "BeginTime" in t:
+                subprocess.run(["scontrol", "update", f"JobId={t['JobId']}", "StartTime=now"], timeout=30)
+
+    def kills(self) -> list[Kill]:
+        return super().kills() + self.preemptions
+
+    def exits(self) -> list[tuple[str, object, bool]]:
+        tasks = [(f"task {i} (restarts {t.get('Restarts')})", t["JobState"]) for i, t in sorted(self.tasks().items())]
+        return super().exits() + [(who, state, state == "COMPLETED") for who, state in tasks]
+
+    def outputs(self) -> list[tuple[str, str, bool]]:
+        logs = sorted((self.tmp / "slurm-logs").glob("*.out"))
+        restarted = {i for i, n in self.restarts.items() if n > 0}
+        return super().outputs() + [(p.name, p.read_text(), p.stem.rsplit("_", 1)[-1] in restarted) for p in logs]
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        for job in [self.job, *self.high_jobs]:
+            if job:
+                subprocess.run(["scancel", job], capture_output=True, timeout=30)
+
+
+def run_slurm_chaos(chaos: SlurmChaos) -> dict:
+    """Submit the array; every few seconds while all its tasks run, preempt one; then let it finish."""
+    a = chaos.args
+    rng = random.Random(a.seed)
+    t0 = time.monotonic()
+    deadline = t0 + a.wait
+    chaos.submit()
+    while not study_exists(chaos):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"chaos: the study was not created within {a.wait} s; tasks {chaos.tasks()}")
+        time.sleep(0.5)
+    created = time.monotonic() - t0
+    kills = skipped = 0
+    next_at = time.monotonic() + rng.uniform(*a.interval)
+    while kills < a.kills:
+        time.sleep(0.5)
+        tasks = chaos.tasks()
+        chaos.release_requeued(tasks)
+        if tasks and all(t["JobState"] in ENDED for t in tasks.values()):
+            break  # the study finished before all the faults: see the figures
+        if time.monotonic() < next_at:
+            continue
+        next_at = time.monotonic() + rng.uniform(*a.interval)
+        if chaos.preempting() or sum(t["JobState"] == "RUNNING" for t in tasks.values()) < a.workers:
+            skipped += 1  # a preemption under way, or a task still pending: this moment passes
+            continue
+        chaos.preempt()
+        kills += 1
+        print(f"  {time.monotonic() - t0:6.1f} s  {time.strftime('%H:%M:%S')}  preemption {kills:2d}", flush=True)
+    chaos_end = time.monotonic() - t0
+    while not (tasks := chaos.tasks()) or any(t["JobState"] not in ENDED for t in tasks.values()):
+        if time.monotonic() > deadline + a.wait:
+            raise SystemExit(f"chaos: the array had not ended {a.wait} s after the faults; tasks {tasks}")
+        chaos.release_requeued(tasks)
+        time.sleep(0.5)
+    return {
+        "kills": kills,
+        "skipped": skipped,
+        "created_s": created,
+        "chaos_s": chaos_end,
+        "final_workers": final_workers(chaos, t0),
+        "wall_s": time.monotonic() - t0,
+    }
+
+
+# ----------------------------------------------------------------------------
 # Stores
 
 
@@ -752,6 +951,13 @@ def main(argv: list[str] | None = None) -> int:
         "--postgres-url",
         default=os.environ.get("HARNESS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
         help="a server where a fresh database can be created (default: $HARNESS_TEST_POSTGRES_URL or local)",
+    )
+    p.add_argument(
+        "--faults",
+        choices=("signals", "slurm"),
+        default="signals",
+        help="SIGKILL/SIGTERM to local workers, or Slurm preemptions of a `harness slurm` array (partitions "
+        "low and high, as .ci/slurm.sh makes them; --workers tasks of one CPU each)",
     )
     p.add_argument("--workers", type=int, default=3)
     p.add_argument("--kills", type=int, default=20)
@@ -804,13 +1010,13 @@ def main(argv: list[str] | None = None) -> int:
             "HARNESS_DATA_DIR",
         ):
             env.pop(var, None)
-        chaos = Chaos(a, tmp, storage, tracking, env=env)
+        chaos = (SlurmChaos if a.faults == "slurm" else Chaos)(a, tmp, storage, tracking, env=env)
         print(
             f"chaos: {a.workers} workers on study '{STUDY}' ({a.trials} trials of {a.epochs} epochs), "
             f"{a.kills} kills every {a.interval[0]:g}-{a.interval[1]:g} s, storage {a.storage}, folder {tmp}",
             flush=True,
         )
-        figures = run_chaos(chaos)
+        figures = run_slurm_chaos(chaos) if a.faults == "slurm" else run_chaos(chaos)
         rows, more = check(chaos, figures)
         ok = report(chaos, figures, rows, more)
         if a.keep and drop is not None:  # the database is dropped: keep a copy of the study beside the logs
@@ -826,9 +1032,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"chaos: the study could not be copied ({type(e).__name__}: {e})")
         return 0 if ok else 1
     finally:
-        for w in chaos.alive() if chaos is not None else ():  # stopped early (Ctrl-C, a timeout): no strays
-            os.killpg(w.pid, signal.SIGKILL)
-            w.proc.wait()
+        if chaos is not None:
+            chaos.cleanup()
         if drop is not None:
             drop()
         if not a.keep:

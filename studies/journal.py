@@ -84,12 +84,15 @@ def open_journal(url: str, heartbeat: int, callback):
 
 
 def read_journal(url: str, writable: bool = True):
-    """A JournalStorage on an existing journal file, for the commands that read; `writable` False: one
-    that refuses every write (optuna-dashboard's)."""
+    """A journal storage on an existing journal file, for the commands that read: one that does not
+    beat but reads the workers' beats (which trials are silent); `writable` False: one that refuses
+    every write (optuna-dashboard's)."""
+    from harness.studies.optuna_access import HeartbeatJournalStorage
+
     path = str(journal_path(url))
     try:
         backend = optuna.storages.journal.JournalFileBackend(path)
-        return optuna.storages.JournalStorage(backend if writable else _ReadOnly(backend))
+        return HeartbeatJournalStorage(backend if writable else _ReadOnly(backend), url=url)
     except Exception as e:
         raise unreadable(url, e) from None
 

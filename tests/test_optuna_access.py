@@ -134,6 +134,20 @@ def test_a_trial_whose_beats_stopped_is_stale_past_the_grace_period_and_failed_a
         assert access.stale_trial_ids(later) == []
 
 
+def test_a_journal_opened_to_read_tells_the_beating_trials_and_does_not_beat(tmp_path):
+    """What the reading commands (and benchmarks/chaos.py's checks) open: the workers' beats, none of its own."""
+    from harness.studies.journal import read_journal
+
+    study = optuna.create_study(study_name="s", storage=open_storage("journal", tmp_path))
+    beating, silent = study.ask(X), study.ask(X)
+    access.study_storage(study).record_heartbeat(access.trial_id(beating))
+    reader = optuna.load_study(study_name="s", storage=read_journal(f"journal:{tmp_path / 'optuna.journal'}"))
+    with relies_on("beating_trial_ids"):
+        assert access.beating_trial_ids(reader) == {access.trial_id(beating)}
+        assert [t.number for t in silent_trials(reader)] == [silent.number]
+    assert access.heartbeat(reader) is None
+
+
 def test_a_beat_for_a_trial_another_worker_failed_is_dropped(tmp_path):
     """A worker that was only slow beats on after its trial was failed as lost: no error in its thread."""
     study = optuna.create_study(study_name="s", storage=open_storage("journal", tmp_path))
