@@ -148,7 +148,7 @@ def make_postgres(admin_url: str) -> tuple[str, callable]:
 
 
 def open_study(url: str):
-    """The study as the harness opens it (studies/study.py `open_storage`: RDB, or journal once supported)."""
+    """The study as the harness opens it (studies/study.py `open_storage`: an RDB or a journal storage)."""
     import optuna
 
     from harness.studies.options import TuneOptions
@@ -156,18 +156,6 @@ def open_study(url: str):
 
     quiet_experimental()
     return optuna.load_study(study_name=STUDY, storage=open_storage(TuneOptions(study=STUDY, storage=url)))
-
-
-def journal_supported(url: str) -> str | None:
-    """None where this checkout's `open_storage` takes a `journal:` URL; else why not, in one line."""
-    from harness.studies.options import TuneOptions
-    from harness.studies.study import open_storage
-
-    try:
-        open_storage(TuneOptions(study=STUDY, storage=url))
-    except Exception as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    return None
 
 
 def env() -> dict:
@@ -408,10 +396,6 @@ def bench_storage(a, kind: str, data: Path | None) -> dict:
             storage, drop = make_postgres(a.postgres_url)
         else:
             storage = f"journal:{tmp / 'optuna.journal'}"
-            why = journal_supported(storage)
-            if why is not None:
-                result["skipped"] = f"`journal:` storage not supported by this checkout ({why})"
-                return result
         print(f"[{kind}] harness tune: {a.trials} trials, {a.workers} workers ({tmp})", flush=True)
         result["wall"] = run_study(a, tmp, storage, tracking, data, tmp / "tune.log")
         from harness.tracking import open_client
@@ -449,9 +433,6 @@ def report(results: list[dict], a) -> None:
     )
     print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for r in results:
-        if "skipped" in r:
-            print(f"| {r['storage']} | skipped: {r['skipped']} |")
-            continue
         f, last = r["first"]["cost"], r["last"]["cost"]
         print(
             f"| {r['storage']} | {r['n']} | {r['window']} | {fmt(f, 3)} | {fmt(last, 3)} | {fmt(last / f)} "
@@ -463,8 +444,6 @@ def report(results: list[dict], a) -> None:
     print("| storage | between trials | ask -> run | run, not training | tell | total | train_seconds | wall s |")
     print("|---|--:|--:|--:|--:|--:|--:|--:|")
     for r in results:
-        if "skipped" in r:
-            continue
         cells = [
             f"{fmt(r['first'][k], 3)} / {fmt(r['last'][k], 3)}"
             for k in ("between", "ask_run", "run", "tell", "cost", "train")
@@ -516,8 +495,6 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         b = argparse.Namespace(**{**vars(a), "trials": a.journal_trials or a.trials}) if kind == "journal" else a
         results.append(bench_storage(b, kind, data))
-        if "skipped" in results[-1]:
-            print(f"[{kind}] skipped: {results[-1]['skipped']}", flush=True)
     report(results, a)
     return 0
 

@@ -50,16 +50,17 @@ def exit_code(e: KeyboardInterrupt) -> int:
     return EXIT_CODES[signal.SIGTERM if isinstance(e, Stopped) else signal.SIGINT]
 
 
-def stop_cleanly(on_signal=None):
+def stop_cleanly(on_signal=None, clock=time.monotonic):
     """Install the handlers in this process; `on_signal(signum)` runs first on every signal that
     counts (a parent forwards it to its workers there). Returns a function that puts back the
-    handlers there were. Outside the main thread (where Python allows no handlers) it does nothing."""
+    handlers there were. Outside the main thread (where Python allows no handlers) it does nothing.
+    `clock` tells a second signal from the same one arriving twice (within DUPLICATE_SECONDS)."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     first: dict = {}
 
     def handler(signum, frame):
-        now = time.monotonic()
+        now = clock()
         if first and now - first["at"] < DUPLICATE_SECONDS:
             return
         if signum == signal.SIGUSR1 and _held["finishing"]:  # nothing left to stop or requeue

@@ -295,9 +295,10 @@ def compare_table(
         if f"params.{key}" in runs:
             table[key] = _numeric(runs[f"params.{key}"])
     for col in columns or []:
-        for prefix in ("metrics.", "params.", "tags."):
-            if prefix + col in runs:
-                table[col] = runs[prefix + col]
+        found = [prefix + col for prefix in ("metrics.", "params.", "tags.") if prefix + col in runs]
+        if not found:
+            raise ValueError(f"bad --column {col!r}: no metric, param or tag of that name on the study's trial runs")
+        table[col] = runs[found[0]]
     if sort not in table:
         raise ValueError(f"bad --sort {sort!r}: choose one of {', '.join(table.columns)}")
     table["vs_best"] = mark_best(table, study)

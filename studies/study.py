@@ -9,6 +9,7 @@ under it (studies/worker.py).
 
 from __future__ import annotations
 
+import copy
 import os
 import sqlite3
 import time
@@ -40,7 +41,9 @@ def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """A trial stopped or lost (SIGTERM, Ctrl-C, a dead worker) goes back in the queue, up to 3 times,
     with its parameters and its last run id: the retry resumes from that run's checkpoint."""
     quiet_experimental()
-    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)(study, trial)
+    # a copy: Optuna appends to the trial's own `retry_history` list, which a journal storage (no copy
+    # in its in-memory trials) would then show changed on the lost trial and on every retry sharing it
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)(study, copy.deepcopy(trial))
 
 
 def storage_url(url: str | None) -> str:

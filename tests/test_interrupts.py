@@ -4,6 +4,8 @@ creates a trial, so no trial is left RUNNING without a heartbeat); a stop Python
 raised again by `check()`."""
 
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -82,3 +84,37 @@ def test_check_after_a_stop_that_was_caught_raises_nothing_new_once_handlers_are
         signal_self(signal.SIGTERM)
     restore()
     check()  # the stop was delivered; a later run in this process is not stopped by it
+
+
+SECOND_SIGNAL = """
+import itertools, sys
+from harness.interrupts import Stopped, stop_cleanly
+
+ticks = itertools.count(step=10.0)  # every signal 10 s after the last: never the same one twice
+stop_cleanly(clock=lambda: next(ticks))
+print("ready", flush=True)
+try:
+    sys.stdin.readline()
+except Stopped:
+    print("stopped", flush=True)  # a clean stop under way (a run ending KILLED) ...
+    sys.stdin.readline()  # ... when the second signal comes
+print("not ended at once", flush=True)
+"""
+
+
+def test_a_second_signal_ends_the_process_at_once_with_its_exit_code():
+    """The first SIGTERM asks for a clean stop; a second one (not the first arriving twice) ends the
+    process there and then, exit 143, whatever it was doing."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", SECOND_SIGNAL], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline() == "ready\n"
+        child.send_signal(signal.SIGTERM)
+        assert child.stdout.readline() == "stopped\n"
+        child.send_signal(signal.SIGTERM)
+        assert child.wait(timeout=60) == 143
+        assert child.stdout.read() == ""
+    finally:
+        child.kill()
+        child.wait()

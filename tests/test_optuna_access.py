@@ -134,6 +134,24 @@ def test_a_trial_whose_beats_stopped_is_stale_past_the_grace_period_and_failed_a
         assert access.stale_trial_ids(later) == []
 
 
+def test_a_lost_trial_is_retried_with_its_parameters_at_most_three_times(study):
+    """`requeue` (what a stop or a lost heartbeat calls): a retry of the same parameters, then a retry
+    of the retry, three in all; the fourth loss ends the lineage."""
+    storage = access.study_storage(study)
+    trial = study.ask(X)
+    for _ in range(4):
+        storage.set_trial_state_values(access.trial_id(trial), TrialState.FAIL)
+        requeue(study, storage.get_trial(access.trial_id(trial)))
+        waiting = study.get_trials(states=(TrialState.WAITING,))
+        if not waiting:
+            break
+        trial = study.ask()
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 4
+    assert {t.params["x"] for t in trials} == {trials[0].params["x"]}
+    assert [t.system_attrs.get("retry_history", []) for t in trials] == [[], [0], [0, 1], [0, 1, 2]]
+
+
 def test_a_journal_opened_to_read_tells_the_beating_trials_and_does_not_beat(tmp_path):
     """What the reading commands (and benchmarks/chaos.py's checks) open: the workers' beats, none of its own."""
     from harness.studies.journal import read_journal

@@ -72,6 +72,17 @@ def sigterm_at_first_checkpoint(uri: str, proc: subprocess.Popen) -> str:
     pytest.fail(f"no run wrote a checkpoint:\n{finish(proc)[-3000:]}")
 
 
+def test_checkpoints_go_to_harness_checkpoint_dir_when_it_is_set(tmp_path, monkeypatch):
+    """By default beside the store's artifacts (mlruns/checkpoints); $HARNESS_CHECKPOINT_DIR moves them
+    (a node's fast local disk, a tracking server's machine that the workers cannot write to)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.delenv(resume.CHECKPOINT_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resume.path_for(uri, "abc").parent.name == "checkpoints"
+    monkeypatch.setenv(resume.CHECKPOINT_DIR_ENV, str(tmp_path / "fast-disk"))
+    assert resume.path_for(uri, "abc") == tmp_path / "fast-disk" / "abc.pt"
+
+
 @pytest.mark.slow
 def test_sigterm_stops_a_run_which_resume_then_finishes_as_if_never_stopped(tmp_path, cifar10_root, tracking_uri):
     client = MlflowClient(tracking_uri)

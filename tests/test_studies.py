@@ -263,6 +263,15 @@ def test_compare_writes_csv_and_markdown(env, built, capsys):
     assert [r[0] for r in rows] == ["0", "1", "2"]
     code, out, err = _compare(env, capsys, "--sort", "nonsense")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "bad --sort 'nonsense'" in err
+    # more columns: a metric, a param, a tag of each trial's run; a name that is none of them
+    extra = env.tmp / "extra.csv"
+    args = ("--column", "train_seconds", "--column", "seed", "--column", "trial_state", "--csv", str(extra))
+    assert _compare(env, capsys, *args)[0] == 0
+    table = pd.read_csv(extra).set_index("trial")
+    assert (table["train_seconds"].dropna() > 0).all() and table["seed"].notna().all()
+    assert table["trial_state"].to_dict() == table["state"].to_dict()
+    code, out, err = _compare(env, capsys, "--column", "nonsense")
+    assert code == 2 and err.count("\n") == 1 and "bad --column 'nonsense': no metric, param or tag" in err
 
 
 @pytest.mark.slow
