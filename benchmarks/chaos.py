@@ -56,6 +56,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from helpers import harness_env, tiny_trial, write_cifar10  # noqa: E402  (tests/helpers.py)
 
+from harness.studies.reconcile import STOPPED_OR_LOST  # noqa: E402  (how a stopped or lost trial's reason begins)
+from harness.studies.study import MAX_RETRY  # noqa: E402  (retries of a stopped or lost trial)
+
 SPACE = """\
 params:
   lr: {type: float, low: 0.005, high: 0.05, log: true}
@@ -71,10 +74,7 @@ FIXED = tiny_trial(
 )
 STUDY = "chaos"
 LOCK_ERRORS = ("database is locked", "database table is locked")
-# error_line of SIGTERM and Ctrl-C, and studies/reconcile.py's reason for a trial killed as it started
-STOP_REASONS = ("Stopped", "KeyboardInterrupt", "its worker died as the trial started")
 STOP_HUNG = 90  # seconds a SIGTERMed worker gets before it counts as hung (and is SIGKILLed)
-MAX_RETRY = 3  # harness.studies.study.requeue's max_retry
 
 
 @dataclass
@@ -419,7 +419,7 @@ def check(chaos: Chaos, figures: dict) -> tuple[list[tuple[str, object, object, 
     for t in killed:
         mine = runs_of.get(t.number, [])
         reason = own_reason(t)
-        if reason is not None and not reason.startswith(STOP_REASONS):
+        if reason is not None and not reason.startswith(STOPPED_OR_LOST):
             other_fail.append(t)
         elif not mine:
             before_run.append(t)

@@ -15,8 +15,13 @@ import optuna
 from optuna.trial import TrialState
 
 from harness.studies.optuna_access import beating_trial_ids, heartbeat, study_storage, trial_id
+from harness.studies.study import MAX_RETRY
 from harness.tags import FAIL_REASON, MLFLOW_EXPERIMENT, RUN_KIND, TRIAL_NUMBER, TRIAL_STATE
 from harness.tracking import RunLogger
+
+SILENT_REASON = "its worker died as the trial started (no heartbeat was ever recorded); re-queued"
+# how a stopped or lost trial's fail reason begins (harness.tracking.error_line of a stop, or SILENT_REASON)
+STOPPED_OR_LOST = ("Stopped", "TimeUp", "KeyboardInterrupt", SILENT_REASON)
 
 
 def reconcile_runs(study: optuna.Study, client, run_kind: str = "trial") -> int:
@@ -27,6 +32,7 @@ def reconcile_runs(study: optuna.Study, client, run_kind: str = "trial") -> int:
     """
     optuna.storages.fail_stale_trials(study)
     fail_silent_trials(study)
+    requeue_orphans(study)
     exp = client.get_experiment_by_name(study.user_attrs.get(MLFLOW_EXPERIMENT, study.study_name))
     if exp is None:
         return 0
@@ -72,11 +78,7 @@ def fail_silent_trials(study: optuna.Study, now: Callable[[], datetime] = dateti
         if trial.datetime_start is None or now() - trial.datetime_start < timedelta(seconds=beat.grace):
             continue  # just created: its heartbeat is about to start
         try:
-            storage.set_trial_user_attr(
-                trial_id(trial),
-                FAIL_REASON,
-                "its worker died as the trial started (no heartbeat was ever recorded); re-queued",
-            )
+            storage.set_trial_user_attr(trial_id(trial), FAIL_REASON, SILENT_REASON)
             if not storage.set_trial_state_values(trial_id(trial), TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -85,6 +87,33 @@ def fail_silent_trials(study: optuna.Study, now: Callable[[], datetime] = dateti
             beat.callback(study, storage.get_trial(trial_id(trial)))
         failed.append(trial.number)
     return failed
+
+
+def requeue_orphans(study: optuna.Study, now: Callable[[], datetime] = datetime.now) -> list[int]:
+    """Re-queue the trials that were stopped or lost but whose retry was never made: a worker killed
+    between a trial's FAIL and its retry's creation (Optuna fails a stale trial, then calls the
+    callback; a stopped worker tells, then requeues). Only past the grace period, so that a live
+    worker's own requeue, milliseconds after its FAIL, is never doubled. Returns their numbers."""
+    beat = heartbeat(study)
+    if beat is None or beat.callback is None:
+        return []
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")}
+    orphans = [
+        t
+        for t in trials
+        if t.state == TrialState.FAIL
+        and t.number not in retried
+        and not t.user_attrs.get("surplus")
+        and len(t.system_attrs.get("retry_history") or []) < MAX_RETRY
+        # no reason of its own (failed by the heartbeat; a retry inherits its predecessor's), or a stop's
+        and (t.user_attrs.get(FAIL_REASON) or STOPPED_OR_LOST[0]).startswith(STOPPED_OR_LOST)
+        and t.datetime_complete is not None
+        and now() - t.datetime_complete > timedelta(seconds=beat.grace)
+    ]
+    for t in orphans:
+        beat.callback(study, t)
+    return [t.number for t in orphans]
 
 
 def silent_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

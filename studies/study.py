@@ -37,13 +37,21 @@ def quiet_experimental() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
+MAX_RETRY = 3  # retries of a stopped or lost trial
+
+
 def requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """A trial stopped or lost (SIGTERM, Ctrl-C, a dead worker) goes back in the queue, up to 3 times,
-    with its parameters and its last run id: the retry resumes from that run's checkpoint."""
+    with its parameters and its last run id: the retry resumes from that run's checkpoint. Once: a
+    trial some retry already replaces is left as it is."""
     quiet_experimental()
+    if any(
+        (t.system_attrs.get("retry_history") or [None])[-1] == trial.number for t in study.get_trials(deepcopy=False)
+    ):
+        return
     # a copy: Optuna appends to the trial's own `retry_history` list, which a journal storage (no copy
     # in its in-memory trials) would then show changed on the lost trial and on every retry sharing it
-    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)(study, copy.deepcopy(trial))
+    optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(study, copy.deepcopy(trial))
 
 
 def storage_url(url: str | None) -> str:
