@@ -3,7 +3,7 @@
     python benchmarks/chaos.py                          # SQLite study storage, 3 workers, 20 kills
     python benchmarks/chaos.py --storage postgresql     # a fresh PostgreSQL database, dropped afterwards
     python benchmarks/chaos.py --storage journal        # Optuna's JournalStorage on one file (journal:PATH)
-    python benchmarks/chaos.py --faults slurm --workers 2 --kills 6   # Slurm preemptions of a job array
+    python benchmarks/chaos.py --faults slurm --workers 2 --kills 6 --epochs 12   # Slurm preemptions of an array
     python benchmarks/chaos.py --workers 4 --kills 40 --trials 30 --seed 3 --keep
 
 N workers, each a separate `harness tune` process as a user on a cluster would start them, run
@@ -850,7 +850,7 @@ class SlurmChaos(Chaos):
                 if hit is not None:
                     hit.target = f"task {task}"
             self.restarts[task] = restarts
-            if t["JobState"] == "PENDING" and restarts > 0 and "BeginTime" in t:
+            if t["JobState"] == "PENDING" and restarts > 0 and t.get("Reason") == "BeginTime":
                 subprocess.run(["scontrol", "update", f"JobId={t['JobId']}", "StartTime=now"], timeout=30)
 
     def kills(self) -> list[Kill]:
