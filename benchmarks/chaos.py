@@ -873,7 +873,9 @@ class SlurmChaos(Chaos):
 
 
 def run_slurm_chaos(chaos: SlurmChaos) -> dict:
-    """Submit the array; every few seconds while all its tasks run, preempt one; then let it finish."""
+    """Submit the array; every few seconds while every task is in a trial, preempt one; then let it finish."""
+    from optuna.trial import TrialState
+
     a = chaos.args
     rng = random.Random(a.seed)
     t0 = time.monotonic()
@@ -895,8 +897,8 @@ def run_slurm_chaos(chaos: SlurmChaos) -> dict:
         if time.monotonic() < next_at:
             continue
         next_at = time.monotonic() + rng.uniform(*a.interval)
-        if chaos.preempting() or sum(t["JobState"] == "RUNNING" for t in tasks.values()) < a.workers:
-            skipped += 1  # a preemption under way, or a task still pending: this moment passes
+        if chaos.preempting() or len(load_study(chaos).get_trials(states=(TrialState.RUNNING,))) < a.workers:
+            skipped += 1  # a preemption under way, or a task not in a trial (pending, starting): this moment passes
             continue
         chaos.preempt()
         kills += 1
