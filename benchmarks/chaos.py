@@ -54,7 +54,7 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from helpers import harness_env, tiny_trial, write_cifar10  # noqa: E402  (tests/helpers.py)
+from helpers import SLURM_ENDED, harness_env, slurm_jobs, tiny_trial, write_cifar10  # noqa: E402  (tests/helpers.py)
 
 from harness.studies.reconcile import STOPPED_OR_LOST  # noqa: E402  (how a stopped or lost trial's reason begins)
 from harness.studies.study import MAX_RETRY  # noqa: E402  (retries of a stopped or lost trial)
@@ -779,20 +779,6 @@ def report(chaos: Chaos, figures: dict, rows, more) -> bool:
 # ----------------------------------------------------------------------------
 # Slurm preemptions as the faults (--faults slurm)
 
-ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}  # (a preempted task requeues)
-
-
-def scontrol_jobs(job: str) -> dict[str, dict]:
-    """`scontrol show job` of a job (each array task of an array), by array task id ("" for a plain job)."""
-    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=30)
-    jobs = {}
-    for line in out.stdout.splitlines():
-        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
-        task = fields.get("ArrayTaskId", "")
-        if task.isdigit() or "ArrayTaskId" not in fields:  # (an array's pending remainder reads 0-1)
-            jobs[task] = fields
-    return jobs
-
 
 @dataclass
 class SlurmChaos(Chaos):
@@ -821,7 +807,7 @@ class SlurmChaos(Chaos):
         self.job = m.group(1)
 
     def tasks(self) -> dict[str, dict]:
-        return scontrol_jobs(self.job) if self.job else {}
+        return slurm_jobs(self.job) if self.job else {}
 
     def preempt(self) -> None:
         """A one-CPU job in partition high: Slurm preempts one running task of the array for it."""
@@ -839,7 +825,9 @@ class SlurmChaos(Chaos):
 
     def preempting(self) -> bool:
         """A job in high not yet ended: its preemption is still under way."""
-        return any(t.get("JobState") not in ENDED for job in self.high_jobs[-1:] for t in scontrol_jobs(job).values())
+        return any(
+            t.get("JobState") not in SLURM_ENDED for job in self.high_jobs[-1:] for t in slurm_jobs(job).values()
+        )
 
     def release_requeued(self, tasks: dict[str, dict]) -> None:
         """Name the task each preemption hit, and start a requeued task now (Slurm holds it 2 minutes)."""
@@ -892,7 +880,7 @@ def run_slurm_chaos(chaos: SlurmChaos) -> dict:
         time.sleep(0.5)
         tasks = chaos.tasks()
         chaos.release_requeued(tasks)
-        if tasks and all(t["JobState"] in ENDED for t in tasks.values()):
+        if tasks and all(t["JobState"] in SLURM_ENDED for t in tasks.values()):
             break  # the study finished before all the faults: see the figures
         if time.monotonic() < next_at:
             continue
@@ -904,7 +892,7 @@ def run_slurm_chaos(chaos: SlurmChaos) -> dict:
         kills += 1
         print(f"  {time.monotonic() - t0:6.1f} s  {time.strftime('%H:%M:%S')}  preemption {kills:2d}", flush=True)
     chaos_end = time.monotonic() - t0
-    while not (tasks := chaos.tasks()) or any(t["JobState"] not in ENDED for t in tasks.values()):
+    while not (tasks := chaos.tasks()) or any(t["JobState"] not in SLURM_ENDED for t in tasks.values()):
         if time.monotonic() > deadline + a.wait:
             raise SystemExit(f"chaos: the array had not ended {a.wait} s after the faults; tasks {tasks}")
         chaos.release_requeued(tasks)

@@ -48,7 +48,6 @@ def train(
     harness/configs/default.yaml); `profile`: a file's quick (CPU) or full (GPU) budget, auto by device.
     The run lands in `experiment` (default: <dataset>-train)."""
     from harness import config as C
-    from harness.experiment import run_experiment
 
     if isinstance(config, C.Config):
         cfg = C.replace(config, {"data": {"root": data_dir}}) if data_dir else config
@@ -57,6 +56,8 @@ def train(
         from harness.recipes import config_path
 
         cfg = C.load(config_path(config), _sets(overrides), data_dir, profile)
+    from harness.experiment import run_experiment  # (torch, MLflow: after a bad setting was told in a second)
+
     return run_experiment(cfg, tracking_uri, experiment, progress=progress)
 
 

@@ -22,6 +22,7 @@ import yaml
 from harness.errors import HarnessError
 
 DATA_DIR_ENV = "HARNESS_DATA_DIR"
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"  # without --tracking-uri or $MLFLOW_TRACKING_URI
 
 
 class ConfigError(HarnessError, ValueError):

@@ -7,7 +7,6 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
-from sklearn.manifold import TSNE
 from threadpoolctl import threadpool_limits
 
 
@@ -45,6 +44,8 @@ def project_tsne(x: np.ndarray, seed: int) -> np.ndarray:
     spin waiting for each other, and on a shared CPU for a descheduled partner (1,000 points on
     2 busy cores: 10 s of CPU on two threads, 3 s on one, no sooner done).
     """
+    from sklearn.manifold import TSNE  # (when used: scikit-learn takes ~2 s to import, see evaluation.py)
+
     x = check_projectable(x)
     perplexity = float(max(1.0, min(30.0, (len(x) - 1) / 3)))
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed, n_jobs=1)

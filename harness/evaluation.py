@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 # Above this many classes, figures drop per-cell annotations and shrink tick labels.
 MANY_CLASSES = 20
@@ -113,6 +112,10 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, class_nam
     k = min(5, num_classes)
     topk = logits.topk(k, dim=1).indices
     top5 = (topk == labels[:, None]).any(dim=1).float().mean().item()
+
+    # imported when used: scikit-learn takes ~2 s to import (of a worker's ~7), which the processes
+    # that never evaluate (a worker whose finisher does, a study's parent) are spared
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     y_true, y_pred = labels.numpy(), preds.numpy()
     class_ids = list(range(num_classes))  # fixes shapes even if a class never appears

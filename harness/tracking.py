@@ -25,9 +25,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from harness.config import DEFAULT_TRACKING_URI
 from harness.errors import HarnessError
 
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_BATCH = {"metrics": 1000, "params": 100, "tags": 100}  # MLflow's per-request limits
 MODEL_URI_TAG = "model_uri"  # a run's logged model, models:/<model_id>: a study registers its champion from it

@@ -19,14 +19,11 @@ from dataclasses import replace
 
 import optuna
 
-from harness.finisher import drain
 from harness.interrupts import TimeUp, finishing, stop_cleanly
-from harness.studies.options import StudyError, TuneOptions
-from harness.studies.plans import prepare_plan
-from harness.studies.report import write_summary
+from harness.studies.options import StudyError, TuneOptions, directions
 from harness.studies.space import load_space
-from harness.studies.study import directions, open_storage
-from harness.studies.worker import remaining, run_worker, worker_process
+
+# the workers' modules (torch, MLflow: 5-10 s to import on a CPU) load once the options are known good
 
 STOP_SECONDS = 30  # how long stopped workers get to end their runs before they are killed
 
@@ -54,8 +51,11 @@ def worker_device(index: int, device: str, gpus: int) -> str | None:
 
 def tune(opts: TuneOptions) -> optuna.Study:
     """Run the study with `opts.workers` processes here, then refresh its summary."""
-    load_space(opts.space)  # a bad space fails here, before any worker or trial starts
+    load_space(opts.space)  # a bad space or objective is one line here, before any heavy import
     directions(opts.objectives)
+    from harness.finisher import drain
+    from harness.studies.report import write_summary
+
     study, client, parent = run_workers(opts)
     with finishing():  # a time-limit SIGUSR1 from here on has nothing to stop
         drain(opts.tracking_uri)  # evaluations a killed worker or finisher left behind
@@ -77,6 +77,8 @@ def continue_in_slurm(opts: TuneOptions) -> None:
     """Requeue this Slurm job while the study has trials to run (its stopped ones were re-queued).
     Done here, by the top process, once everything is stopped: Slurm ends the attempt at once."""
     from harness.studies.slurm import requeue_self
+    from harness.studies.study import open_storage
+    from harness.studies.worker import remaining
 
     study = optuna.load_study(study_name=opts.study, storage=open_storage(opts))
     if remaining(study, opts.trials) > 0:
@@ -84,6 +86,9 @@ def continue_in_slurm(opts: TuneOptions) -> None:
 
 
 def _run_workers(opts: TuneOptions) -> tuple[optuna.Study, object, str]:
+    from harness.studies.plans import prepare_plan
+    from harness.studies.worker import run_worker, worker_process
+
     if opts.workers <= 1:
         worker = run_worker(opts)
         study, client, parent = worker.study, worker.client, worker.parent_run_id

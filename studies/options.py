@@ -44,3 +44,10 @@ class TuneOptions:
     confirm_top: int = 0  # the top trials to confirm (0: none after tuning)
     confirm_seeds: int = 3  # new seeds per confirmed trial
     confirm_epochs: int = 0  # epochs of each confirmation run (0: the trial's own budget)
+
+
+def directions(objectives: str) -> list[str]:
+    """The study's directions for `--objectives`: accuracy up, then parameters or latency down."""
+    if objectives not in OBJECTIVES:
+        raise StudyError(f"bad --objectives {objectives!r}: choose one of {', '.join(OBJECTIVES)}")
+    return ["maximize"] + (["minimize"] if "," in objectives else [])

@@ -161,7 +161,7 @@ def _storage(opts: SlurmOptions) -> str:
 
 
 def _tracking(opts: SlurmOptions) -> str:
-    from harness.tracking import DEFAULT_TRACKING_URI
+    from harness.config import DEFAULT_TRACKING_URI
 
     return opts.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 

@@ -24,7 +24,7 @@ import optuna
 from harness import config as C
 from harness.recipes import config_path
 from harness.studies import journal
-from harness.studies.options import DEFAULT_STORAGE, OBJECTIVES, StudyError, TuneOptions
+from harness.studies.options import DEFAULT_STORAGE, StudyError, TuneOptions, directions
 from harness.studies.slurm import slurm_tags
 from harness.studies.space import Space, check_stages, load_space, profile_settings, starting_point
 from harness.tags import MLFLOW_EXPERIMENT, MLFLOW_PARENT_RUN_ID, RUN_KIND
@@ -216,12 +216,6 @@ def _comparable(cfg_dict: dict) -> dict:
     for key in ("data.root", "device", "compile", "checkpoint_every", "eval.system_metrics"):
         d.pop(key, None)
     return d
-
-
-def directions(objectives: str) -> list[str]:
-    if objectives not in OBJECTIVES:
-        raise StudyError(f"bad --objectives {objectives!r}: choose one of {', '.join(OBJECTIVES)}")
-    return ["maximize"] + (["minimize"] if "," in objectives else [])
 
 
 def space_definition(space: Space) -> dict:

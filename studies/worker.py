@@ -333,7 +333,8 @@ def run_worker(opts: TuneOptions) -> Worker:
     quiet_trial_logs()
     plan, base, study, parent, client = prepare_plan(opts)
     # the modules, stores and data loaded so far live as long as the worker: out of the collections that
-    # `gc_after_trial` runs after every trial (0.34 s a trial over ~420k objects, benchmarks/scale.py)
+    # `gc_after_trial` runs after every trial (0.34 s a trial over ~420k objects, benchmarks/scale.py);
+    # given back at the end, for a caller that goes on in the same process (a notebook, the tests)
     gc.freeze()
     finisher = None
     if opts.evaluate == "background":
@@ -359,4 +360,5 @@ def run_worker(opts: TuneOptions) -> Worker:
             finisher.close()  # its last trials' evaluations (a killed finisher leaves them in the spool)
         if gone is None:  # the study run can't be ended while its server is away
             finish_study_run(study, client, parent, "KILLED" if stopped else "FINISHED")
+        gc.unfreeze()
     return worker

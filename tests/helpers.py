@@ -277,6 +277,27 @@ def wait_until(condition, what: str, procs=(), logs=(), timeout: float = 300.0):
 
 
 # ----------------------------------------------------------------------------
+# A real Slurm (tests/test_slurm.py, benchmarks/chaos.py --faults slurm)
+
+# the states a job ends in (a preempted task of a requeueing job is pending again, not ended)
+SLURM_ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+
+
+def slurm_jobs(job: str) -> dict[str, dict]:
+    """`scontrol show job` of a job (each array task of an array), by array task id ("" for a plain job)."""
+    import subprocess
+
+    out = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=30)
+    jobs = {}
+    for line in out.stdout.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        task = fields.get("ArrayTaskId", "")
+        if task.isdigit() or "ArrayTaskId" not in fields:  # (an array's pending remainder reads 0-1)
+            jobs[task] = fields
+    return jobs
+
+
+# ----------------------------------------------------------------------------
 # A study's folder
 
 

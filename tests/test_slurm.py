@@ -24,7 +24,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import harness_env, tiny_trial
+from helpers import SLURM_ENDED, harness_env, slurm_jobs, tiny_trial
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
@@ -32,13 +32,15 @@ from optuna.trial import TrialState
 from harness.cli import main
 from harness.studies import slurm
 
+# one Slurm node for them all: under pytest-xdist they run one after another, on one worker (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("slurm")
 SLURM_ENV = "HARNESS_TEST_SLURM"
 REPO = Path(__file__).resolve().parent.parent
 SPACE = """\
 params:
   lr: {type: float, low: 0.005, high: 0.05, log: true}
 """
-ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
+ENDED = SLURM_ENDED | {"PREEMPTED"}  # (PREEMPTED too: no test here expects a task to stop there)
 WAIT = 240  # seconds: only a bound on waiting for Slurm or a worker, never a measure
 # trials of many epochs, each checkpointed (seconds on idle cores): a preemption lands inside one
 LONG = tiny_trial("epochs=40", "data.train_subset=400")
@@ -256,15 +258,7 @@ class Study:
 
     def tasks(self) -> dict[str, dict]:
         """`scontrol show job` of each array task, by task id."""
-        out = subprocess.run(
-            ["scontrol", "-o", "show", "job", self.job], capture_output=True, text=True, timeout=30, check=False
-        )
-        tasks = {}
-        for line in out.stdout.splitlines():
-            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
-            if fields.get("ArrayTaskId", "").isdigit():  # (the pending remainder of an array reads 0-1)
-                tasks[fields["ArrayTaskId"]] = fields
-        return tasks
+        return {task: fields for task, fields in slurm_jobs(self.job).items() if task}
 
     def states(self) -> dict[str, str]:
         return {i: t["JobState"] for i, t in self.tasks().items()}

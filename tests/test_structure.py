@@ -107,12 +107,12 @@ def test_no_import_cycle():
             visit(node, [node])
 
 
-def imported_by(*argv: str) -> str:
-    """The modules `python -m harness.cli ARGV` imports (from -X importtime's report)."""
+def imported_by(*argv: str, code: int = 0) -> str:
+    """The modules `python -m harness.cli ARGV` imports (from -X importtime's report); it must exit `code`."""
     out = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "harness.cli", *argv], cwd=ROOT, capture_output=True, text=True
     )
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == code, out.stderr[-2000:]
     return "\n".join(line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if "|" in line)
 
 
@@ -122,6 +122,22 @@ def test_train_help_does_not_import_optuna_or_the_studies():
     modules = imported_by("train", "--help").split("\n")
     loaded = {m for m in modules if m.startswith(("optuna", "harness.studies", "harness.analysis"))}
     assert not loaded, sorted(loaded)[:10]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("--help",),
+        ("train", "--set", "nope=1"),
+        ("train", "--set", "epochs=many"),
+        ("tune", "--study", "s", "--space", "nope"),
+        ("tune", "--study", "s", "--objectives", "accuracy,speed"),
+    ],
+)
+def test_help_and_a_bad_setting_are_answered_before_torch_or_mlflow_load(argv):
+    """A typo is one line in a fraction of a second, not after the 3-10 s that torch and MLflow take to load."""
+    modules = imported_by(*argv, code=0 if argv == ("--help",) else 2).split("\n")
+    assert not {m.split(".")[0] for m in modules} & {"torch", "mlflow"}
 
 
 IMPORT_LEAVES_NO_TRACE = """

@@ -10,9 +10,11 @@ Every study starts from the same base config, CONFIG: its first trial is that co
 
 from __future__ import annotations
 
+import gc
 import math
 import re
 import signal
+import weakref
 
 import optuna
 import pandas as pd
@@ -267,6 +269,26 @@ def test_timeout_stops_the_worker_starting_trials(env, capsys):
         a.path.split("/")[-1]
         for a in env.client().list_artifacts(env.study("timed").user_attrs["mlflow_parent_run_id"], "summary")
     }
+
+
+class Cycle:
+    """Garbage only a collection frees (it refers to itself)."""
+
+    def __init__(self):
+        self.me = self
+
+
+def test_a_study_run_in_process_leaves_the_heap_collectable(env, capsys):
+    """A worker freezes its heap during a study (no collection walks it after each trial); a caller going
+    on in the same process (a notebook, this suite) gets it back: garbage made before is still freed.
+    Frozen, every store and file a study opened stayed open for good (the suite held 1,158 descriptors)."""
+    garbage = Cycle()
+    gone = weakref.ref(garbage)
+    del garbage
+    assert env.tune("heap", 1, "--pruner", "none", fixed=ONE_EPOCH) == 0
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert gone() is None
 
 
 def test_a_failed_worker_of_two_fails_the_command_with_one_line(env, capfd):
