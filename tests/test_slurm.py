@@ -32,8 +32,6 @@ from optuna.trial import TrialState
 from harness.cli import main
 from harness.studies import slurm
 
-# one Slurm node for them all: under pytest-xdist they run one after another, on one worker (--dist loadgroup)
-pytestmark = pytest.mark.xdist_group("slurm")
 SLURM_ENV = "HARNESS_TEST_SLURM"
 REPO = Path(__file__).resolve().parent.parent
 SPACE = """\
