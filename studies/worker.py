@@ -324,7 +324,7 @@ def worker_process(opts: TuneOptions, threads: int) -> None:
         print(f"harness: worker {os.getpid()}: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
-        gc.freeze()  # as harness/cli.py's main: exit without the final collection
+        gc.freeze()  # as harness/cli.py's entry: exit without the final collection
 
 
 def run_worker(opts: TuneOptions) -> Worker:
@@ -332,15 +332,15 @@ def run_worker(opts: TuneOptions) -> Worker:
 
     quiet_trial_logs()
     plan, base, study, parent, client = prepare_plan(opts)
-    # the modules, stores and data loaded so far live as long as the worker: out of the collections that
-    # `gc_after_trial` runs after every trial (0.34 s a trial over ~420k objects, benchmarks/scale.py);
-    # given back at the end, for a caller that goes on in the same process (a notebook, the tests)
-    gc.freeze()
     finisher = None
     if opts.evaluate == "background":
         finisher = Finisher(opts.tracking_uri, umap=base.eval.umap and base.eval.embedding_samples != 0)
     worker = Worker(opts, plan, study, parent, client, finisher=finisher)
     gone, stopped = None, False
+    # the modules, stores and data loaded so far live as long as the worker: out of the collections that
+    # `gc_after_trial` runs after every trial (0.34 s a trial over ~420k objects, benchmarks/scale.py);
+    # given back after the trials, for a caller that goes on in the same process (a notebook, the tests)
+    gc.freeze()
     try:
         worker.run()
     except KeyboardInterrupt:
@@ -356,9 +356,9 @@ def run_worker(opts: TuneOptions) -> Worker:
             "run the same command to resume once it answers"
         ) from None
     finally:
+        gc.unfreeze()  # (the trials are over: what follows may leave garbage worth collecting)
         if finisher is not None and not stopped:
             finisher.close()  # its last trials' evaluations (a killed finisher leaves them in the spool)
         if gone is None:  # the study run can't be ended while its server is away
             finish_study_run(study, client, parent, "KILLED" if stopped else "FINISHED")
-        gc.unfreeze()
     return worker
