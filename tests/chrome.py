@@ -109,6 +109,15 @@ class Chrome:
                 raise AssertionError(f"{missing} not on the page after {timeout} s; it shows: {text[:2000]}")
             time.sleep(0.25)
 
+    def wait_for_js(self, expression: str, what: str, timeout: float = 90):
+        """Evaluate `expression` until it is truthy (an element the page renders after its text, say)."""
+        deadline = time.monotonic() + timeout
+        while not (value := self.js(expression)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: not on the page after {timeout} s; it shows: {self.text()[:2000]}")
+            time.sleep(0.25)
+        return value
+
     def close(self) -> None:
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)

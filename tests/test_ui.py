@@ -208,14 +208,17 @@ def printed_url(lines: queue.Queue, err: Path) -> str:
 
 
 def expand_the_study_run(browser: Chrome) -> None:
-    """Click the expander on the study run's row, as a person would, to show its nested trials."""
-    clicked = browser.js(f"""(() => {{
+    """Click the expander on the study run's row, as a person would, to show its nested trials; the
+    grid may draw the row's name before its expander, so this waits for the button itself."""
+    browser.wait_for_js(
+        f"""(() => {{
         const name = [...document.querySelectorAll('a')].find(a => a.innerText.trim() === 'study-{STUDY}');
         const button = name && name.closest('[role=gridcell]').querySelector('button');
         if (button) button.click();
         return Boolean(button);
-    }})()""")
-    assert clicked, "no expander on the study run's row"
+    }})()""",
+        "the expander on the study run's row",
+    )
 
 
 def browse_to_the_trials(chromium: str, url: str, client: MlflowClient, exp) -> float:
