@@ -99,22 +99,23 @@ class Chrome:
         return self.js("document.body ? document.body.innerText : ''") or ""
 
     def wait_for_text(self, *needles: str, timeout: float = 90) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
+        def shown() -> str | None:
             text = self.text()
-            if all(n in text for n in needles):
-                return text
-            if time.monotonic() > deadline:
-                missing = [n for n in needles if n not in text]
-                raise AssertionError(f"{missing} not on the page after {timeout} s; it shows: {text[:2000]}")
-            time.sleep(0.25)
+            return text if all(n in text for n in needles) else None
+
+        return self.wait_for(shown, lambda text: str([n for n in needles if n not in text]), timeout)
 
     def wait_for_js(self, expression: str, what: str, timeout: float = 90):
         """Evaluate `expression` until it is truthy (an element the page renders after its text, say)."""
+        return self.wait_for(lambda: self.js(expression), lambda text: what, timeout)
+
+    def wait_for(self, check, missing, timeout: float = 90):
+        """Poll `check()` until it is truthy; past `timeout`, fail naming `missing(page text)`."""
         deadline = time.monotonic() + timeout
-        while not (value := self.js(expression)):
+        while not (value := check()):
             if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: not on the page after {timeout} s; it shows: {self.text()[:2000]}")
+                text = self.text()
+                raise AssertionError(f"{missing(text)} not on the page after {timeout} s; it shows: {text[:2000]}")
             time.sleep(0.25)
         return value
 
