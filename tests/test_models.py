@@ -178,6 +178,23 @@ def test_counts_match_a_hand_computation():
     assert count_macs(model) == 32 * 32 * 4 * 3 * 25 + 1024 * 10
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"residual": True, "widths": [8, 16], "head_width": 12},
+        {"stem": "whiten", "convs_per_stage": 2, "pool_first": True, "global_pool": "max", "head_width": 0},
+    ],
+)
+def test_count_macs_agrees_with_torchs_flop_counter(overrides):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(ModelConfig(**overrides), 10).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))
+    assert count_macs(model) == counter.get_total_flops() // 2
+
+
 def test_count_macs_leaves_the_model_as_it_was():
     model = build_model(ModelConfig(widths=[8], head_width=0), 10)
     model.train()
