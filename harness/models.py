@@ -213,7 +213,7 @@ def count_parameters(model: nn.Module) -> int:
 def count_macs(model: nn.Module, image_size: int = 32) -> int:
     """Multiply-adds per image of the convolutions and linear layers: what torch's FLOP counter
     counts, halved (tests/test_models.py holds them equal), from forward hooks on one image,
-    since `FlopCounterMode` imports torch._dynamo on first use (1.5 s of every run's setup)."""
+    since `FlopCounterMode` imports torch._dynamo on first use (1.4 s of every run's setup)."""
     macs = 0
 
     def count(module: nn.Module, inputs, out: torch.Tensor) -> None:
