@@ -60,7 +60,7 @@ class Setup:
             shutil.copy(shared["mlflow_template"], tmp / "mlflow.db")
         self.tracking = f"sqlite:///{tmp / 'mlflow.db'}"
         self.logs: list[Path] = []
-        self.env = harness_env()
+        self.env = {**harness_env(), "PYTHONFAULTHANDLER": "1"}  # SIGABRT prints every thread's stack (`_wait`)
 
     def args(self, study: str, trials: int, fixed=FIXED, extra=()) -> list[str]:
         args = [
@@ -129,9 +129,14 @@ def _wait(procs: list[subprocess.Popen], setup: Setup) -> None:
         try:
             p.wait(timeout=WAIT)
         except subprocess.TimeoutExpired:
+            for q in procs:  # a hung command's stacks into its log (faulthandler), then it dies
+                q.send_signal(signal.SIGABRT)
             for q in procs:
-                q.kill()
-            pytest.fail(f"a worker did not finish within {WAIT} s:\n{setup.output()[-5000:]}")
+                try:
+                    q.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    q.kill()
+            pytest.fail(f"a worker did not finish within {WAIT} s:\n{setup.output()[-8000:]}")
 
 
 def check_study(setup: Setup, name: str, n: int) -> optuna.Study:
