@@ -60,7 +60,7 @@ class Setup:
             shutil.copy(shared["mlflow_template"], tmp / "mlflow.db")
         self.tracking = f"sqlite:///{tmp / 'mlflow.db'}"
         self.logs: list[Path] = []
-        self.env = {**harness_env(), "PYTHONFAULTHANDLER": "1"}  # SIGABRT prints every thread's stack (`_wait`)
+        self.env = {**harness_env(), "PYTHONFAULTHANDLER": "1"}  # (see `_stacks_then_kill`)
 
     def args(self, study: str, trials: int, fixed=FIXED, extra=()) -> list[str]:
         args = [
@@ -129,14 +129,20 @@ def _wait(procs: list[subprocess.Popen], setup: Setup) -> None:
         try:
             p.wait(timeout=WAIT)
         except subprocess.TimeoutExpired:
-            for q in procs:  # a hung command's stacks into its log (faulthandler), then it dies
-                q.send_signal(signal.SIGABRT)
-            for q in procs:
-                try:
-                    q.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    q.kill()
+            _stacks_then_kill(procs)
             pytest.fail(f"a worker did not finish within {WAIT} s:\n{setup.output()[-8000:]}")
+
+
+def _stacks_then_kill(procs: list[subprocess.Popen]) -> None:
+    """End commands that hung, each first writing every thread's stack into its log (SIGABRT to
+    faulthandler, on in `Setup.env`), so the failure shows where they waited."""
+    for p in procs:
+        p.send_signal(signal.SIGABRT)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def check_study(setup: Setup, name: str, n: int) -> optuna.Study:
@@ -293,7 +299,7 @@ def _running_trial_with_run(setup: Setup, name: str, proc: subprocess.Popen) -> 
             if run_id and client.get_run(run_id).info.status == "RUNNING":
                 return t
         time.sleep(0.1)
-    proc.kill()
+    _stacks_then_kill([proc])
     pytest.fail(f"no trial was seen running within {WAIT} s:\n{setup.output()[-5000:]}")
 
 
@@ -387,8 +393,8 @@ def test_a_stopped_study_leaves_nothing_running_and_the_same_command_completes_i
     try:
         proc.wait(timeout=WAIT)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail(f"{sig.name} did not stop the study:\n{setup.output()[-5000:]}")
+        _stacks_then_kill([proc])
+        pytest.fail(f"{sig.name} did not stop the study:\n{setup.output()[-8000:]}")
     print(f"\n{sig.name} with {workers} worker(s): stopped in {time.monotonic() - start:.1f} s")
     out = setup.output()
     assert proc.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[sig], out[-5000:]
