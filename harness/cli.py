@@ -684,7 +684,10 @@ def entry() -> None:
     """The `harness` command: `main`, then an exit that skips collecting ~900k objects one by one
     (2.5-3 s; the OS takes the memory back). Not in `main`, which tests and notebooks call in-process:
     a frozen heap is never collected, so every store and file they opened would stay open."""
+    from harness.interrupts import forget_interrupt_in_exec
+
     code = main()
+    forget_interrupt_in_exec()  # `python -m harness.cli` (Slurm jobs, tests) exits 130 after a Ctrl-C, not -2
     gc.freeze()
     sys.exit(code)
 

@@ -122,6 +122,15 @@ def release() -> None:
         raise stop
 
 
+def forget_interrupt_in_exec() -> None:
+    """Keep the exit code a command chose after a Ctrl-C (130). CPython marks the process when a
+    KeyboardInterrupt leaves code run from a string (`exec`/`eval` of text: every dataclass and
+    namedtuple is made that way, so a Ctrl-C during a lazy import often lands there), even one caught
+    later; under `python -m` the interpreter then ends itself by SIGINT at exit (-2, no traceback).
+    The mark is cleared at the start of each such `exec`: an empty one, as the last step, clears it."""
+    exec("")
+
+
 def check() -> None:
     """Raise the stop asked for, once, if it has not been raised where it can be caught (see above).
 
