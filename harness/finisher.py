@@ -128,7 +128,8 @@ def pending(spool: Path, owner: int | None = None) -> list[Path]:
     submitted, or whose submitter is gone (another live worker's jobs are its finisher's)."""
     if not spool.is_dir():
         return []
-    jobs = sorted(p for p in spool.iterdir() if p.is_dir() and not p.name.startswith("."))
+    # (a folder without its job.json is none: one that an older version's race left, see `_remove`)
+    jobs = sorted(p for p in spool.iterdir() if not p.name.startswith(".") and (p / "job.json").is_file())
     return jobs if owner is None else [job for job in jobs if _owned_by(job, owner)]
 
 
@@ -158,9 +159,18 @@ def finish_pending(spool: Path, cache: _Cache | None = None, owner: int | None =
             if not mine:
                 continue
             finish_job(job, cache)
-            shutil.rmtree(job, ignore_errors=True)
+            _remove(job)
             done += 1
     return done
+
+
+def _remove(job: Path) -> None:
+    """Out of the spool in one step, then deleted. Deleted in place, a job could outlive its removal:
+    a finisher that opened its lock file between the deletion of the old one and of the folder
+    created a new one there, and the folder, left with only a lock, held `drain` to its timeout."""
+    gone = job.with_name(f".{job.name}.{uuid.uuid4().hex}.done")
+    os.replace(job, gone)
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def drain(uri: str | None, timeout: float = 600.0) -> int:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -102,6 +103,7 @@ class Setup:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_default_sigint,
+                start_new_session=True,  # its process group: its workers and finishers, for `_stacks_then_kill`
             )
 
     def output(self) -> str:
@@ -134,15 +136,38 @@ def _wait(procs: list[subprocess.Popen], setup: Setup) -> None:
 
 
 def _stacks_then_kill(procs: list[subprocess.Popen]) -> None:
-    """End commands that hung, each first writing every thread's stack into its log (SIGABRT to
-    faulthandler, on in `Setup.env`), so the failure shows where they waited."""
+    """End commands that hung, with their workers and finishers (each command's process group).
+    The group is frozen (SIGSTOP), then each process writes every thread's stack into the log
+    (SIGABRT to faulthandler, on in `Setup.env`) one after the other, so the stacks do not
+    interleave and show where each waited at the same moment."""
     for p in procs:
-        p.send_signal(signal.SIGABRT)
-    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGSTOP)
+        for pid in _group(p.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)  # delivered when it runs again:
+                os.kill(pid, signal.SIGCONT)
+            deadline = time.monotonic() + 10
+            while pid in _group(p.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)  # until it has written its stacks and ended
+        for pid in _group(p.pid):  # what is left, children included
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        p.wait()
+
+
+def _group(pgid: int) -> list[int]:
+    """The live processes of a process group (from /proc; ended ones that wait to be reaped left out)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
         try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
+            stat = (entry / "stat").read_text()
+        except (OSError, ValueError):  # not a process, or one that ended meanwhile
+            continue
+        state, _ppid, group = stat.rsplit(")", 1)[1].split()[:3]
+        if int(group) == pgid and state not in "ZX":
+            pids.append(int(entry.name))
+    return sorted(pids)
 
 
 def check_study(setup: Setup, name: str, n: int) -> optuna.Study:

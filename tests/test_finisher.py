@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from harness.experiment import train_run
-from harness.finisher import Finisher, drain, finish_pending, spool_dir, write_job
+from harness.finisher import Finisher, drain, finish_pending, pending, spool_dir, write_job
 from harness.models import build_model
 from harness.tracking import RunLogger, client_for
 
@@ -131,4 +131,15 @@ def test_report_finishes_the_evaluations_left_behind(cifar10_root, tracking_uri,
     assert "finished 1 trial evaluation left in the spool" in capsys.readouterr().out
     got = client.get_run(run.run_id).data
     assert got.tags["evaluation"] == "done" and "test_accuracy" in got.metrics
-    assert not job.exists()
+    assert not list(job.parent.iterdir())  # nothing left in the spool, hidden or not
+
+
+def test_a_job_folder_left_with_only_its_lock_is_no_job(tracking_uri):
+    """What a job's removal could leave when another finisher opened its lock meanwhile (a folder
+    with a lock file and no job): nothing to wait for, so `drain`, before a study's summary, returns
+    at once instead of at its 600-s timeout (a `harness tune` of the four-worker test hung so)."""
+    spool = spool_dir(tracking_uri)
+    (spool / "0123abcd").mkdir(parents=True)
+    (spool / "0123abcd" / "lock").touch()
+    assert pending(spool) == []
+    assert drain(tracking_uri) == 0
