@@ -228,11 +228,12 @@ def browse_to_the_trials(chromium: str, url: str, client: MlflowClient, exp) -> 
         runs = client.search_runs([exp.experiment_id])
         trials = sorted(r.info.run_name for r in runs if r.data.tags.get("run_kind") == "trial")
         assert trials == [f"trial-{n}" for n in range(TRIALS)]
-        page = browser.wait_for_text(f"study-{STUDY}", "Run Name")  # the runs table has loaded
+        # the runs table and the experiment's description (rendered from its Markdown): two fetches,
+        # which the page shows in either order
+        page = browser.wait_for_text(f"study-{STUDY}", "Run Name", f"Optuna study {STUDY}")
         assert browser.js("location.hash").startswith(f"#/experiments/{exp.experiment_id}/runs")  # not the overview
         # Model-training mode: its side bar (Runs, Models, Model registry), not the GenAI one (Overview, ...)
         assert "Model registry" in page and "Overview" not in page, page[:1000]
-        assert f"Optuna study {STUDY}" in page  # the experiment's description, rendered from its Markdown
         if not all(t in page for t in trials):  # nested: shown once the study run is expanded
             expand_the_study_run(browser)
         browser.wait_for_text(*trials)
